@@ -1,0 +1,1 @@
+"""Viewport relay: a WebSocket relay between Viewport daemons and browsers."""

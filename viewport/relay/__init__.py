@@ -1,0 +1,1 @@
+"""The relay process: configuration, upgrade, admission, routing and the twistd service."""

@@ -1,0 +1,1 @@
+"""Cross-relay backplanes: each module provides one IBackplane implementation."""

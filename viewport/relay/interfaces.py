@@ -1,0 +1,95 @@
+"""The interfaces the router talks through: the cross-relay backplane and a peer connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
+
+from zope.interface import Attribute, Interface
+
+Direction = Literal["client_to_daemon", "daemon_to_clients"]
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Where the daemon of one runtime target is connected."""
+
+    workspace_id: str
+    runtime_target_id: Optional[str]
+    relay_id: str
+    relay_ws_base_url: str
+    daemon_connected: bool
+    machine_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BusFrame:
+    """One frame travelling between relays; ``payload`` is the exact text a peer sent."""
+
+    workspace_id: str
+    runtime_target_id: str
+    source_relay_id: str
+    target_relay_id: Optional[str]
+    direction: Direction
+    payload: str
+    machine_id: Optional[str] = None
+
+
+class IBackplane(Interface):
+    """
+    The path between relays: presence (which relay holds a daemon) and a frame bus.
+
+    The router calls only this interface for anything that crosses relays, so single, Redis and
+    server mode are interchangeable. No method raises: failures are reported through the Deferred
+    result (``None``/``False``) and logged by the provider.
+    """
+
+    relay_id = Attribute("This relay's identity on the backplane (str).")
+    cross_relay = Attribute("True when other relays can be reached through this backplane (bool).")
+
+    def start(deliver: Callable[[BusFrame], None]) -> object:
+        """
+        Begin receiving frames addressed to this relay; ``deliver`` is called once per accepted
+        frame, in arrival order. Returns a Deferred that fires when the backplane is usable (it
+        may keep reconnecting in the background afterwards).
+        """
+
+    def stop() -> object:
+        """Stop receiving, release connections. Returns a Deferred that fires when done."""
+
+    def announce_presence(presence: Presence) -> object:
+        """
+        Record (``daemon_connected`` true) or clear (false) this relay's daemon for a runtime
+        target. Returns a Deferred firing with None; never fails.
+        """
+
+    def resolve_presence(workspace_id: str, runtime_target_id: Optional[str]) -> object:
+        """
+        Returns a Deferred firing with the connected daemon's ``Presence`` (on any relay), or
+        None when no relay reports one.
+        """
+
+    def publish(frame: BusFrame) -> object:
+        """
+        Send a frame to another relay. Returns a Deferred firing with True when at least one
+        relay accepted it for delivery, False when it could not be delivered.
+        """
+
+    def watch_scope(workspace_id: str, runtime_target_id: Optional[str]) -> None:
+        """This relay now holds connections in the scope: receive its frames."""
+
+    def unwatch_scope(workspace_id: str, runtime_target_id: Optional[str]) -> None:
+        """This relay holds no connection in the scope any more."""
+
+
+class IPeer(Interface):
+    """The router's view of one WebSocket connection: it can be sent text and closed."""
+
+    def send_text(text: str) -> None:
+        """Queue one text frame; dropped when the connection is not open."""
+
+    def close(code: int, reason: str) -> None:
+        """Close the WebSocket with an application close code."""
+
+    def is_open() -> bool:
+        """True while frames can be sent."""
