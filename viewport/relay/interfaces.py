@@ -86,7 +86,10 @@ class IPeer(Interface):
     """The router's view of one WebSocket connection: it can be sent text and closed."""
 
     def send_text(text: str) -> None:
-        """Queue one text frame; dropped when the connection is not open."""
+        """Queue one relay-originated text frame; dropped when the connection is not open."""
+
+    def send_payload(payload: bytes) -> None:
+        """Forward a peer's frame: ``payload`` is UTF-8 text sent as a text frame, unchanged."""
 
     def close(code: int, reason: str) -> None:
         """Close the WebSocket with an application close code."""

@@ -1,0 +1,48 @@
+"""The ``single`` backplane: one relay, nothing to reach, every cross-relay call a cheap no-op."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from viewport.relay.interfaces import BusFrame, IBackplane, Presence
+
+
+@implementer(IBackplane)
+class SingleBackplane:
+    """No other relay exists: presence resolves to nothing and publishing reaches no one."""
+
+    cross_relay = False
+
+    def __init__(self, relay_id: str) -> None:
+        self.relay_id = relay_id
+
+    def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[None]":
+        """Nothing to connect to."""
+        return succeed(None)
+
+    def stop(self) -> "Deferred[None]":
+        """Nothing to release."""
+        return succeed(None)
+
+    def announce_presence(self, presence: Presence) -> "Deferred[None]":
+        """Presence is only needed between relays."""
+        return succeed(None)
+
+    def resolve_presence(
+        self, workspace_id: str, runtime_target_id: Optional[str]
+    ) -> "Deferred[Optional[Presence]]":
+        """No other relay can hold the daemon."""
+        return succeed(None)
+
+    def publish(self, frame: BusFrame) -> "Deferred[bool]":
+        """No relay receives it."""
+        return succeed(False)
+
+    def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str]) -> None:
+        """Nothing to subscribe to."""
+
+    def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str]) -> None:
+        """Nothing to unsubscribe from."""

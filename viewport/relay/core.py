@@ -1,0 +1,175 @@
+"""One relay's wired-up state: config, registry, router, admission, metrics, and its periodic work."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Set
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from viewport.relay.config import RelayConfig
+from viewport.relay.interfaces import BusFrame, IBackplane
+from viewport.relay.limits import FixedWindowLimiter
+from viewport.relay.logs import JsonLineObserver
+from viewport.relay.metrics import RelayMetrics
+from viewport.relay.registry import Registry
+from viewport.relay.router import Limiters, Router, WorkerForward
+from viewport.relay.upgrade import TrustedProxies
+
+SHUTDOWN_CODE = 1001
+SHUTDOWN_REASON = "relay shutting down"
+
+
+class Relay:
+    """
+    Everything one relay process knows, without any listening socket.
+
+    The protocols reach the router, admission and limits through it; the service drives its
+    heartbeat and cleanup ticks and its shutdown.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        config: RelayConfig,
+        clock: IReactorTime,
+        backplane: IBackplane,
+        admission: Any,
+        metrics: Optional[RelayMetrics] = None,
+        log_observer: Optional[JsonLineObserver] = None,
+        worker_forward: Optional[WorkerForward] = None,
+        site_factory: Optional[Callable[["Relay"], Site]] = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.backplane = backplane
+        self.admission = admission
+        self.metrics = metrics if metrics is not None else RelayMetrics()
+        self.log_observer = log_observer
+        self.started_at_ms = self.now_ms()
+        self.registry = Registry(config.pairing_request_track_max, config.session_owner_track_max)
+        self.limiters = Limiters(config)
+        self.upgrade_limiter = FixedWindowLimiter(
+            config.upgrade_rate_per_minute, 60_000, config.upgrade_bucket_max
+        )
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        self.router = Router(
+            config=config,
+            registry=self.registry,
+            backplane=backplane,
+            metrics=self.metrics,
+            limiters=self.limiters,
+            worker_forward=worker_forward,
+        )
+        self.connections: Set[Any] = set()
+        self.accepting = True
+        if site_factory is None:
+            from viewport.relay.web import make_site
+
+            site_factory = make_site
+        self.site = site_factory(self)
+
+    def now_ms(self) -> float:
+        """The injected clock, in milliseconds."""
+        return self.clock.seconds() * 1000.0
+
+    def deliver_bus_frame(self, frame: BusFrame) -> None:
+        """Entry point for frames the backplane received from other relays."""
+        try:
+            self.router.bus_frame(frame, self.now_ms())
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="bus_frame_error")
+
+    def heartbeat(self) -> None:
+        """
+        Ping every registered socket; drop idle ones and those that missed the last pong.
+
+        A ping's pong deadline is checked ``pong_timeout_ms`` after it was sent (not at the next
+        tick), so a dead peer is noticed within the configured timeout.
+        """
+        try:
+            now = self.now_ms()
+            config = self.config
+            pinged: List[Any] = []
+            for protocol in list(self.connections):
+                conn = protocol.conn
+                if conn is None or not conn.registered:
+                    continue
+                if now - conn.last_activity_ms > config.idle_timeout_ms:
+                    self._terminate(protocol, "idle timeout")
+                    continue
+                conn.awaiting_pong = True
+                conn.ping_sent_ms = now
+                try:
+                    protocol.sendPing()
+                except Exception:
+                    self._terminate(protocol, "ping failed")
+                    continue
+                pinged.append(protocol)
+            if pinged:
+                self.clock.callLater(
+                    config.pong_timeout_ms / 1000.0, self._check_pongs, pinged, now
+                )
+            self.limiters.sweep(now)
+            self.upgrade_limiter.sweep(now)
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="heartbeat_error")
+
+    def _check_pongs(self, pinged: List[Any], sent_ms: float) -> None:
+        try:
+            for protocol in pinged:
+                conn = protocol.conn
+                if conn is None or not conn.registered:
+                    continue
+                if conn.awaiting_pong and conn.ping_sent_ms == sent_ms:
+                    self._terminate(protocol, "heartbeat timeout")
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="heartbeat_error")
+
+    def _terminate(self, protocol: Any, reason: str) -> None:
+        if reason == "idle timeout":
+            self.metrics.relay_ws_idle_terminated.inc()
+        elif reason == "heartbeat timeout":
+            self.metrics.relay_ws_stale_terminated.inc()
+        self._log.warn("{relay_event}", relay_event="ws_terminated", reason=reason)
+        protocol.terminate()
+
+    def cleanup(self) -> None:
+        """Evict empty scopes and refresh the gauges."""
+        try:
+            self.router.evict_empty_scopes(self.now_ms())
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="cleanup_error")
+
+    def shutdown(self, grace_seconds: float) -> "Deferred[None]":
+        """Refuse new upgrades, close every socket with 1001, fire when all are gone (or grace ends)."""
+        self.accepting = False
+        waiting = []
+        for protocol in list(self.connections):
+            closed: Deferred[None] = Deferred()
+            protocol.on_closed = closed
+            waiting.append(closed)
+            protocol.sendClose(SHUTDOWN_CODE, SHUTDOWN_REASON)
+        if not waiting:
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        timer = self.clock.callLater(grace_seconds, self._abort_remaining, done)
+
+        def all_closed(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        DeferredList(waiting).addCallback(all_closed)
+        return done
+
+    def _abort_remaining(self, done: "Deferred[None]") -> None:
+        for protocol in list(self.connections):
+            protocol.terminate()
+        if not done.called:
+            done.callback(None)

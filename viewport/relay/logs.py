@@ -1,0 +1,188 @@
+"""Structured JSON log lines and the ``/logs`` ring, fed by twisted.logger events.
+
+Convention for callers: every event of the contract is one ``twisted.logger.Logger`` call whose
+level is the contract's level, with the contract's event name under ``relay_event`` and the detail
+fields as keyword arguments::
+
+    self._log.info("client {clientId} connected", relay_event="client_connected",
+                   workspaceId=workspace_id, clientId=client_id, ip=ip)
+    self._log.warn("bus pull failed", relay_event="relay_bus_pull_error", error=str(reason))
+    self._log.failure("upgrade failed", relay_event="upgrade_error", ip=ip)  # inside ``except``
+
+The format string is for humans reading Twisted's own log; ``JsonLineObserver`` writes only the
+event name and the (redacted) details. Detail keys must not start with ``log_`` and must not be
+one of Twisted's legacy keys (``message``, ``time``, ``system``, ``format``, ``isError``,
+``failure``, ``why``), which a legacy observer may add to the shared event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import deque
+from typing import Any, Callable, Optional, TextIO
+
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
+from zope.interface import implementer
+
+#: The event key naming the contract event (``client_connected``, ...).
+RELAY_EVENT = "relay_event"
+
+#: Event name used for events that do not carry ``relay_event`` (Twisted's own messages).
+TWISTED_EVENT = "twisted"
+
+REDACTED = "[redacted]"
+
+#: Lower-cased substrings that mark a detail key as sensitive (contract §7.2).
+SENSITIVE_KEY_PARTS: tuple[str, ...] = (
+    "authorization",
+    "credential",
+    "token",
+    "secret",
+    "password",
+    "api_key",
+    "api-key",
+    "apikey",
+    "private_key",
+    "private-key",
+    "privatekey",
+    "signature",
+    "payload",
+    "body",
+    "content",
+    "frame",
+    "message",
+)
+
+# Keys twisted.logger's legacy bridge writes into an event (in place) besides its log_* keys.
+_LEGACY_KEYS = frozenset({"message", "time", "system", "format", "isError", "failure", "why"})
+
+# The contract knows three levels; Twisted's debug and critical fold into the nearest one.
+_LEVELS: dict[LogLevel, str] = {
+    LogLevel.debug: "info",
+    LogLevel.info: "info",
+    LogLevel.warn: "warn",
+    LogLevel.error: "error",
+    LogLevel.critical: "error",
+}
+
+# Deeper structures are stringified rather than walked (guards against cycles).
+_MAX_DEPTH = 16
+
+
+def is_sensitive_key(key: str) -> bool:
+    """Return True when a detail key names a secret or a payload and its value must be hidden."""
+    lowered = key.lower()
+    return any(part in lowered for part in SENSITIVE_KEY_PARTS)
+
+
+def redact(value: object, depth: int = 0) -> Any:
+    """
+    Return a JSON-ready copy of ``value`` with sensitive keys redacted at every depth.
+
+    Dicts and lists/tuples are walked; values JSON cannot represent (including non-finite
+    floats and bytes) become ``str(value)``.
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth >= _MAX_DEPTH:
+        return str(value)
+    if isinstance(value, dict):
+        cleaned: dict[str, Any] = {}
+        for key, item in value.items():
+            name = key if isinstance(key, str) else str(key)
+            cleaned[name] = REDACTED if is_sensitive_key(name) else redact(item, depth + 1)
+        return cleaned
+    if isinstance(value, (list, tuple)):
+        return [redact(item, depth + 1) for item in value]
+    return str(value)
+
+
+def format_timestamp(seconds: float) -> str:
+    """Format a POSIX time as ISO-8601 UTC with milliseconds and a ``Z`` suffix."""
+    whole, millis = divmod(math.floor(seconds * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % millis
+
+
+@implementer(ILogObserver)
+class JsonLineObserver:
+    """
+    Writes each log event as one JSON line and keeps the newest ``max_logs`` entries for ``/logs``.
+
+    An entry is ``{"ts", "level", "event", "details"}``. Events carrying ``relay_event`` use it as
+    ``event`` and their keyword fields as ``details``; any other event (Twisted's own messages)
+    becomes event ``"twisted"`` with details ``{"text", "namespace"}``. A failure's traceback goes
+    under details ``error``. Details are redacted before they are printed or stored.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        max_logs: int,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        """Write to ``stream``; ``now`` dates events that lack ``log_time``."""
+        if max_logs < 1:
+            raise ValueError("max_logs must be a positive integer")
+        self._stream = stream
+        self._now = now
+        self._ring: deque[dict[str, Any]] = deque(maxlen=max_logs)
+        #: Lines that could not be written (closed or broken stream); the ring still has them.
+        self.write_errors = 0
+
+    def __call__(self, event: LogEvent) -> None:
+        """Record one event; never raises for an unwritable stream."""
+        entry = self.entry(event)
+        self._ring.append(entry)
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        try:
+            self._stream.write(line)
+            self._stream.flush()
+        except (OSError, ValueError):
+            # A log sink cannot report its own failure anywhere useful; count it instead.
+            self.write_errors += 1
+
+    def entry(self, event: LogEvent) -> dict[str, Any]:
+        """Build the redacted ``{ts, level, event, details}`` entry for one event."""
+        log_time = event.get("log_time")
+        ts = format_timestamp(log_time if isinstance(log_time, (int, float)) else self._now())
+        level = _LEVELS.get(event.get("log_level", LogLevel.info), "info")
+        name = event.get(RELAY_EVENT)
+        details: dict[str, Any]
+        if isinstance(name, str) and name:
+            details = {
+                key: value
+                for key, value in event.items()
+                if not key.startswith("log_") and key != RELAY_EVENT and key not in _LEGACY_KEYS
+            }
+        else:
+            name = TWISTED_EVENT
+            # "text", not "message": the contract redacts any key containing "message".
+            details = {"text": formatEvent(event), "namespace": event.get("log_namespace")}
+        failure = event.get("log_failure")
+        if failure is not None:
+            details["error"] = _traceback(failure)
+        return {"ts": ts, "level": level, "event": name, "details": redact(details)}
+
+    def recent(self, verbose: bool) -> list[dict[str, Any]]:
+        """Return the ring, oldest first: full entries when ``verbose``, else ``{ts, level, event}``."""
+        if verbose:
+            return [dict(entry) for entry in self._ring]
+        return [
+            {"ts": entry["ts"], "level": entry["level"], "event": entry["event"]}
+            for entry in self._ring
+        ]
+
+
+def _traceback(failure: object) -> str:
+    """Return a failure's traceback text, or its ``str`` when it is not a Twisted ``Failure``."""
+    get_traceback: Optional[Callable[[], str]] = getattr(failure, "getTraceback", None)
+    if get_traceback is None:
+        return str(failure)
+    try:
+        return get_traceback()
+    except Exception:
+        return str(failure)

@@ -1,0 +1,389 @@
+"""The relay's sockets: a dispatcher that reads the HTTP head, and the Autobahn WebSocket protocol."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from viewport.relay.admission import AdmissionResult
+from viewport.relay.interfaces import IPeer
+from viewport.relay.registry import Connection
+from viewport.relay.upgrade import (
+    UpgradeAccepted,
+    UpgradeRefused,
+    bare_refusal_bytes,
+    client_ip,
+    precheck_upgrade,
+    select_subprotocol,
+)
+
+if TYPE_CHECKING:
+    from viewport.relay.core import Relay
+
+MAX_HEAD_BYTES = 16 * 1024
+HEAD_TIMEOUT_SECONDS = 10.0
+STATE_OPEN = WebSocketProtocol.STATE_OPEN
+
+Handler = Callable[[Connection, bytes, float], None]
+
+
+def parse_head(head: bytes) -> Optional[Tuple[str, str, Dict[str, str]]]:
+    """Split an HTTP request head into method, target and lower-cased headers (repeats joined)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
+        return None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        return None
+    headers: Dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            return None
+        key = name.strip().lower()
+        value = value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return parts[0], parts[1], headers
+
+
+def hand_over(transport: Any, protocol: Protocol, buffered: bytes) -> None:
+    """Give a connection (plain or TLS) to another protocol and replay what was read so far."""
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    protocol.makeConnection(transport)
+    if buffered:
+        protocol.dataReceived(buffered)
+
+
+class HandshakeDispatcher(Protocol):
+    """
+    Reads one HTTP request head, then hands the socket over.
+
+    Plain HTTP goes to the twisted.web site; an upgrade runs the relay's cheap pre-checks (rate
+    limit, caps, path, query, token) and, if they pass, goes to the Autobahn protocol, which
+    validates the handshake before admission calls the platform.
+    """
+
+    _log = Logger()
+
+    def __init__(self, relay: "Relay", ws_factory: "RelayWebSocketFactory", addr: IAddress) -> None:
+        self._relay = relay
+        self._ws_factory = ws_factory
+        self._addr = addr
+        self._buffer = b""
+        self._timeout: Any = None
+
+    def connectionMade(self) -> None:
+        """Give the client a bounded time to send its request head."""
+        self._timeout = self._relay.clock.callLater(HEAD_TIMEOUT_SECONDS, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._timeout = None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        """The peer left before sending a complete head."""
+        self._cancel_timeout()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Collect the head; dispatch once it is complete."""
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD_BYTES:
+                self._refuse(431)
+            return
+        self._cancel_timeout()
+        try:
+            self._dispatch(self._buffer[: end + 4])
+        except Exception:
+            relay = self._relay
+            relay.metrics.relay_upgrade_errors.inc()
+            self._log.failure("{relay_event}", relay_event="upgrade_error")
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _refuse(self, status: int) -> None:
+        self._cancel_timeout()
+        self.transport.write(bare_refusal_bytes(status))
+        self.transport.loseConnection()
+
+    def _dispatch(self, head: bytes) -> None:
+        relay = self._relay
+        parsed = parse_head(head)
+        if parsed is None:
+            self._refuse(400)
+            return
+        method, target, headers = parsed
+        transport = self.transport
+        if "upgrade" not in headers:
+            hand_over(transport, relay.site.buildProtocol(self._addr), self._buffer)  # type: ignore[arg-type]
+            return
+        if not relay.accepting:
+            self._refuse(503)
+            return
+        peer = transport.getPeer()  # type: ignore[union-attr]
+        ip = client_ip(getattr(peer, "host", None), headers.get("x-forwarded-for"), relay.trusted_proxies)
+        split = urlsplit(target)
+        config = relay.config
+        decision = precheck_upgrade(
+            path=split.path,
+            params=parse_qs(split.query, keep_blank_values=True),
+            authorization=headers.get("authorization"),
+            websocket_protocol=headers.get("sec-websocket-protocol"),
+            relay_mode=config.relay_mode,
+            ip=ip,
+            now_ms=relay.now_ms(),
+            upgrade_limiter=relay.upgrade_limiter,
+            registered_connections=relay.registry.registered_connections,
+            max_total_connections=config.max_total_connections,
+            ip_connections=relay.registry.ip_count(ip),
+            max_connections_per_ip=config.max_connections_per_ip,
+        )
+        if isinstance(decision, UpgradeRefused):
+            refusal = decision.refusal
+            if refusal.counter is not None:
+                getattr(relay.metrics, refusal.counter[: -len("_total")]).inc()
+            if refusal.status is None:
+                transport.abortConnection()  # type: ignore[union-attr]
+            else:
+                self._refuse(refusal.status)
+            return
+        protocol = self._ws_factory.buildProtocol(self._addr)
+        protocol.upgrade = decision
+        protocol.ip = ip
+        hand_over(transport, protocol, self._buffer)
+
+
+class _BackPressure:
+    """Registered on the transport as a push producer, so the relay learns when writes pile up."""
+
+    __slots__ = ("paused",)
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        """The transport's buffer is full."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """The transport drained its buffer."""
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self.paused = False
+
+
+def pending_write_bytes(transport: Any, fallback: int) -> int:
+    """Bytes a transport holds unsent (Twisted's TCP buffers), or ``fallback`` if unknown."""
+    try:
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
+    except AttributeError:
+        return fallback
+
+
+@implementer(IPeer)
+class RelayWebSocketProtocol(WebSocketServerProtocol):
+    """
+    One relay WebSocket: admission in ``onConnect``, then every message handed to the router.
+
+    Also the router's ``IPeer``: sends check the socket state and the transport's pending writes
+    (closing with 4008 ``buffer overflow`` when a peer stops reading).
+    """
+
+    _log = Logger()
+    factory: "RelayWebSocketFactory"
+    upgrade: UpgradeAccepted
+    ip: str
+    conn: Optional[Connection] = None
+    _handler: Optional[Handler] = None
+    _back_pressure: Optional[_BackPressure] = None
+    on_closed: Optional["Deferred[None]"] = None
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed Autobahn without its per-read debug formatting."""
+        self._dataReceived(data)
+
+    def onConnect(self, request: ConnectionRequest) -> Any:
+        """The handshake is valid: ask the platform (or the local verifier) about the token."""
+        relay = self.factory.relay
+        query = self.upgrade.query
+        d = relay.admission.admit(
+            self.upgrade.token, query.role, query.workspace_id, query.runtime_target_id
+        )
+        d.addCallback(self._admitted, request)
+        return d
+
+    def _admitted(self, result: AdmissionResult, request: ConnectionRequest) -> Optional[str]:
+        relay = self.factory.relay
+        query = self.upgrade.query
+        if not result.ok or result.claims is None:
+            relay.metrics.relay_admission_denied.inc()
+            self._log.warn(
+                "{relay_event}",
+                relay_event="admission_denied",
+                role=query.role,
+                workspaceId=query.workspace_id,
+                reason=result.reason,
+                status=result.status,
+                ip=self.ip,
+            )
+            raise ConnectionDeny(401, "Unauthorized")
+        relay.metrics.relay_admission_ok.inc()
+        claims = result.claims
+        if query.role == "client":
+            target = (claims.runtime_target_id or "").strip() or query.runtime_target_id
+            if relay.router.client_cap_reached(query.workspace_id, target):
+                relay.metrics.relay_upgrade_rejected_workspace_clients.inc()
+                raise ConnectionDeny(429, "Too Many Requests")
+        self.conn = Connection(self, query.role, query.workspace_id, self.ip, claims, relay.now_ms())
+        return select_subprotocol(request.protocols)
+
+    def onOpen(self) -> None:
+        """Register with the router; from here on frames flow."""
+        relay = self.factory.relay
+        conn = self.conn
+        assert conn is not None
+        try:
+            back_pressure = _BackPressure()
+            self.transport.registerProducer(back_pressure, True)  # type: ignore[union-attr]
+            self._back_pressure = back_pressure
+            relay.connections.add(self)
+            router = relay.router
+            role = conn.role
+            self._handler = (
+                router.daemon_frame
+                if role == "workspace-daemon"
+                else router.client_frame if role == "client" else router.worker_frame
+            )
+            router.open_connection(conn, self.upgrade.query.runtime_target_id, relay.now_ms())
+        except Exception:
+            self._internal_error()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        """Hand one message to the router (binary frames are read as UTF-8 text)."""
+        conn = self.conn
+        handler = self._handler
+        if conn is None or handler is None or not conn.registered:
+            return
+        if isBinary:
+            payload = payload.decode("utf-8", "replace").encode("utf-8")
+        try:
+            handler(conn, payload, self.factory.relay.now_ms())
+        except Exception:
+            self._internal_error()
+
+    def onPong(self, payload: bytes) -> None:
+        """A pong proves the peer is alive."""
+        conn = self.conn
+        if conn is not None:
+            conn.awaiting_pong = False
+            conn.last_activity_ms = self.factory.relay.now_ms()
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
+        """Unregister; the router tells a scope's clients when their daemon left."""
+        relay = self.factory.relay
+        relay.connections.discard(self)
+        conn = self.conn
+        if conn is not None:
+            try:
+                relay.router.close_connection(conn, relay.now_ms())
+            except Exception:
+                self._log.failure("{relay_event}", relay_event="close_error")
+        if self.on_closed is not None and not self.on_closed.called:
+            self.on_closed.callback(None)
+
+    def _internal_error(self) -> None:
+        self._log.failure("{relay_event}", relay_event="ws_handler_error")
+        self.sendClose(1011, "internal error")
+
+    # IPeer
+
+    def send_text(self, text: str) -> None:
+        """Send a relay-originated frame."""
+        self.send_payload(text.encode("utf-8"))
+
+    def send_payload(self, payload: bytes) -> None:
+        """Forward text unchanged, unless the peer stopped reading (then close 4008)."""
+        if self.state != STATE_OPEN:
+            return
+        back_pressure = self._back_pressure
+        if back_pressure is not None and back_pressure.paused:
+            limit = self.factory.relay.config.max_pending_bytes
+            if pending_write_bytes(self.transport, limit + 1) > limit:
+                self.factory.relay.metrics.relay_ws_slow_client_terminated.inc()
+                self.sendClose(4008, "buffer overflow")
+                return
+        self.sendMessage(payload, False)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the WebSocket with a code and reason."""
+        if self.state == STATE_OPEN:
+            self.sendClose(code, reason)
+
+    def is_open(self) -> bool:
+        """True while the WebSocket is open."""
+        return self.state == STATE_OPEN  # type: ignore[no-any-return]
+
+    def terminate(self) -> None:
+        """Drop the TCP connection without a closing handshake (heartbeat and idle timeouts)."""
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+
+class RelayWebSocketFactory(WebSocketServerFactory):
+    """Autobahn settings of the contract: no compression, max message size, no auto-ping."""
+
+    protocol = RelayWebSocketProtocol
+
+    def __init__(self, relay: "Relay") -> None:
+        super().__init__(reactor=relay.clock)
+        self.relay = relay
+        size = relay.config.max_frame_bytes
+        self.setProtocolOptions(
+            maxFramePayloadSize=size,
+            maxMessagePayloadSize=size,
+            perMessageCompressionAccept=lambda offers: None,
+            autoPingInterval=0,
+            failByDrop=False,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+        )
+
+
+class RelayPortFactory(Factory):
+    """The listening factory: every accepted socket starts with a ``HandshakeDispatcher``."""
+
+    noisy = False
+
+    def __init__(self, relay: "Relay") -> None:
+        self.relay = relay
+        self.ws_factory = RelayWebSocketFactory(relay)
+
+    def buildProtocol(self, addr: IAddress) -> HandshakeDispatcher:
+        """A dispatcher for one new socket."""
+        protocol = HandshakeDispatcher(self.relay, self.ws_factory, addr)
+        protocol.factory = self
+        return protocol

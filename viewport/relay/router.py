@@ -1,0 +1,838 @@
+"""Routing decisions: admission of an open socket, the client/daemon/worker/bus pipelines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, LogLevel
+
+from viewport.relay import frames
+from viewport.relay.frames import ClientKind, DaemonKind
+from viewport.relay.interfaces import BusFrame, IBackplane, Presence
+from viewport.relay.limits import FixedWindowLimiter, TokenBucketLimiter
+from viewport.relay.registry import Connection, Owner, Registry, ScopeState
+from viewport.tokens import Claims
+
+CLOSE_POLICY = 4008
+CLIENT_SCOPES = ("runtime", "pairing", "session-events")
+WINDOW_MS = 60_000
+
+
+@dataclass(frozen=True)
+class ConnectionRejection:
+    """Why an upgraded socket is refused after admission: 4008 reason, log fields, status first."""
+
+    close_reason: str
+    log_event: str
+    log_reason: str
+    send_runtime_target_required: bool = False
+
+
+def check_connection_claims(
+    role: str,
+    query_workspace_id: str,
+    query_runtime_target_id: Optional[str],
+    claims: Claims,
+) -> tuple[Optional[str], Optional[ConnectionRejection]]:
+    """
+    The claims-versus-query checks of an upgraded socket, in contract order.
+
+    Returns the effective runtime target (claim, else query) and no rejection, or the rejection.
+    """
+    claimed_workspace = (claims.workspace_id or "").strip()
+    if not claimed_workspace:
+        return None, ConnectionRejection(
+            "missing workspace claim", "connection_rejected", "missing_workspace_claim"
+        )
+    if claimed_workspace != query_workspace_id:
+        return None, ConnectionRejection(
+            "workspace claim mismatch", "connection_rejected", "workspace_claim_mismatch"
+        )
+    claimed_target = (claims.runtime_target_id or "").strip() or None
+    if query_runtime_target_id is not None and claimed_target != query_runtime_target_id:
+        return None, ConnectionRejection(
+            "runtime target claim mismatch",
+            "connection_rejected",
+            "runtime_target_claim_mismatch",
+        )
+    if role == "client" and claims.scope not in CLIENT_SCOPES:
+        return None, ConnectionRejection(
+            "invalid scope claim", "client_connection_rejected", "invalid_scope_claim"
+        )
+    runtime_target = claimed_target or query_runtime_target_id
+    needs_target = role == "workspace-daemon" or (
+        role == "client" and claims.scope in ("runtime", "session-events")
+    )
+    if needs_target and runtime_target is None:
+        return None, ConnectionRejection(
+            "missing runtime target claim",
+            "connection_rejected",
+            "missing_runtime_target_claim",
+            send_runtime_target_required=True,
+        )
+    return runtime_target, None
+
+
+class Limiters:
+    """The process-wide rate limiters of the frame pipelines (state survives reconnects)."""
+
+    def __init__(self, config: Any) -> None:
+        self.kex = FixedWindowLimiter(
+            config.kex_init_rate_per_minute, WINDOW_MS, config.kex_rate_limiter_max_keys
+        )
+        self.pairing = FixedWindowLimiter(
+            config.pairing_rate_per_minute, WINDOW_MS, config.pairing_rate_limiter_max_keys
+        )
+        self.runtime_client = TokenBucketLimiter(
+            config.runtime_rate_per_minute, WINDOW_MS, config.runtime_rate_limiter_max_keys
+        )
+        self.runtime_workspace = TokenBucketLimiter(
+            config.runtime_rate_per_minute_workspace,
+            WINDOW_MS,
+            config.runtime_workspace_rate_limiter_max_keys,
+        )
+        self.daemon = TokenBucketLimiter(
+            config.daemon_runtime_rate_per_minute, WINDOW_MS, config.daemon_rate_limiter_max_keys
+        )
+
+    def sweep(self, now_ms: float) -> None:
+        """Forget keys idle for two windows."""
+        for limiter in (
+            self.kex,
+            self.pairing,
+            self.runtime_client,
+            self.runtime_workspace,
+            self.daemon,
+        ):
+            limiter.sweep(now_ms)
+
+
+WorkerForward = Callable[[Connection, dict, str], None]
+
+
+class Router:
+    """
+    Everything a relay decides about frames, independent of sockets and timers.
+
+    The protocol hands over each inbound payload with ``now_ms``; the router answers through the
+    connections' ``IPeer`` and reaches other relays only through ``IBackplane``.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        registry: Registry,
+        backplane: IBackplane,
+        metrics: Any,
+        limiters: Limiters,
+        worker_forward: Optional[WorkerForward] = None,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._backplane = backplane
+        self._m = metrics
+        self._limiters = limiters
+        self._worker_forward = worker_forward
+        self._relay_id: str = backplane.relay_id
+
+    def _event(self, level: LogLevel, name: str, **details: object) -> None:
+        self._log.emit(level, "{relay_event}", relay_event=name, **details)
+
+    # -- connection lifecycle -------------------------------------------------------------------
+
+    def client_cap_reached(self, workspace_id: str, runtime_target_id: Optional[str]) -> bool:
+        """True when the scope already holds the maximum number of open clients (no side effect)."""
+        scope = self._registry.get(workspace_id, runtime_target_id)
+        if scope is None:
+            return False
+        return scope.open_client_count() >= self._config.max_clients_per_workspace
+
+    def open_connection(
+        self, conn: Connection, query_runtime_target_id: Optional[str], now_ms: float
+    ) -> bool:
+        """Check an upgraded socket's claims and register it; False when it was closed instead."""
+        runtime_target, rejection = check_connection_claims(
+            conn.role, conn.workspace_id, query_runtime_target_id, conn.claims
+        )
+        if rejection is not None:
+            if rejection.send_runtime_target_required:
+                conn.peer.send_text(frames.runtime_target_required(conn.workspace_id))
+            self._m.relay_ws_connections_rejected.inc()
+            self._event(
+                LogLevel.warn,
+                rejection.log_event,
+                workspaceId=conn.workspace_id,
+                role=conn.role,
+                ip=conn.ip,
+                reason=rejection.log_reason,
+            )
+            conn.peer.close(CLOSE_POLICY, rejection.close_reason)
+            return False
+        conn.runtime_target_id = runtime_target
+        if conn.role == "worker":
+            return self._register_worker(conn)
+        scope = self._registry.get_or_create(conn.workspace_id, runtime_target, now_ms)
+        scope.touch(now_ms)
+        scope.prune(now_ms)
+        if conn.role == "workspace-daemon":
+            return self._register_daemon(conn, scope)
+        return self._register_client(conn, scope)
+
+    def _accept(self, conn: Connection) -> None:
+        conn.registered = True
+        self._registry.add_ip(conn.ip)
+        self._m.relay_ws_connections_opened.inc()
+
+    def _register_worker(self, conn: Connection) -> bool:
+        self._accept(conn)
+        self._event(
+            LogLevel.info,
+            "worker_connected",
+            workspaceId=conn.workspace_id,
+            managedExecutorId=conn.claims.managed_executor_id,
+            ip=conn.ip,
+        )
+        return True
+
+    def _register_daemon(self, conn: Connection, scope: ScopeState) -> bool:
+        generation = conn.claims.daemon_issue_generation
+        recorded = scope.daemon_issue_generation
+        if generation is not None and recorded is not None and generation < recorded:
+            self._m.relay_ws_connections_rejected.inc()
+            self._event(
+                LogLevel.warn,
+                "daemon_connection_rejected",
+                workspaceId=conn.workspace_id,
+                ip=conn.ip,
+                reason="stale_daemon_issue_generation",
+                claimGeneration=generation,
+                latestGeneration=recorded,
+            )
+            conn.peer.close(CLOSE_POLICY, "stale daemon generation")
+            return False
+        if scope.daemon_open() is not None:
+            self._m.relay_ws_connections_rejected.inc()
+            self._event(
+                LogLevel.warn,
+                "daemon_connection_rejected",
+                workspaceId=conn.workspace_id,
+                ip=conn.ip,
+                reason="daemon_already_connected",
+            )
+            conn.peer.close(CLOSE_POLICY, "daemon already connected")
+            return False
+        self._accept(conn)
+        conn.scope = scope
+        scope.daemon = conn
+        self._registry.registered_connections += 1
+        if generation is not None:
+            scope.daemon_issue_generation = generation
+        scope.kex_requests.clear()
+        scope.session_owners.clear()
+        self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id)
+        self._backplane.announce_presence(self._presence(scope, conn, True))
+        self._event(
+            LogLevel.info,
+            "daemon_connected",
+            workspaceId=conn.workspace_id,
+            runtimeTargetId=conn.runtime_target_id,
+            machineId=conn.machine_id,
+            ip=conn.ip,
+        )
+        self._refresh_gauges()
+        return True
+
+    def _register_client(self, conn: Connection, scope: ScopeState) -> bool:
+        conn.client_scope = conn.claims.scope or "runtime"
+        conn.allowed_channels = frames.allowed_channels(conn.claims.session_channels)
+        self._accept(conn)
+        conn.scope = scope
+        scope.clients[conn] = None
+        self._registry.registered_connections += 1
+        self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id)
+        self._event(
+            LogLevel.info,
+            "client_connected",
+            workspaceId=conn.workspace_id,
+            clientId=conn.client_id,
+            ip=conn.ip,
+        )
+        self._refresh_gauges()
+        return True
+
+    def _presence(self, scope: ScopeState, conn: Connection, connected: bool) -> Presence:
+        return Presence(
+            workspace_id=scope.workspace_id,
+            runtime_target_id=scope.runtime_target_id,
+            relay_id=self._relay_id,
+            relay_ws_base_url=self._config.public_ws_base_url,
+            daemon_connected=connected,
+            machine_id=conn.machine_id,
+        )
+
+    def close_connection(self, conn: Connection, now_ms: float) -> None:
+        """Forget a registered socket that closed; tell a scope's clients when its daemon left."""
+        if not conn.registered:
+            return
+        conn.registered = False
+        self._registry.remove_ip(conn.ip)
+        self._m.relay_ws_connections_closed.inc()
+        scope = conn.scope
+        if conn.role == "worker" or scope is None:
+            self._event(
+                LogLevel.info,
+                "worker_disconnected",
+                workspaceId=conn.workspace_id,
+                managedExecutorId=conn.claims.managed_executor_id,
+                ip=conn.ip,
+            )
+            return
+        scope.touch(now_ms)
+        self._registry.registered_connections -= 1
+        if conn.role == "workspace-daemon":
+            current = scope.daemon is conn
+            if current:
+                scope.daemon = None
+                scope.kex_requests.clear()
+                scope.session_owners.clear()
+                scope.pairing_requests.clear()
+                self._backplane.announce_presence(self._presence(scope, conn, False))
+                notice = frames.daemon_unavailable(
+                    scope.workspace_id, scope.runtime_target_id, conn.machine_id
+                )
+                for client in scope.clients:
+                    client.peer.send_text(notice)
+            self._event(
+                LogLevel.info,
+                "daemon_disconnected",
+                workspaceId=conn.workspace_id,
+                runtimeTargetId=conn.runtime_target_id,
+                machineId=conn.machine_id,
+                ip=conn.ip,
+                clearedCurrentDaemon=current,
+            )
+        else:
+            scope.clients.pop(conn, None)
+            scope.kex_requests.drop_connection(conn)
+            scope.pairing_requests.drop_connection(conn)
+            scope.session_owners.drop_connection(conn)
+            scope.unsubscribe_everywhere(conn)
+            self._event(
+                LogLevel.info,
+                "client_disconnected",
+                workspaceId=conn.workspace_id,
+                clientId=conn.client_id,
+                ip=conn.ip,
+            )
+        if scope.is_empty():
+            self._backplane.unwatch_scope(scope.workspace_id, scope.runtime_target_id)
+        self._refresh_gauges()
+
+    def _refresh_gauges(self) -> None:
+        self._m.relay_connections_total.set(self._registry.registered_connections)
+        self._m.relay_workspaces_total.set(len(self._registry.scopes))
+
+    def evict_empty_scopes(self, now_ms: float) -> None:
+        """Delete scopes that stayed empty for the configured TTL, then refresh the gauges."""
+        for scope in self._registry.evict_empty(now_ms, self._config.empty_workspace_ttl_ms):
+            self._m.relay_workspace_evictions.inc()
+            self._event(
+                LogLevel.info,
+                "workspace_evicted",
+                workspaceId=scope.workspace_id,
+                runtimeTargetId=scope.runtime_target_id,
+            )
+        self._refresh_gauges()
+
+    # -- client pipeline --------------------------------------------------------------------------
+
+    def client_frame(self, conn: Connection, payload: bytes, now_ms: float) -> None:
+        """Handle one frame from a browser client (contract §5.4)."""
+        conn.last_activity_ms = now_ms
+        m = self._m
+        if len(payload) > self._config.max_frame_bytes:
+            m.relay_ws_frame_too_large.inc()
+            conn.peer.close(1009, "frame too large")
+            return
+        frame = frames.parse_frame(payload)
+        kind = frames.classify_client_frame(frame) if frame is not None else None
+        if kind is None or frame is None:
+            m.relay_frames_client_rejected.inc()
+            self._event(
+                LogLevel.warn,
+                "client_frame_rejected",
+                workspaceId=conn.workspace_id,
+                clientId=conn.client_id,
+                reason="invalid_client_frame",
+            )
+            conn.peer.send_text(frames.invalid_frame(conn.workspace_id))
+            return
+        scope = conn.scope
+        assert scope is not None
+        decision = frames.client_scope_decision(conn.client_scope or "runtime", kind)
+        if not decision.allowed:
+            m.relay_frames_client_rejected_scope.inc()
+            self._event(
+                LogLevel.warn,
+                "client_frame_rejected",
+                workspaceId=conn.workspace_id,
+                clientId=conn.client_id,
+                reason=decision.log_reason,
+            )
+            if decision.close_reason is not None:
+                conn.peer.close(CLOSE_POLICY, decision.close_reason)
+            else:
+                conn.peer.send_text(frames.session_events_scope_only(conn.workspace_id))
+            return
+        if conn.client_scope == "session-events":
+            self._session_events_frame(conn, scope, kind, frame, payload, now_ms)
+            return
+        scope.prune(now_ms)
+        required = conn.claims.e2ee_profile
+        profile = frame.get("profile")
+        if required is not None and profile in frames.PROFILE_STRENGTH and profile != required:
+            m.relay_frames_client_rejected_profile_mismatch.inc()
+            conn.peer.close(CLOSE_POLICY, "client frame profile mismatch")
+            return
+        if kind is ClientKind.E2EE:
+            if not self._runtime_allowed(conn, now_ms):
+                m.relay_frames_client_runtime_rate_limited.inc()
+                conn.peer.close(CLOSE_POLICY, "runtime rate limit exceeded")
+                return
+            session_id = frame["sessionId"]
+            owner = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
+            if owner is not None and owner.connection is conn:
+                scope.session_owners.refresh(session_id, owner, now_ms)  # type: ignore[arg-type]
+        elif kind is ClientKind.KEX_INIT:
+            limit_key = f"{conn.workspace_id}:{conn.client_id}:{conn.ip}"
+            if not self._limiters.kex.allow(limit_key, now_ms):
+                m.relay_frames_client_kex_rate_limited.inc()
+                self._event(
+                    LogLevel.warn,
+                    "client_frame_rate_limited",
+                    workspaceId=conn.workspace_id,
+                    clientId=conn.client_id,
+                    reason="kex_rate_limit",
+                )
+                conn.peer.close(CLOSE_POLICY, "key exchange rate limit exceeded")
+                return
+            request_id = str(frame.get("requestId", "")).strip()
+            if request_id:
+                scope.kex_requests.put(request_id, Owner(conn, None, now_ms))
+        else:
+            limit_key = f"{conn.workspace_id}:{conn.client_id}:{conn.ip}"
+            if not self._limiters.pairing.allow(limit_key, now_ms):
+                m.relay_frames_client_pairing_rate_limited.inc()
+                conn.peer.close(CLOSE_POLICY, "pairing rate limit exceeded")
+                return
+            request_id = str(frame.get("requestId", "")).strip()
+            scope.pairing_requests.put(request_id, Owner(conn, None, now_ms))
+        daemon = scope.daemon
+        if daemon is None or not daemon.peer.is_open():
+            self._no_local_daemon(conn, payload)
+            return
+        daemon.peer.send_payload(payload)
+        m.relay_frames_client_to_daemon.inc()
+        m.relay_bytes_client_to_daemon.inc(len(payload))
+
+    def _runtime_allowed(self, conn: Connection, now_ms: float) -> bool:
+        limiters = self._limiters
+        return limiters.runtime_client.allow(
+            conn.client_id, now_ms
+        ) and limiters.runtime_workspace.allow(conn.workspace_id, now_ms)
+
+    def _session_events_frame(
+        self,
+        conn: Connection,
+        scope: ScopeState,
+        kind: ClientKind,
+        frame: dict,
+        payload: bytes,
+        now_ms: float,
+    ) -> None:
+        m = self._m
+        channel = str(frame["channel"]).strip()
+        if kind is ClientKind.VIEWER_PRESENCE:
+            if channel not in conn.allowed_channels:
+                m.relay_session_viewer_presence_rejected.inc()
+                conn.peer.send_text(frames.viewer_presence_denied(channel, conn.workspace_id))
+                return
+            if not self._runtime_allowed(conn, now_ms):
+                m.relay_session_viewer_presence_rate_limited.inc()
+                conn.peer.close(CLOSE_POLICY, "presence rate limit exceeded")
+                return
+            delivered = 0
+            for member in scope.subscribers.get(channel, ()):
+                if member is not conn and member.peer.is_open():
+                    member.peer.send_payload(payload)
+                    delivered += 1
+            if delivered:
+                m.relay_session_viewer_presence_fanned.inc(delivered)
+            else:
+                m.relay_session_viewer_presence_no_peers.inc()
+            return
+        subscribe = kind is ClientKind.SESSION_SUBSCRIBE
+        if channel not in conn.allowed_channels:
+            m.relay_session_event_subscribe_rejected.inc()
+            denied = frames.subscribe_denied if subscribe else frames.unsubscribe_denied
+            conn.peer.send_text(denied(channel, conn.workspace_id))
+            return
+        if subscribe:
+            scope.subscribers.setdefault(channel, set()).add(conn)
+            m.relay_session_event_subscribed.inc()
+            after = frame.get("afterSequence")
+            conn.peer.send_text(frames.subscribed(channel, int(after) if after is not None else 0))  # type: ignore[call-overload]
+        else:
+            members = scope.subscribers.get(channel)
+            if members is not None:
+                members.discard(conn)
+                if not members:
+                    del scope.subscribers[channel]
+            m.relay_session_event_unsubscribed.inc()
+            conn.peer.send_text(frames.unsubscribed(channel))
+
+    def _no_local_daemon(self, conn: Connection, payload: bytes) -> None:
+        """Contract §5.6.5: look for the daemon on another relay, else say it is unavailable."""
+        m = self._m
+        if conn.runtime_target_id is None:
+            m.relay_client_messages_dropped.inc()
+            self._event(
+                LogLevel.warn,
+                "client_message_dropped",
+                workspaceId=conn.workspace_id,
+                clientId=conn.client_id,
+                reason="missing_runtime_target",
+            )
+            conn.peer.send_text(frames.runtime_target_required(conn.workspace_id))
+            return
+        if not self._backplane.cross_relay:
+            self._daemon_unavailable(conn)
+            return
+        d: Deferred = self._backplane.resolve_presence(  # type: ignore[assignment]
+            conn.workspace_id, conn.runtime_target_id
+        )
+        d.addCallback(self._route_to_remote, conn, payload)
+        d.addErrback(self._log_failure, "client_route_error")
+
+    def _route_to_remote(
+        self, presence: Optional[Presence], conn: Connection, payload: bytes
+    ) -> Optional[Deferred]:
+        if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
+            self._daemon_unavailable(conn)
+            return None
+        if self._config.client_redirect_enabled:
+            conn.peer.send_text(
+                frames.relay_redirect(
+                    conn.workspace_id, presence.relay_ws_base_url, conn.runtime_target_id
+                )
+            )
+        assert conn.runtime_target_id is not None
+        frame = BusFrame(
+            workspace_id=conn.workspace_id,
+            runtime_target_id=conn.runtime_target_id,
+            source_relay_id=self._relay_id,
+            target_relay_id=presence.relay_id,
+            direction="client_to_daemon",
+            payload=payload.decode("utf-8"),
+            machine_id=conn.machine_id,
+        )
+        d: Deferred = self._backplane.publish(frame)  # type: ignore[assignment]
+
+        def published(ok: bool) -> None:
+            if ok:
+                self._m.relay_client_messages_routed_bus.inc()
+                self._event(
+                    LogLevel.info,
+                    "client_message_routed_bus",
+                    workspaceId=conn.workspace_id,
+                    clientId=conn.client_id,
+                    targetRelayId=presence.relay_id,
+                )
+            else:
+                self._daemon_unavailable(conn)
+
+        d.addCallback(published)
+        return d
+
+    def _daemon_unavailable(self, conn: Connection) -> None:
+        self._m.relay_client_messages_dropped.inc()
+        self._event(
+            LogLevel.warn,
+            "client_message_dropped",
+            workspaceId=conn.workspace_id,
+            clientId=conn.client_id,
+            reason="daemon_unavailable",
+        )
+        conn.peer.send_text(
+            frames.daemon_unavailable(conn.workspace_id, conn.runtime_target_id, conn.machine_id)
+        )
+
+    def _log_failure(self, failure: Any, name: str) -> None:
+        self._log.failure("{relay_event}", failure, relay_event=name)
+
+    # -- daemon pipeline --------------------------------------------------------------------------
+
+    def daemon_frame(self, conn: Connection, payload: bytes, now_ms: float) -> None:
+        """Handle one frame from a daemon (contract §5.5, with local session events delivered)."""
+        conn.last_activity_ms = now_ms
+        m = self._m
+        if not self._limiters.daemon.allow(conn.workspace_id, now_ms):
+            m.relay_frames_daemon_rate_limited.inc()
+            self._event(
+                LogLevel.warn, "daemon_frame_rate_limited", workspaceId=conn.workspace_id, ip=conn.ip
+            )
+            conn.peer.close(CLOSE_POLICY, "daemon rate limit exceeded")
+            return
+        if len(payload) > self._config.max_frame_bytes:
+            m.relay_ws_frame_too_large.inc()
+            conn.peer.close(1009, "frame too large")
+            return
+        frame = frames.parse_frame(payload)
+        kind = frames.classify_daemon_frame(frame) if frame is not None else None
+        if kind is None or frame is None:
+            m.relay_frames_daemon_rejected.inc()
+            self._event(
+                LogLevel.warn,
+                "daemon_frame_rejected",
+                workspaceId=conn.workspace_id,
+                reason="invalid_daemon_frame",
+            )
+            return
+        required = conn.claims.e2ee_profile
+        if required is not None:
+            strength = frames.PROFILE_STRENGTH.get(frame.get("profile"))  # type: ignore[arg-type]
+            if strength is not None and strength < frames.PROFILE_STRENGTH[required]:
+                m.relay_frames_daemon_rejected_profile_mismatch.inc()
+                conn.peer.close(CLOSE_POLICY, "daemon frame profile mismatch")
+                return
+        scope = conn.scope
+        assert scope is not None
+        m.relay_frames_daemon_to_clients.inc()
+        m.relay_bytes_daemon_to_clients.inc(len(payload))
+        self._route_daemon_frame(scope, kind, frame, payload, now_ms, from_bus=False)
+
+    def _route_daemon_frame(
+        self,
+        scope: ScopeState,
+        kind: DaemonKind,
+        frame: dict,
+        payload: bytes,
+        now_ms: float,
+        from_bus: bool,
+    ) -> bool:
+        """Deliver a daemon→clients frame to its owner(s); True when it went somewhere."""
+        if kind is DaemonKind.E2EE or kind is DaemonKind.KEY_UPDATE_REQUIRED:
+            return self._route_session_frame(scope, frame, payload, now_ms)
+        if kind is DaemonKind.KEX_RESPONSE:
+            return self._route_response(scope, frame, payload, now_ms, kex=True)
+        if kind is DaemonKind.PAIRING_OFFER_RESPONSE or kind is DaemonKind.PAIRING_REDEEM_RESPONSE:
+            return self._route_response(scope, frame, payload, now_ms, kex=False)
+        return self._deliver_session_event(scope, frame, payload, from_bus)
+
+    def _route_session_frame(
+        self, scope: ScopeState, frame: dict, payload: bytes, now_ms: float
+    ) -> bool:
+        m = self._m
+        session_id = frame.get("sessionId")
+        owner = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
+        if owner is None:
+            m.relay_session_frame_dropped.inc()
+            return False
+        scope.session_owners.refresh(session_id, owner, now_ms)  # type: ignore[arg-type]
+        target = owner.connection
+        if target is not None:
+            if target.peer.is_open():
+                target.peer.send_payload(payload)
+                m.relay_session_frame_routed_local.inc()
+                return True
+        elif owner.source_relay_id is not None and scope.runtime_target_id is not None:
+            self._publish_to_clients(scope, owner.source_relay_id, payload)
+            m.relay_session_frame_routed_bus.inc()
+            return True
+        m.relay_session_frame_dropped.inc()
+        return False
+
+    def _route_response(
+        self, scope: ScopeState, frame: dict, payload: bytes, now_ms: float, kex: bool
+    ) -> bool:
+        m = self._m
+        if kex:
+            routed_local = m.relay_key_exchange_response_routed_local
+            routed_bus = m.relay_key_exchange_response_routed_bus
+            dropped = m.relay_key_exchange_response_dropped
+            table = scope.kex_requests
+        else:
+            routed_local = m.relay_pairing_response_routed_local
+            routed_bus = m.relay_pairing_response_routed_bus
+            dropped = m.relay_pairing_response_dropped
+            table = scope.pairing_requests
+        request_id = str(frame.get("requestId", "")).strip()
+        session_id = str(frame.get("sessionId", "")).strip() if kex else ""
+        if not request_id or (kex and not session_id):
+            dropped.inc()
+            return False
+        owner = table.pop(request_id, now_ms)
+        if owner is None:
+            dropped.inc()
+            self._event(
+                LogLevel.warn,
+                "key_exchange_response_owner_missing" if kex else "pairing_response_owner_missing",
+                workspaceId=scope.workspace_id,
+                requestId=request_id,
+                sessionId=session_id or None,
+            )
+            return False
+        if kex:
+            scope.session_owners.put(
+                session_id, Owner(owner.connection, owner.source_relay_id, now_ms)
+            )
+        target = owner.connection
+        if target is not None:
+            if target.peer.is_open():
+                target.peer.send_payload(payload)
+                routed_local.inc()
+                return True
+        elif owner.source_relay_id is not None and scope.runtime_target_id is not None:
+            self._publish_to_clients(scope, owner.source_relay_id, payload)
+            routed_bus.inc()
+            return True
+        dropped.inc()
+        return False
+
+    def _deliver_session_event(
+        self, scope: ScopeState, frame: dict, payload: bytes, from_bus: bool
+    ) -> bool:
+        """Send a session event frame to the channel's local subscribers (and other relays')."""
+        m = self._m
+        channel = str(frame.get("channel", "")).strip()
+        delivered = 0
+        for member in scope.subscribers.get(channel, ()):
+            if member.peer.is_open():
+                member.peer.send_payload(payload)
+                delivered += 1
+        if not from_bus and self._backplane.cross_relay and scope.runtime_target_id is not None:
+            self._publish_to_clients(scope, None, payload)
+        if delivered:
+            m.relay_session_event_frame_delivered.inc(delivered)
+            return True
+        m.relay_session_event_frame_dropped.inc()
+        return False
+
+    def _publish_to_clients(
+        self, scope: ScopeState, target_relay_id: Optional[str], payload: bytes
+    ) -> None:
+        assert scope.runtime_target_id is not None
+        frame = BusFrame(
+            workspace_id=scope.workspace_id,
+            runtime_target_id=scope.runtime_target_id,
+            source_relay_id=self._relay_id,
+            target_relay_id=target_relay_id,
+            direction="daemon_to_clients",
+            payload=payload.decode("utf-8"),
+        )
+        d: Deferred = self._backplane.publish(frame)  # type: ignore[assignment]
+        d.addErrback(self._log_failure, "relay_bus_publish_error")
+
+    # -- worker pipeline --------------------------------------------------------------------------
+
+    def worker_frame(self, conn: Connection, payload: bytes, now_ms: float) -> None:
+        """Handle one worker transport request (contract §5.6.6, with the path check fixed)."""
+        conn.last_activity_ms = now_ms
+        m = self._m
+        if not self._limiters.daemon.allow(conn.workspace_id, now_ms):
+            m.relay_frames_daemon_rate_limited.inc()
+            self._event(LogLevel.warn, "worker_frame_rate_limited", workspaceId=conn.workspace_id)
+            conn.peer.close(CLOSE_POLICY, "worker rate limit exceeded")
+            return
+        if len(payload) > self._config.max_frame_bytes:
+            m.relay_ws_frame_too_large.inc()
+            conn.peer.close(1009, "frame too large")
+            return
+        frame = frames.parse_frame(payload)
+        if frame is None or not frames.is_worker_request(frame):
+            m.relay_frames_daemon_rejected.inc()
+            self._event(
+                LogLevel.warn,
+                "worker_frame_rejected",
+                workspaceId=conn.workspace_id,
+                reason="invalid_worker_transport_frame",
+            )
+            return
+        request_id = str(frame["requestId"])
+        path = frames.worker_path_allowed(
+            str(frame["path"]), conn.workspace_id, conn.claims.managed_executor_id
+        )
+        if path is None or self._worker_forward is None:
+            m.relay_worker_transport_rejected.inc()
+            conn.peer.send_text(
+                frames.worker_response(
+                    request_id,
+                    403,
+                    {"content-type": "application/json"},
+                    '{"ok":false,"reason":"WORKER_TRANSPORT_PATH_DENIED"}',
+                )
+            )
+            return
+        self._worker_forward(conn, frame, path)
+
+    # -- bus pipeline -----------------------------------------------------------------------------
+
+    def bus_frame(self, bus: BusFrame, now_ms: float) -> None:
+        """Route a frame another relay published to us (contract §6.8, reply path fixed)."""
+        m = self._m
+        if not bus.runtime_target_id:
+            self._reject_bus(bus, "missing_runtime_target")
+            return
+        payload = bus.payload.encode("utf-8")
+        frame = frames.parse_frame(payload)
+        scope = self._registry.get_or_create(bus.workspace_id, bus.runtime_target_id, now_ms)
+        scope.touch(now_ms)
+        scope.prune(now_ms)
+        if bus.direction == "client_to_daemon":
+            ckind = frames.classify_client_frame(frame) if frame is not None else None
+            if ckind is None or frame is None:
+                self._reject_bus(bus, "invalid_client_frame")
+                return
+            request_id = str(frame.get("requestId", "")).strip()
+            owner = Owner(None, bus.source_relay_id, now_ms)
+            if ckind is ClientKind.KEX_INIT and request_id:
+                scope.kex_requests.put(request_id, owner)
+            elif ckind in (ClientKind.PAIRING_OFFER_REQUEST, ClientKind.PAIRING_REDEEM_REQUEST):
+                scope.pairing_requests.put(request_id, owner)
+            daemon = scope.daemon_open()
+            if daemon is None:
+                m.relay_bus_frames_dropped.inc()
+                return
+            daemon.peer.send_payload(payload)
+            m.relay_bus_frames_to_daemon.inc()
+            return
+        dkind = frames.classify_daemon_frame(frame) if frame is not None else None
+        if dkind is None or frame is None:
+            self._reject_bus(bus, "invalid_daemon_frame")
+            return
+        if not self._limiters.daemon.allow(bus.workspace_id, now_ms):
+            m.relay_bus_frames_daemon_rate_limited.inc()
+            self._reject_bus(bus, "daemon_rate_limit")
+            return
+        routed = self._route_daemon_frame(scope, dkind, frame, payload, now_ms, from_bus=True)
+        if routed or dkind in (
+            DaemonKind.KEX_RESPONSE,
+            DaemonKind.PAIRING_OFFER_RESPONSE,
+            DaemonKind.PAIRING_REDEEM_RESPONSE,
+        ):
+            m.relay_bus_frames_to_clients.inc()
+
+    def _reject_bus(self, bus: BusFrame, reason: str) -> None:
+        self._m.relay_bus_frames_rejected.inc()
+        self._event(
+            LogLevel.warn,
+            "bus_frame_rejected",
+            workspaceId=bus.workspace_id,
+            direction=bus.direction,
+            reason=reason,
+        )

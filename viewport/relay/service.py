@@ -1,0 +1,108 @@
+"""The twistd service tree of one relay: the listening port, heartbeat and cleanup timers, shutdown."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+
+from viewport.relay.core import Relay
+from viewport.relay.protocol import RelayPortFactory
+
+
+class ListeningService(MultiService):
+    """
+    Binds the relay's port at privileged start (so a port it cannot bind stops startup), and on
+    stop refuses new sockets before closing the open ones with 1001.
+    """
+
+    _log = Logger()
+
+    def __init__(self, relay: Relay, endpoint: IStreamServerEndpoint, grace_seconds: float) -> None:
+        super().__init__()
+        self.relay = relay
+        self._endpoint = endpoint
+        self._grace_seconds = grace_seconds
+        self.port: Optional[IListeningPort] = None
+        self.log_observer: Optional[ILogObserver] = None
+        for interval_ms, work in (
+            (relay.config.ping_interval_ms, relay.heartbeat),
+            (relay.config.cleanup_interval_ms, relay.cleanup),
+        ):
+            timer = TimerService(interval_ms / 1000.0, work)
+            timer.clock = relay.clock
+            timer.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> Any:
+        """Under twistd the parent is the application: make our JSON observer its log observer."""
+        observer = getattr(self, "log_observer", None)
+        if observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, observer)
+        return super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        """Listen now; raise if the port cannot be bound."""
+        d = self._endpoint.listen(RelayPortFactory(self.relay))
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError("listening did not complete synchronously")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        self.port = outcome[0]
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        """Start the backplane and timers, then announce where we listen."""
+        if self.port is None:
+            self.privilegedStartService()
+        relay = self.relay
+        config = relay.config
+        assert self.port is not None
+        address = self.port.getHost()
+        d = relay.backplane.start(relay.deliver_bus_frame)
+        d.addErrback(lambda f: self._log.failure("{relay_event}", f, relay_event="backplane_start_error"))  # type: ignore[attr-defined]
+        super().startService()
+        self._log.info(
+            "{relay_event}",
+            relay_event="relay_started",
+            host=config.host,
+            port=getattr(address, "port", config.port),
+            relayId=config.relay_id,
+            publicWsBaseUrl=config.public_ws_base_url,
+            backplaneMode=config.backplane_mode,
+            relayMode=config.relay_mode,
+            admission=config.admission,
+            clientRedirectEnabled=config.client_redirect_enabled,
+            busEnabled=config.bus_enabled,
+            tlsEnabled=config.tls_enabled,
+            maxTotalConnections=config.max_total_connections,
+            maxConnectionsPerIp=config.max_connections_per_ip,
+            maxMessageBytes=config.max_frame_bytes,
+            adminHttpEnabled=config.enable_admin_http,
+        )
+        scheme = "wss" if config.tls_enabled else "ws"
+        host = getattr(address, "host", config.host)
+        shown = f"[{host}]" if ":" in host else host
+        self._log.info(
+            "{relay_event}",
+            relay_event="relay_listening",
+            url=f"{scheme}://{shown}:{getattr(address, 'port', config.port)}/ws",
+        )
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop accepting, close every WebSocket with 1001, stop the backplane and timers."""
+        self.relay.accepting = False
+        port, self.port = self.port, None
+        if port is not None:
+            yield port.stopListening()
+        yield self.relay.shutdown(self._grace_seconds)
+        yield self.relay.backplane.stop()
+        yield super().stopService()

@@ -1,0 +1,152 @@
+"""``twistd viewport-relay``: command-line options, configuration at the edge, the service tree."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Optional
+
+from twisted.application.service import IService
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.ssl import PrivateCertificate
+from twisted.logger import Logger
+from twisted.python import usage
+
+from viewport.relay.admission import (
+    LocalAdmission,
+    PlatformAdmission,
+    make_http_client,
+    platform_tls_policy,
+)
+from viewport.relay.backplane.single import SingleBackplane
+from viewport.relay.config import ConfigError, RelayConfig, load_config
+from viewport.relay.core import Relay
+from viewport.relay.interfaces import IBackplane
+from viewport.relay.logs import JsonLineObserver
+from viewport.relay.service import ListeningService
+from viewport.tokens import LocalTokenVerifier, load_or_create_secret
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    """Options override the environment; every other setting is an environment variable."""
+
+    synopsis = "[--host HOST] [--port PORT]"
+    longdesc = (
+        "Runs the Viewport relay. Configuration comes from environment variables (see README.md: "
+        "RELAY_BACKPLANE_MODE, RELAY_BACKPLANE_URL, RELAY_TOKEN_SECRET, RELAY_ENABLE_ADMIN_HTTP, "
+        "...); the options below override HOST and PORT. Invalid values stop startup with a "
+        "message naming the variable."
+    )
+    optParameters = [
+        ["host", None, None, "Listen address (overrides HOST; default 127.0.0.1)."],
+        ["port", "p", None, "Listen port, 0 for any free port (overrides PORT; default 7781).", int],
+    ]
+
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
+        super().__init__()
+        self._environ = environ if environ is not None else os.environ
+        self.config: Optional[RelayConfig] = None
+
+    def postOptions(self) -> None:
+        """Build the configuration now, so a bad value is a usage error naming the variable."""
+        overrides: dict[str, object] = {}
+        if self["host"] is not None:
+            overrides["host"] = self["host"]
+        if self["port"] is not None:
+            overrides["port"] = self["port"]
+        try:
+            self.config = load_config(self._environ, overrides)
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+def listening_endpoint(reactor: Any, config: RelayConfig) -> IStreamServerEndpoint:
+    """TCP (IPv4 or IPv6 by the host's form) or TLS with the configured certificate and key."""
+    if config.tls_enabled:
+        with open(config.tls_cert_path, "rb") as cert, open(config.tls_key_path, "rb") as key:
+            pem = cert.read() + b"\n" + key.read()
+        options = PrivateCertificate.loadPEM(pem).options()
+        return SSL4ServerEndpoint(reactor, config.port, options, interface=config.host)
+    if ":" in config.host:
+        return TCP6ServerEndpoint(reactor, config.port, interface=config.host)
+    return TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+
+
+def build_admission(config: RelayConfig, reactor: Any) -> Any:
+    """Local token verification when a key is configured (or embedded), else the platform call."""
+    if config.admission == "local_secret":
+        assert config.token_secret is not None
+        verifier = LocalTokenVerifier(
+            config.token_secret, ["HS256"], config.token_issuer, config.token_audience
+        )
+        return LocalAdmission(verifier, reactor)
+    if config.admission == "local_public_key":
+        assert config.token_public_key_path is not None
+        with open(config.token_public_key_path, "rb") as handle:
+            public_key = handle.read()
+        verifier = LocalTokenVerifier(
+            public_key, ["EdDSA", "RS256"], config.token_issuer, config.token_audience
+        )
+        return LocalAdmission(verifier, reactor)
+    if config.admission == "embedded_secret_file":
+        secret, created = load_or_create_secret(config.token_secret_file)
+        _log.info(
+            "{relay_event}",
+            relay_event="token_secret_created" if created else "token_secret_loaded",
+            path=config.token_secret_file,
+        )
+        verifier = LocalTokenVerifier(secret, ["HS256"], config.token_issuer, config.token_audience)
+        return LocalAdmission(verifier, reactor)
+    policy = platform_tls_policy(
+        verify=config.server_tls_verify,
+        ca_cert_path=config.server_ca_cert_path,
+        client_cert_path=config.server_client_cert_path if config.server_mtls_enabled else None,
+        client_key_path=config.server_client_key_path if config.server_mtls_enabled else None,
+        client_key_passphrase=config.server_client_key_passphrase,
+    )
+    return PlatformAdmission(
+        make_http_client(reactor, policy),
+        reactor,
+        config.server_url,
+        config.internal_key,
+        config.admission_timeout_ms,
+        config.admission_max_response_bytes,
+    )
+
+
+def build_backplane(config: RelayConfig, reactor: Any) -> IBackplane:
+    """The configured backplane (only ``single`` exists so far)."""
+    if config.backplane_mode != "single":
+        raise usage.UsageError(
+            f"RELAY_BACKPLANE_MODE: {config.backplane_mode!r} is not available in this build; accepted: single"
+        )
+    return SingleBackplane(config.relay_id)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """The relay's service tree for twistd."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    config = options.config
+    if config is None:
+        options.postOptions()
+        config = options.config
+    assert config is not None
+    observer = JsonLineObserver(sys.stdout, config.max_logs)
+    relay = Relay(
+        config=config,
+        clock=reactor,
+        backplane=build_backplane(config, reactor),
+        admission=build_admission(config, reactor),
+        log_observer=observer,
+    )
+    service = ListeningService(relay, listening_endpoint(reactor, config), SHUTDOWN_GRACE_SECONDS)
+    service.log_observer = observer
+    return service
