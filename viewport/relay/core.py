@@ -153,7 +153,7 @@ class Relay:
             closed: Deferred[None] = Deferred()
             protocol.on_closed = closed
             waiting.append(closed)
-            protocol.sendClose(SHUTDOWN_CODE, SHUTDOWN_REASON)
+            protocol.close(SHUTDOWN_CODE, SHUTDOWN_REASON)
         if not waiting:
             return succeed(None)
         done: Deferred[None] = Deferred()

@@ -94,5 +94,5 @@ class IPeer(Interface):
     def close(code: int, reason: str) -> None:
         """Close the WebSocket with an application close code."""
 
-    def is_open() -> bool:
+    def can_send() -> bool:
         """True while frames can be sent."""

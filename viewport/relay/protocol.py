@@ -318,7 +318,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 
     def _internal_error(self) -> None:
         self._log.failure("{relay_event}", relay_event="ws_handler_error")
-        self.sendClose(1011, "internal error")
+        self.close(1011, "internal error")
 
     # IPeer
 
@@ -335,16 +335,19 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             limit = self.factory.relay.config.max_pending_bytes
             if pending_write_bytes(self.transport, limit + 1) > limit:
                 self.factory.relay.metrics.relay_ws_slow_client_terminated.inc()
-                self.sendClose(4008, "buffer overflow")
+                self.close(4008, "buffer overflow")
                 return
         self.sendMessage(payload, False)
 
     def close(self, code: int, reason: str) -> None:
-        """Close the WebSocket with a code and reason."""
+        """
+        Close the WebSocket with a code and reason. Goes through ``sendCloseFrame`` because
+        Autobahn's ``sendClose`` refuses the protocol codes the contract uses (1001, 1009, 1011).
+        """
         if self.state == STATE_OPEN:
-            self.sendClose(code, reason)
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8"), isReply=False)
 
-    def is_open(self) -> bool:
+    def can_send(self) -> bool:
         """True while the WebSocket is open."""
         return self.state == STATE_OPEN  # type: ignore[no-any-return]
 

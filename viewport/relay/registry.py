@@ -186,13 +186,13 @@ class ScopeState:
     def daemon_open(self) -> Optional[Connection]:
         """The scope's daemon if its socket is open."""
         daemon = self.daemon
-        if daemon is not None and daemon.peer.is_open():
+        if daemon is not None and daemon.peer.can_send():
             return daemon
         return None
 
     def open_client_count(self) -> int:
         """How many registered clients have an open socket."""
-        return sum(1 for c in self.clients if c.peer.is_open())
+        return sum(1 for c in self.clients if c.peer.can_send())
 
     def is_empty(self) -> bool:
         """True when the scope holds no daemon and no client."""

@@ -433,7 +433,7 @@ class Router:
             request_id = str(frame.get("requestId", "")).strip()
             scope.pairing_requests.put(request_id, Owner(conn, None, now_ms))
         daemon = scope.daemon
-        if daemon is None or not daemon.peer.is_open():
+        if daemon is None or not daemon.peer.can_send():
             self._no_local_daemon(conn, payload)
             return
         daemon.peer.send_payload(payload)
@@ -468,7 +468,7 @@ class Router:
                 return
             delivered = 0
             for member in scope.subscribers.get(channel, ()):
-                if member is not conn and member.peer.is_open():
+                if member is not conn and member.peer.can_send():
                     member.peer.send_payload(payload)
                     delivered += 1
             if delivered:
@@ -646,7 +646,7 @@ class Router:
         scope.session_owners.refresh(session_id, owner, now_ms)  # type: ignore[arg-type]
         target = owner.connection
         if target is not None:
-            if target.peer.is_open():
+            if target.peer.can_send():
                 target.peer.send_payload(payload)
                 m.relay_session_frame_routed_local.inc()
                 return True
@@ -693,7 +693,7 @@ class Router:
             )
         target = owner.connection
         if target is not None:
-            if target.peer.is_open():
+            if target.peer.can_send():
                 target.peer.send_payload(payload)
                 routed_local.inc()
                 return True
@@ -712,7 +712,7 @@ class Router:
         channel = str(frame.get("channel", "")).strip()
         delivered = 0
         for member in scope.subscribers.get(channel, ()):
-            if member.peer.is_open():
+            if member.peer.can_send():
                 member.peer.send_payload(payload)
                 delivered += 1
         if not from_bus and self._backplane.cross_relay and scope.runtime_target_id is not None:

@@ -1,0 +1,127 @@
+"""The ``viewport-relay`` command: operator subcommands (``token`` mints a local relay token)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from typing import Mapping, Optional, Sequence
+
+from viewport.relay.config import ConfigError, load_config
+from viewport.tokens import load_or_create_secret, mint_token
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``1h`` or ``7d`` as whole seconds (> 0)."""
+    match = _DURATION.match(text)
+    if match is None or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 90s, 15m, 1h, 7d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _token_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = sub.add_parser(
+        "token",
+        help="mint a relay token signed with the relay's local key",
+        description=(
+            "Mint a relay token (JWT) for a daemon, client or worker. The key is the one the relay "
+            "uses: RELAY_TOKEN_SECRET, else the embedded secret file (RELAY_TOKEN_SECRET_FILE, "
+            "default ~/.viewport/relay-token-secret, created if missing), or --private-key for "
+            "EdDSA/RS256 relays configured with RELAY_TOKEN_PUBLIC_KEY."
+        ),
+    )
+    parser.add_argument("--role", required=True, choices=("workspace-daemon", "client", "worker"))
+    parser.add_argument("--workspace", required=True, help="workspaceId claim")
+    parser.add_argument("--runtime-target", help="runtimeTargetId claim")
+    parser.add_argument("--scope", choices=("runtime", "pairing", "session-events"),
+                        help="client scope (default runtime for clients)")
+    parser.add_argument("--client-id", help="clientId claim")
+    parser.add_argument("--machine-id", help="machineId claim")
+    parser.add_argument("--e2ee-profile", choices=("noise-ik", "noise-ikpsk2"))
+    parser.add_argument("--daemon-generation", type=int, help="daemonIssueGeneration claim")
+    parser.add_argument("--session-channel", action="append", default=[],
+                        help="sessionChannels entry (agent-session:...); repeatable")
+    parser.add_argument("--managed-executor-id", help="managedExecutorId claim (workers)")
+    parser.add_argument("--ttl", type=parse_duration, default=3600, help="lifetime, e.g. 1h (default 1h)")
+    parser.add_argument("--private-key", help="PEM private key (EdDSA or RS256) instead of the HS256 secret")
+    parser.add_argument("--algorithm", choices=("EdDSA", "RS256"), default="EdDSA",
+                        help="algorithm for --private-key (default EdDSA)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="viewport-relay",
+        description="Operator commands of the Viewport relay. Run the relay itself with: twistd -n viewport-relay",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _token_parser(sub)
+    return parser
+
+
+def token_claims(args: argparse.Namespace) -> dict[str, object]:
+    """The camelCase claims a ``token`` invocation asks for."""
+    claims: dict[str, object] = {"role": args.role, "workspaceId": args.workspace}
+    optional = {
+        "runtimeTargetId": args.runtime_target,
+        "clientId": args.client_id,
+        "machineId": args.machine_id,
+        "e2eeProfile": args.e2ee_profile,
+        "daemonIssueGeneration": args.daemon_generation,
+        "managedExecutorId": args.managed_executor_id,
+    }
+    claims.update({k: v for k, v in optional.items() if v is not None})
+    if args.role == "client":
+        claims["scope"] = args.scope or "runtime"
+    if args.session_channel:
+        claims["sessionChannels"] = list(args.session_channel)
+    return claims
+
+
+def run_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Print one freshly minted token on stdout."""
+    config = load_config(environ)
+    if args.private_key:
+        with open(args.private_key, "rb") as handle:
+            key: str | bytes = handle.read()
+        algorithm = args.algorithm
+    elif config.token_secret is not None:
+        key, algorithm = config.token_secret, "HS256"
+    else:
+        key, created = load_or_create_secret(config.token_secret_file)
+        algorithm = "HS256"
+        if created:
+            print(f"created token secret {config.token_secret_file}", file=sys.stderr)
+    token = mint_token(
+        key=key,
+        algorithm=algorithm,
+        claims=token_claims(args),
+        ttl_seconds=args.ttl,
+        now=time.time(),
+        issuer=config.token_issuer,
+        audience=config.token_audience,
+    )
+    print(token)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    env = environ if environ is not None else os.environ
+    try:
+        if args.command == "token":
+            return run_token(args, env)
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"viewport-relay {args.command}: {error}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

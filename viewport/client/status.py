@@ -1,0 +1,17 @@
+"""Recognising the relay's own ``relay_status`` frames (contract §5.7)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+RUNTIME_TARGET_REQUIRED = "RUNTIME_TARGET_REQUIRED"
+DAEMON_UNAVAILABLE = "DAEMON_UNAVAILABLE"
+RELAY_REDIRECT = "RELAY_REDIRECT"
+INVALID_FRAME = "INVALID_FRAME"
+SESSION_EVENTS_SCOPE_ONLY = "SESSION_EVENTS_SCOPE_ONLY"
+
+
+def is_status(msg: Mapping[str, Any], code: str) -> bool:
+    """Whether ``msg`` is a ``relay_status`` frame carrying ``code``."""
+    return msg.get("type") == "relay_status" and msg.get("code") == code

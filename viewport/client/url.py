@@ -1,0 +1,90 @@
+"""Upgrade URL and token placement for a relay connection (contract §2.4, §2.6, §8.2, §8.6)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import quote, urlencode
+
+TokenVia = Literal["header", "subprotocol", "query"]
+"""Where the token travels: ``Authorization: Bearer`` (daemons), ``auth.<token>`` subprotocol
+(browsers) or the ``token`` query parameter (dev mode only)."""
+
+DEFAULT_SUBPROTOCOL = "viewport-relay-v1"
+"""The plain subprotocol a browser-style client offers before ``auth.<token>``."""
+
+
+def build_url(
+    base_url: str,
+    *,
+    role: str,
+    workspace_id: str,
+    runtime_target_id: str | None = None,
+    token: str | None = None,
+    extra_query: Mapping[str, str] | None = None,
+) -> str:
+    """Append the relay query to ``base_url`` (a ``ws(s)://host:port/ws`` URL), every value URL-encoded.
+
+    The order is ``role``, ``workspaceId``, ``runtimeTargetId`` (only if given), ``extra_query``, ``token``
+    (only if given).
+    """
+    params: list[tuple[str, str]] = [("role", role), ("workspaceId", workspace_id)]
+    if runtime_target_id is not None:
+        params.append(("runtimeTargetId", runtime_target_id))
+    if extra_query:
+        params.extend(extra_query.items())
+    if token is not None:
+        params.append(("token", token))
+    query = urlencode(params, quote_via=quote, safe="")
+    separator = "&" if "?" in base_url else "?"
+    return base_url + separator + query
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What the opening handshake carries: the full URL, extra headers and offered subprotocols."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    protocols: list[str] = field(default_factory=list)
+
+
+def handshake_for(
+    base_url: str,
+    *,
+    token: str,
+    role: str,
+    workspace_id: str,
+    runtime_target_id: str | None = None,
+    token_via: TokenVia = "header",
+    subprotocol: str | None = DEFAULT_SUBPROTOCOL,
+    extra_query: Mapping[str, str] | None = None,
+) -> Handshake:
+    """Place the token as ``token_via`` says and build the URL.
+
+    With ``token_via="subprotocol"`` the offer is ``[subprotocol, "auth.<token>"]``, or only
+    ``["auth.<token>"]`` when ``subprotocol`` is None. The other modes offer no subprotocol.
+    """
+    headers: dict[str, str] = {}
+    protocols: list[str] = []
+    query_token: str | None = None
+    if token_via == "header":
+        headers["Authorization"] = f"Bearer {token}"
+    elif token_via == "subprotocol":
+        if subprotocol is not None:
+            protocols.append(subprotocol)
+        protocols.append(f"auth.{token}")
+    elif token_via == "query":
+        query_token = token
+    else:
+        raise ValueError(f"token_via must be header, subprotocol or query, not {token_via!r}")
+    url = build_url(
+        base_url,
+        role=role,
+        workspace_id=workspace_id,
+        runtime_target_id=runtime_target_id,
+        token=query_token,
+        extra_query=extra_query,
+    )
+    return Handshake(url=url, headers=headers, protocols=protocols)

@@ -1,0 +1,530 @@
+"""Admission of a WebSocket upgrade: the platform validate call, or local token verification."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
+from typing import Any, Optional, Union, cast
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IPushProducer,
+    IReactorTime,
+)
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.ssl import (
+    Certificate,
+    CertificateOptions,
+    KeyPair,
+    PrivateCertificate,
+    optionsForClientTLS,
+    trustRootFromCertificates,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS, IResponse
+from zope.interface import Interface, implementer
+
+from viewport.tokens import Claims, LocalTokenVerifier, TokenRejected, validate_claims
+
+__all__ = [
+    "AdmissionResult",
+    "IAdmission",
+    "LocalAdmission",
+    "PlatformAdmission",
+    "make_http_client",
+    "platform_tls_policy",
+]
+
+VALIDATE_PATH = "/api/runtime/internal/relay/validate"
+
+RESPONSE_TOO_LARGE = "ADMISSION_RESPONSE_TOO_LARGE"
+INVALID_JSON = "INVALID_JSON"
+INVALID_CLAIMS = "INVALID_CLAIMS"
+VALIDATION_FAILED = "VALIDATION_FAILED"
+ROLE_CLAIM_MISMATCH = "ROLE_CLAIM_MISMATCH"
+INTERNAL_ERROR = "ADMISSION_INTERNAL_ERROR"
+
+# Status recorded for our own role check (the platform's answer itself was fine).
+_ROLE_MISMATCH_STATUS = 403
+# The platform's reason text ends up in logs: keep it bounded.
+_MAX_REASON_CHARS = 200
+
+_log = Logger()
+
+
+@dataclass(frozen=True)
+class AdmissionResult:
+    """The outcome of one admission: claims on success, else a status and a reason (logged only)."""
+
+    claims: Optional[Claims]
+    status: Optional[int]
+    reason: Optional[str]
+
+    @property
+    def ok(self) -> bool:
+        """True when the connection is admitted."""
+        return self.claims is not None and self.reason is None
+
+
+def _denied(status: Optional[int], reason: str) -> AdmissionResult:
+    return AdmissionResult(claims=None, status=status, reason=reason)
+
+
+class IAdmission(Interface):
+    """Decides whether an upgrade's token admits it, before the WebSocket handshake completes."""
+
+    def admit(
+        token: str, role: str, workspace_id: str, runtime_target_id: Optional[str]
+    ) -> "Deferred[AdmissionResult]":
+        """
+        Check ``token`` for a peer asking for ``role`` in the given workspace/runtime target.
+
+        Returns a Deferred that fires with an AdmissionResult and never fails; cancelling it
+        abandons the check (it then fails with CancelledError).
+        """
+
+
+def _role_mismatch(claims: Claims, role: str) -> bool:
+    # The original relay trusted the platform to compare roles (§11 item 9); we check as well.
+    return claims.role is not None and claims.role != role
+
+
+class _ResponseTooLarge(Exception):
+    """The admission answer went over the configured byte cap."""
+
+
+class _CappedBody(Protocol):
+    """Collects a response body, stopping the connection as soon as it exceeds ``max_bytes``."""
+
+    def __init__(self, max_bytes: int, declared_length: Optional[int]) -> None:
+        self.done: Deferred[bytes] = Deferred()
+        self._max_bytes = max_bytes
+        self._declared_length = declared_length
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._finished = False
+
+    def connectionMade(self) -> None:
+        """Refuse a body that announces its excessive length up front."""
+        if self._declared_length is not None and self._declared_length > self._max_bytes:
+            self.stop(_ResponseTooLarge())
+
+    def dataReceived(self, data: bytes) -> None:
+        """Count and keep a chunk; buffered chunks may still arrive after a stop and are dropped."""
+        if self._finished:
+            return
+        self._size += len(data)
+        if self._size > self._max_bytes:
+            self.stop(_ResponseTooLarge())
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The body ended: complete, or cut short by the server or the network."""
+        if self._finished:
+            return
+        self._finished = True
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+    def stop(self, error: Exception) -> None:
+        """Give up on the body: drop what arrived, close the connection, fail ``done``."""
+        if self._finished:
+            return
+        self._finished = True
+        self._chunks = []
+        if self.transport is not None:
+            # Twisted's documented way for a body protocol to abort the response.
+            cast(IPushProducer, self.transport).stopProducing()
+        self.done.errback(error)
+
+
+def _describe(failure: Failure) -> str:
+    """A short, secret-free description of a network failure."""
+    error = failure.value
+    nested = getattr(error, "reasons", None)
+    if isinstance(nested, list) and nested and isinstance(nested[0], Failure):
+        error = nested[0].value
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text[:_MAX_REASON_CHARS]
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _reason_text(value: object) -> Optional[str]:
+    if isinstance(value, str) and value.strip():
+        return value[:_MAX_REASON_CHARS]
+    return None
+
+
+def _interpret(status: int, body: bytes, role: str) -> AdmissionResult:
+    """Map the platform's answer to a result (§3.2)."""
+    try:
+        document = json.loads(body.decode("utf-8", "replace"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return _denied(status, INVALID_JSON)
+    answer: dict[Any, Any] = document if isinstance(document, dict) else {}
+    if not 200 <= status < 300 or answer.get("ok") is not True:
+        reason = _reason_text(answer.get("reason")) or _reason_text(answer.get("error"))
+        return _denied(status, reason or VALIDATION_FAILED)
+    claims = validate_claims(answer.get("claims"))
+    if claims is None:
+        return _denied(status, INVALID_CLAIMS)
+    if _role_mismatch(claims, role):
+        return _denied(_ROLE_MISMATCH_STATUS, ROLE_CLAIM_MISMATCH)
+    return AdmissionResult(claims=claims, status=status, reason=None)
+
+
+class _PlatformCall:
+    """One validate request: its deadline, its body collection and its single result."""
+
+    def __init__(
+        self, http: HTTPClient, clock: IReactorTime, timeout_ms: int, max_response_bytes: int, role: str
+    ) -> None:
+        self._http = http
+        self._clock = clock
+        self._timeout_ms = timeout_ms
+        self._max_response_bytes = max_response_bytes
+        self._role = role
+        self._request: Optional[Deferred[Any]] = None
+        self._body: Optional[_CappedBody] = None
+        self._timer: Optional[IDelayedCall] = None
+        self._settled = False
+        self.result: Deferred[AdmissionResult] = Deferred(self._cancelled)
+
+    def start(self, url: str, payload: bytes, headers: dict[Union[str, bytes], Union[str, bytes]]) -> None:
+        """Arm the deadline and send the request; any failure, even a synchronous one, becomes the result."""
+        self._timer = self._clock.callLater(self._timeout_ms / 1000.0, self._timed_out)
+        try:
+            request: Deferred[Any] = self._http.post(
+                url, data=payload, headers=headers, unbuffered=True, allow_redirects=False
+            )
+        except Exception:
+            self._bug(Failure())
+            return
+        self._request = request
+        request.addCallbacks(self._got_response, self._request_failed)
+        request.addErrback(self._bug)
+
+    def _finish(self, result: AdmissionResult) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.result.callback(result)
+
+    def _abandon(self) -> None:
+        request, self._request = self._request, None
+        if request is not None and not request.called:
+            request.cancel()
+        if self._body is not None:
+            self._body.stop(CancelledError())
+
+    def _timed_out(self) -> None:
+        self._finish(_denied(504, f"admission request timed out after {self._timeout_ms}ms"))
+        self._abandon()
+
+    def _cancelled(self, result: Deferred[AdmissionResult]) -> None:
+        # The caller gave up: the Deferred fails with CancelledError, as Twisted cancellation does.
+        self._settled = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._abandon()
+
+    def _request_failed(self, failure: Failure) -> None:
+        self._finish(_denied(504, f"admission request failed: {_describe(failure)}"))
+
+    def _got_response(self, response: IResponse) -> None:
+        if self._settled:
+            # Timed out or cancelled just as the headers arrived: drop the connection.
+            discard = _CappedBody(0, None)
+            discard.done.addErrback(lambda _: None)
+            response.deliverBody(discard)
+            discard.stop(CancelledError())
+            return
+        declared = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        body = _CappedBody(self._max_response_bytes, declared)
+        self._body = body
+        status = response.code
+        body.done.addCallbacks(
+            lambda data: self._finish(_interpret(status, data, self._role)),
+            self._body_failed,
+        )
+        body.done.addErrback(self._bug)
+        response.deliverBody(body)
+
+    def _body_failed(self, failure: Failure) -> None:
+        if failure.check(_ResponseTooLarge):
+            self._finish(_denied(502, RESPONSE_TOO_LARGE))
+        elif not failure.check(CancelledError):
+            self._finish(_denied(504, f"admission response failed: {_describe(failure)}"))
+
+    def _bug(self, failure: Failure) -> None:
+        _log.failure("admission call failed unexpectedly", failure)
+        self._finish(_denied(502, INTERNAL_ERROR))
+        self._abandon()
+
+
+@implementer(IAdmission)
+class PlatformAdmission:
+    """Admission by the platform: ``POST /api/runtime/internal/relay/validate`` (§3.1, §3.2)."""
+
+    def __init__(
+        self,
+        http_client: HTTPClient,
+        clock: IReactorTime,
+        server_url: str,
+        internal_key: Optional[str],
+        timeout_ms: int,
+        max_response_bytes: int,
+    ) -> None:
+        """Only the origin of ``server_url`` is used; its path, query and credentials are dropped."""
+        parts = urlsplit(server_url)
+        host = parts.netloc.rpartition("@")[2]
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError("server_url must be an absolute http(s) URL")
+        if timeout_ms <= 0 or max_response_bytes <= 0:
+            raise ValueError("timeout_ms and max_response_bytes must be positive")
+        self._http = http_client
+        self._clock = clock
+        self._url = f"{parts.scheme}://{host}{VALIDATE_PATH}"
+        self._internal_key = internal_key or None
+        self._timeout_ms = timeout_ms
+        self._max_response_bytes = max_response_bytes
+
+    def admit(
+        self, token: str, role: str, workspace_id: str, runtime_target_id: Optional[str]
+    ) -> Deferred[AdmissionResult]:
+        """Ask the platform; the Deferred always fires with a result (failures included)."""
+        body: dict[str, str] = {"relayToken": token, "role": role, "workspaceId": workspace_id}
+        if runtime_target_id is not None:
+            body["runtimeTargetId"] = runtime_target_id
+        headers: dict[Union[str, bytes], Union[str, bytes]] = {"content-type": "application/json"}
+        if self._internal_key is not None:
+            headers["x-relay-internal-key"] = self._internal_key
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        call = _PlatformCall(self._http, self._clock, self._timeout_ms, self._max_response_bytes, role)
+        call.start(self._url, payload, headers)
+        return call.result
+
+
+@implementer(IAdmission)
+class LocalAdmission:
+    """Admission by verifying the token locally (no platform involved)."""
+
+    def __init__(self, verifier: LocalTokenVerifier, clock: IReactorTime) -> None:
+        """``clock`` supplies the time tokens are checked against."""
+        self._verifier = verifier
+        self._clock = clock
+
+    def admit(
+        self, token: str, role: str, workspace_id: str, runtime_target_id: Optional[str]
+    ) -> Deferred[AdmissionResult]:
+        """Verify the token now; a rejection carries status 401 and the verifier's reason."""
+        try:
+            claims = self._verifier.verify(token, self._clock.seconds())
+        except TokenRejected as rejected:
+            return succeed(_denied(401, rejected.reason))
+        if _role_mismatch(claims, role):
+            return succeed(_denied(_ROLE_MISMATCH_STATUS, ROLE_CLAIM_MISMATCH))
+        return succeed(AdmissionResult(claims=claims, status=200, reason=None))
+
+
+# --- HTTPS toward the platform -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TLSMaterial:
+    """Certificates loaded from the configured files."""
+
+    trust_root: Optional[Any]
+    client_certificate: Optional[PrivateCertificate]
+    client_chain: tuple[crypto.X509, ...]
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
+def _load_certificates(path: str, what: str) -> list[crypto.X509]:
+    try:
+        loaded = x509.load_pem_x509_certificates(_read(path, what))
+    except ValueError as error:
+        if str(error).startswith("cannot read"):
+            raise
+        raise ValueError(f"{what} {path} holds no valid PEM certificate") from None
+    return [crypto.X509.from_cryptography(certificate) for certificate in loaded]
+
+
+def _load_private_key(path: str, passphrase: Optional[str]) -> crypto.PKey:
+    data = _read(path, "client key")
+    password = passphrase.encode("utf-8") if passphrase else None
+    try:
+        key = serialization.load_pem_private_key(data, password=password)
+    except TypeError:
+        # Raised for a missing passphrase on an encrypted key, or one given for a plain key.
+        raise ValueError(f"client key {path}: passphrase missing or not expected") from None
+    except ValueError:
+        raise ValueError(f"client key {path} cannot be decoded (bad PEM or wrong passphrase)") from None
+    return crypto.PKey.from_cryptography_key(key)  # type: ignore[arg-type]
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedCreator:
+    """TLS toward the platform without certificate checks (still sends SNI and any client cert)."""
+
+    def __init__(self, hostname: str, context: SSL.Context) -> None:
+        self._hostname = hostname
+        self._context = context
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        """Create the client-side OpenSSL connection."""
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        if not (isIPAddress(self._hostname) or isIPv6Address(self._hostname)):
+            connection.set_tlsext_host_name(self._hostname.encode("ascii"))
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class _PlatformTLSPolicy:
+    """TLS settings for platform calls; certificate files are re-read when they change on disk."""
+
+    def __init__(
+        self,
+        verify: bool,
+        ca_cert_path: Optional[str],
+        client_cert_path: Optional[str],
+        client_key_path: Optional[str],
+        client_key_passphrase: Optional[str],
+    ) -> None:
+        if bool(client_cert_path) != bool(client_key_path):
+            raise ValueError("a client certificate needs both a certificate and a key path")
+        self._verify = verify
+        self._ca_cert_path = ca_cert_path or None
+        self._client_cert_path = client_cert_path or None
+        self._client_key_path = client_key_path or None
+        self._passphrase = client_key_passphrase
+        self._stamp = self._file_stamp()
+        self._material = self._load()
+        self._creators: dict[tuple[bytes, int], IOpenSSLClientConnectionCreator] = {}
+
+    def _paths(self) -> list[str]:
+        paths = [self._client_cert_path, self._client_key_path]
+        if self._verify:
+            paths.append(self._ca_cert_path)
+        return [path for path in paths if path]
+
+    def _file_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        stamp = []
+        for path in self._paths():
+            try:
+                info = os.stat(path)
+            except OSError:
+                stamp.append((path, -1, -1))
+            else:
+                stamp.append((path, info.st_mtime_ns, info.st_size))
+        return tuple(stamp)
+
+    def _load(self) -> _TLSMaterial:
+        trust_root = None
+        if self._verify and self._ca_cert_path:
+            # Like Node's `ca` option in the original relay: the file replaces the platform roots.
+            authorities = _load_certificates(self._ca_cert_path, "CA certificate file")
+            trust_root = trustRootFromCertificates([Certificate(cert) for cert in authorities])
+        client_certificate = None
+        chain: tuple[crypto.X509, ...] = ()
+        if self._client_cert_path and self._client_key_path:
+            leaf, *rest = _load_certificates(self._client_cert_path, "client certificate")
+            key = _load_private_key(self._client_key_path, self._passphrase)
+            client_certificate = PrivateCertificate.fromCertificateAndKeyPair(Certificate(leaf), KeyPair(key))
+            chain = tuple(rest)
+        return _TLSMaterial(trust_root, client_certificate, chain)
+
+    def _current(self) -> _TLSMaterial:
+        stamp = self._file_stamp()
+        if stamp != self._stamp:
+            self._material = self._load()
+            self._stamp = stamp
+            self._creators = {}
+        return self._material
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """The connection creator for one platform host (raises when a certificate file is unusable)."""
+        material = self._current()
+        creator = self._creators.get((hostname, port))
+        if creator is None:
+            creator = self._build(hostname.decode("ascii"), material)
+            self._creators[(hostname, port)] = creator
+        return creator
+
+    def _build(self, host: str, material: _TLSMaterial) -> IOpenSSLClientConnectionCreator:
+        if self._verify:
+            extra: dict[str, Any] = {}
+            if material.client_chain:
+                extra["extraCertChain"] = list(material.client_chain)
+            return optionsForClientTLS(
+                host,
+                trustRoot=material.trust_root,
+                clientCertificate=material.client_certificate,
+                extraCertificateOptions=extra or None,
+            )
+        options: dict[str, Any] = {"verify": False}
+        if material.client_certificate is not None:
+            options["privateKey"] = material.client_certificate.privateKey.original
+            options["certificate"] = material.client_certificate.original
+            options["extraCertChain"] = list(material.client_chain)
+        return _UnverifiedCreator(host, CertificateOptions(**options).getContext())
+
+
+def platform_tls_policy(
+    *,
+    verify: bool,
+    ca_cert_path: Optional[str],
+    client_cert_path: Optional[str],
+    client_key_path: Optional[str],
+    client_key_passphrase: Optional[str],
+) -> IPolicyForHTTPS:
+    """
+    The HTTPS policy for platform calls (§3.1): verification on/off, a CA file, an mTLS client cert.
+
+    With ``verify`` the certificate chain and host name are checked against the CA file when
+    one is given (it then replaces the platform trust roots), else against the platform roots.
+    Files are read now (a bad file raises ValueError) and again whenever they change.
+    """
+    return _PlatformTLSPolicy(verify, ca_cert_path, client_cert_path, client_key_path, client_key_passphrase)
+
+
+def make_http_client(
+    reactor: Any, tls_policy: IPolicyForHTTPS, *, pool: Optional[HTTPConnectionPool] = None
+) -> HTTPClient:
+    """A treq client over an ``Agent`` with persistent connections; it never stores cookies."""
+    if pool is None:
+        pool = HTTPConnectionPool(reactor, persistent=True)
+    agent = Agent(reactor, contextFactory=tls_policy, pool=pool)
+    no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    return HTTPClient(agent, cookiejar=no_cookies)
+

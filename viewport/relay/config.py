@@ -1,0 +1,696 @@
+"""The relay's configuration: the environment (and twistd options) parsed once into a frozen RelayConfig."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import secrets
+from dataclasses import dataclass, fields
+from typing import Callable, Literal, Mapping, NamedTuple, TypeVar
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+RelayMode = Literal["dev", "staging", "prod"]
+BackplaneMode = Literal["single", "server", "redis"]
+Admission = Literal["platform", "local_secret", "local_public_key", "embedded_secret_file"]
+TriState = Literal["auto", "0", "1"]
+TlsTermination = Literal["self", "platform"]
+ServerAuthMode = Literal["mtls", "private_network_shared_secret"]
+
+_RELAY_MODES: tuple[RelayMode, ...] = ("dev", "staging", "prod")
+_BACKPLANE_MODES: tuple[BackplaneMode, ...] = ("single", "server", "redis")
+_TRI_STATES: tuple[TriState, ...] = ("auto", "0", "1")
+_TLS_TERMINATIONS: tuple[TlsTermination, ...] = ("self", "platform")
+_SERVER_AUTH_MODES: tuple[ServerAuthMode, ...] = ("mtls", "private_network_shared_secret")
+_BOOLISH = {"0": False, "1": True, "false": False, "true": True, "no": False, "yes": True, "off": False, "on": True}
+
+DEFAULT_SERVER_URL = "https://api.getviewport.com"
+DEFAULT_TLS_HOST = "relay.getviewport.com"
+DEFAULT_PORT = 7781
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel"})
+_PLACEHOLDER_WORDS = ("change-me", "placeholder", "example")
+_MIN_INTERNAL_KEY_LENGTH = 24
+_MIN_TOKEN_SECRET_LENGTH = 32
+_MASK = "***"
+
+_INT_KNOBS: dict[str, tuple[str, int]] = {
+    "max_logs": ("MAX_LOGS", 400),
+    "admission_timeout_ms": ("RELAY_ADMISSION_TIMEOUT_MS", 2000),
+    "admission_max_response_bytes": ("RELAY_ADMISSION_MAX_RESPONSE_BYTES", 262144),
+    "internal_api_timeout_ms": ("RELAY_INTERNAL_API_TIMEOUT_MS", 2000),
+    "internal_api_max_response_bytes": ("RELAY_INTERNAL_API_MAX_RESPONSE_BYTES", 262144),
+    "max_total_connections": ("RELAY_MAX_TOTAL_CONNECTIONS", 2000),
+    "max_connections_per_ip": ("RELAY_MAX_CONNECTIONS_PER_IP", 50),
+    "max_clients_per_workspace": ("RELAY_MAX_CLIENTS_PER_WORKSPACE", 100),
+    "max_frame_bytes": ("RELAY_MAX_FRAME_BYTES", 1048576),
+    "max_pending_bytes": ("RELAY_MAX_PENDING_BYTES", 4194304),
+    "upgrade_rate_per_minute": ("RELAY_UPGRADE_RATE_PER_MINUTE", 120),
+    "upgrade_bucket_max": ("RELAY_UPGRADE_BUCKET_MAX", 50000),
+    "kex_init_rate_per_minute": ("RELAY_KEX_INIT_RATE_PER_MINUTE", 60),
+    "kex_rate_limiter_max_keys": ("RELAY_KEX_RATE_LIMITER_MAX_KEYS", 20000),
+    "runtime_rate_per_minute": ("RELAY_RUNTIME_RATE_PER_MINUTE", 240),
+    "runtime_rate_per_minute_workspace": ("RELAY_RUNTIME_RATE_PER_MINUTE_WORKSPACE", 1200),
+    "runtime_rate_limiter_max_keys": ("RELAY_RUNTIME_RATE_LIMITER_MAX_KEYS", 20000),
+    "runtime_workspace_rate_limiter_max_keys": ("RELAY_RUNTIME_WORKSPACE_RATE_LIMITER_MAX_KEYS", 10000),
+    "daemon_runtime_rate_per_minute": ("RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE", 2400),
+    "daemon_rate_limiter_max_keys": ("RELAY_DAEMON_RATE_LIMITER_MAX_KEYS", 10000),
+    "pairing_rate_per_minute": ("RELAY_PAIRING_RATE_PER_MINUTE", 30),
+    "pairing_rate_limiter_max_keys": ("RELAY_PAIRING_RATE_LIMITER_MAX_KEYS", 20000),
+    "pairing_request_track_max": ("RELAY_PAIRING_REQUEST_TRACK_MAX", 2048),
+    "session_owner_track_max": ("RELAY_SESSION_OWNER_TRACK_MAX", 4096),
+    "ping_interval_ms": ("RELAY_PING_INTERVAL_MS", 30000),
+    "pong_timeout_ms": ("RELAY_PONG_TIMEOUT_MS", 10000),
+    "idle_timeout_ms": ("RELAY_IDLE_TIMEOUT_MS", 300000),
+    "empty_workspace_ttl_ms": ("RELAY_EMPTY_WORKSPACE_TTL_MS", 120000),
+    "cleanup_interval_ms": ("RELAY_CLEANUP_INTERVAL_MS", 30000),
+    "redis_connect_timeout_ms": ("RELAY_REDIS_CONNECT_TIMEOUT_MS", 5000),
+    "redis_presence_ttl_ms": ("RELAY_REDIS_PRESENCE_TTL_MS", 45000),
+    "redis_queue_max": ("RELAY_REDIS_QUEUE_MAX", 10000),
+    "presence_sync_interval_ms": ("RELAY_PRESENCE_SYNC_INTERVAL_MS", 20000),
+    "presence_resolve_cache_max": ("RELAY_PRESENCE_RESOLVE_CACHE_MAX", 10000),
+    "bus_poll_interval_ms": ("RELAY_BUS_POLL_INTERVAL_MS", 250),
+    "bus_pull_limit": ("RELAY_BUS_PULL_LIMIT", 200),
+    "bus_pull_wait_ms": ("RELAY_BUS_PULL_WAIT_MS", 1000),
+    "bus_signature_max_skew_ms": ("RELAY_BUS_SIGNATURE_MAX_SKEW_MS", 15000),
+    "bus_freshness_track_max": ("RELAY_BUS_FRESHNESS_TRACK_MAX", 20000),
+}
+
+_T = TypeVar("_T", bound=str)
+
+
+class ConfigError(Exception):
+    """A configuration value that stops startup; ``variable`` names the environment variable or option."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(variable, problem)
+        self.variable = variable
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.variable}: {self.problem}"
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class RelayConfig:
+    """Every setting of one relay process, typed, checked and derived once at startup."""
+
+    host: str
+    port: int
+    server_url: str
+    server_url_explicit: bool
+    max_logs: int
+
+    tls_mode: TriState
+    tls_enabled: bool
+    tls_termination: TlsTermination
+    tls_host: str
+    tls_cert_dir: str
+    tls_cert_path: str
+    tls_key_path: str
+
+    admin_token_sha256: str | None
+    enable_admin_http: bool
+    health_verbose: bool
+    state_include_client_ids: bool
+
+    admission: Admission
+    admission_timeout_ms: int
+    admission_max_response_bytes: int
+    token_secret: str | None
+    token_public_key_path: str | None
+    token_secret_file: str
+    token_issuer: str | None
+    token_audience: str | None
+
+    internal_api_timeout_ms: int
+    internal_api_max_response_bytes: int
+    server_tls_verify_mode: TriState
+    server_tls_verify: bool
+    server_auth_mode: ServerAuthMode
+    server_ca_cert_path: str | None
+    server_mtls_enabled: bool
+    server_client_cert_path: str | None
+    server_client_key_path: str | None
+    server_client_key_passphrase: str | None
+
+    max_total_connections: int
+    max_connections_per_ip: int
+    max_clients_per_workspace: int
+    max_frame_bytes: int
+    max_pending_bytes: int
+    upgrade_rate_per_minute: int
+    upgrade_bucket_max: int
+    kex_init_rate_per_minute: int
+    kex_rate_limiter_max_keys: int
+    runtime_rate_per_minute: int
+    runtime_rate_per_minute_workspace: int
+    runtime_rate_limiter_max_keys: int
+    runtime_workspace_rate_limiter_max_keys: int
+    daemon_runtime_rate_per_minute: int
+    daemon_rate_limiter_max_keys: int
+    pairing_rate_per_minute: int
+    pairing_rate_limiter_max_keys: int
+    pairing_request_track_max: int
+    session_owner_track_max: int
+
+    ping_interval_ms: int
+    pong_timeout_ms: int
+    idle_timeout_ms: int
+    empty_workspace_ttl_ms: int
+    cleanup_interval_ms: int
+
+    relay_id: str
+    public_ws_base_url: str
+    internal_key: str | None
+    backplane_mode: BackplaneMode
+    redis_url: str | None
+    redis_key_prefix: str
+    redis_connect_timeout_ms: int
+    redis_presence_ttl_ms: int
+    redis_queue_max: int
+    presence_sync_enabled: bool
+    presence_sync_interval_ms: int
+    presence_resolve_cache_max: int
+    bus_enabled: bool
+    bus_hmac_key: str | None
+    bus_poll_interval_ms: int
+    bus_pull_limit: int
+    bus_pull_wait_ms: int
+    bus_signature_max_skew_ms: int
+    bus_freshness_track_max: int
+    client_redirect_enabled: bool
+    redirect_allowed_hosts: tuple[str, ...]
+    trusted_proxies: tuple[str, ...]
+    relay_mode: RelayMode
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in masked(self).items())
+        return f"RelayConfig({shown})"
+
+
+_SECRET_FIELDS = frozenset(
+    {"admin_token_sha256", "internal_key", "bus_hmac_key", "token_secret", "server_client_key_passphrase"}
+)
+_URL_FIELDS = frozenset({"server_url", "redis_url", "public_ws_base_url"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address is one of the loopback names ``127.0.0.1``, ``localhost`` or ``::1``."""
+    return host.strip().lower() in _LOOPBACK_HOSTS
+
+
+def looks_local(url: str) -> bool:
+    """Whether a URL's host is ``localhost``, ``127.0.0.1``, ``::1`` or ends in ``.test``; unparsable is not local."""
+    try:
+        hostname = urlsplit(url.strip()).hostname or ""
+    except ValueError:
+        return False
+    return hostname in _LOOPBACK_HOSTS or hostname.endswith(".test")
+
+
+def masked(config: RelayConfig) -> dict[str, object]:
+    """The effective configuration as a JSON-able dict, with secrets and URL credentials replaced by ``***``."""
+    result: dict[str, object] = {}
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if value is not None and field.name in _SECRET_FIELDS:
+            value = _MASK
+        elif value is not None and field.name in _URL_FIELDS:
+            value = _mask_url(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        result[field.name] = value
+    return result
+
+
+def _mask_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _MASK
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = _MASK + "@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        pair.partition("=")[0] + ("=" + _MASK if "=" in pair else "") for pair in parts.query.split("&") if pair
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _invalid(name: str, value: str, accepted: str) -> ConfigError:
+    return ConfigError(name, f"invalid value {value!r}; accepted: {accepted}")
+
+
+class _Env:
+    """Typed, strict readers over the environment mapping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def text(self, name: str, *, trim: bool = True) -> str | None:
+        value = self._environ.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip() if trim else value
+
+    def choice(self, name: str, accepted: tuple[_T, ...], *, lower: bool = False) -> _T | None:
+        value = self._environ.get(name)
+        if value is None:
+            return None
+        wanted = value.lower() if lower else value
+        for option in accepted:
+            if wanted == option:
+                return option
+        raise _invalid(name, value, ", ".join(accepted))
+
+    def boolish(self, name: str) -> bool | None:
+        value = self._environ.get(name)
+        if value is None:
+            return None
+        if value not in _BOOLISH:
+            raise _invalid(name, value, " ".join(_BOOLISH))
+        return _BOOLISH[value]
+
+    def positive_int(self, name: str, default: int) -> int:
+        value = self._environ.get(name)
+        if value is None or not value.strip():
+            return default
+        return _parse_int(name, value, minimum=1, maximum=None)
+
+    def csv(self, name: str) -> tuple[str, ...]:
+        value = self._environ.get(name) or ""
+        return tuple(entry.strip() for entry in value.split(",") if entry.strip())
+
+
+def _parse_int(name: str, value: str, *, minimum: int, maximum: int | None) -> int:
+    text = value.strip()
+    number = int(text) if re.fullmatch(r"[0-9]+", text) else None
+    if number is None or number < minimum or (maximum is not None and number > maximum):
+        bounds = f"{minimum}..{maximum}" if maximum is not None else f"an integer >= {minimum}"
+        raise _invalid(name, value, f"decimal digits, {bounds}")
+    return number
+
+
+def _listen_address(env: _Env, overrides: Mapping[str, object]) -> tuple[str, int]:
+    host = env.text("HOST") or "127.0.0.1"
+    port_text = env.text("PORT")
+    port = _parse_int("PORT", port_text, minimum=0, maximum=65535) if port_text else DEFAULT_PORT
+    host_override = overrides.get("host")
+    if host_override is not None:
+        if not isinstance(host_override, str) or not host_override.strip():
+            raise ConfigError("--host", f"invalid value {host_override!r}; accepted: a host name or address")
+        host = host_override.strip()
+    port_override = overrides.get("port")
+    if port_override is not None:
+        if isinstance(port_override, bool) or not isinstance(port_override, (int, str)):
+            raise ConfigError("--port", f"invalid value {port_override!r}; accepted: an integer 0..65535")
+        port = _parse_int("--port", str(port_override), minimum=0, maximum=65535)
+    return host, port
+
+
+def _split_url(name: str, value: str, schemes: frozenset[str], *, need_host: bool) -> SplitResult:
+    accepted = "a URL with scheme " + " or ".join(sorted(schemes)) + (" and a host" if need_host else "")
+    try:
+        parts = urlsplit(value)
+        parts.port
+    except ValueError:
+        raise _invalid(name, _mask_url(value), accepted) from None
+    if parts.scheme.lower() not in schemes or (need_host and not parts.hostname):
+        raise _invalid(name, _mask_url(value), accepted)
+    return parts
+
+
+def _platform_url(name: str, value: str) -> str:
+    parts = _split_url(name, value, frozenset({"http", "https"}), need_host=True)
+    return f"{parts.scheme.lower()}://{parts.netloc}"
+
+
+def _redis_url(name: str, value: str) -> str:
+    parts = _split_url(name, value, _REDIS_SCHEMES, need_host=False)
+    scheme = parts.scheme.lower()
+    accepted = "redis://host[:port][/db], rediss://..., redis+sentinel://host[:port]/service, unix:///path"
+    if scheme == "unix" and not parts.path:
+        raise _invalid(name, _mask_url(value), accepted)
+    if scheme != "unix" and not parts.hostname:
+        raise _invalid(name, _mask_url(value), accepted)
+    if scheme in ("redis", "rediss") and not re.fullmatch(r"(/[0-9]*)?", parts.path):
+        raise _invalid(name, _mask_url(value), accepted)
+    return value
+
+
+def _proxy(name: str, entry: str) -> str:
+    try:
+        ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        raise _invalid(name, entry, "comma-separated IP addresses or CIDR ranges") from None
+    return entry
+
+
+def _check_file(name: str, path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(name, f"{what} file not found: {path!r}; accepted: the path of an existing file")
+
+
+def _is_placeholder(key: str) -> bool:
+    lowered = key.lower()
+    return len(key) < _MIN_INTERNAL_KEY_LENGTH or any(word in lowered for word in _PLACEHOLDER_WORDS)
+
+
+def _default_random_hex(length: int) -> str:
+    return secrets.token_hex((length + 1) // 2)[:length]
+
+
+def _default_public_url(tls_host: str, port: int, tls_enabled: bool) -> str:
+    if tls_host == DEFAULT_TLS_HOST and port == DEFAULT_PORT:
+        return f"wss://{DEFAULT_TLS_HOST}/ws"
+    shown_host = f"[{tls_host}]" if ":" in tls_host and not tls_host.startswith("[") else tls_host
+    return f"{'wss' if tls_enabled else 'ws'}://{shown_host}:{port}/ws"
+
+
+def _server_tls_verify(mode: TriState, server_url: str) -> bool:
+    if mode != "auto":
+        return mode == "1"
+    parts = urlsplit(server_url)
+    hostname = parts.hostname or ""
+    return not (parts.scheme == "https" and (hostname == "localhost" or hostname.endswith(".test")))
+
+
+class _Urls(NamedTuple):
+    server_url: str
+    server_url_source: str
+    server_url_explicit: bool
+    redis_url: str | None
+
+
+class _Tls(NamedTuple):
+    host: str
+    cert_dir: str
+    cert_path: str
+    key_path: str
+    enabled: bool
+
+
+class _PlatformTls(NamedTuple):
+    ca_cert_path: str | None
+    mtls_enabled: bool
+    client_cert_path: str | None
+    client_key_path: str | None
+
+
+def _backplane_urls(env: _Env, backplane_mode: BackplaneMode) -> _Urls:
+    backplane_url = env.text("RELAY_BACKPLANE_URL")
+    if backplane_url is not None and backplane_mode == "single":
+        accepted = "RELAY_BACKPLANE_MODE=server or redis"
+        raise ConfigError("RELAY_BACKPLANE_URL", f"set but the backplane mode is single; accepted: {accepted}")
+    server_text = env.text("SERVER_URL")
+    server_url = _platform_url("SERVER_URL", server_text) if server_text else DEFAULT_SERVER_URL
+    redis_text = env.text("RELAY_REDIS_URL")
+    redis_url = _redis_url("RELAY_REDIS_URL", redis_text) if redis_text else None
+    if backplane_url is not None and backplane_mode == "server":
+        from_backplane = _platform_url("RELAY_BACKPLANE_URL", backplane_url)
+        if server_text is not None and from_backplane != server_url:
+            raise ConfigError("RELAY_BACKPLANE_URL", "differs from SERVER_URL; accepted: set one, or both equal")
+        return _Urls(from_backplane, "RELAY_BACKPLANE_URL", True, redis_url)
+    if backplane_url is not None and backplane_mode == "redis":
+        from_backplane = _redis_url("RELAY_BACKPLANE_URL", backplane_url)
+        if redis_url is not None and from_backplane != redis_url:
+            raise ConfigError("RELAY_BACKPLANE_URL", "differs from RELAY_REDIS_URL; accepted: set one, or both equal")
+        redis_url = from_backplane
+    return _Urls(server_url, "SERVER_URL", server_text is not None, redis_url)
+
+
+def _relay_tls(env: _Env, tls_mode: TriState, home: str) -> _Tls:
+    tls_host = env.text("RELAY_TLS_HOST") or DEFAULT_TLS_HOST
+    cert_dir = env.text("RELAY_TLS_CERT_DIR") or os.path.join(home, ".viewport", "relay-certs")
+    cert_path = env.text("RELAY_TLS_CERT_PATH", trim=False) or os.path.join(cert_dir, f"{tls_host}.crt")
+    key_path = env.text("RELAY_TLS_KEY_PATH", trim=False) or os.path.join(cert_dir, f"{tls_host}.key")
+    if tls_mode == "1":
+        _check_file("RELAY_TLS_CERT_PATH", cert_path, "TLS certificate")
+        _check_file("RELAY_TLS_KEY_PATH", key_path, "TLS key")
+    both_exist = os.path.isfile(cert_path) and os.path.isfile(key_path)
+    return _Tls(tls_host, cert_dir, cert_path, key_path, tls_mode == "1" or (tls_mode == "auto" and both_exist))
+
+
+def _platform_tls(env: _Env, server_mtls: bool | None) -> _PlatformTls:
+    cert_path = env.text("RELAY_SERVER_CLIENT_CERT_PATH")
+    key_path = env.text("RELAY_SERVER_CLIENT_KEY_PATH")
+    enabled = bool(server_mtls) or (cert_path is not None and key_path is not None)
+    if enabled:
+        for name, path, what in (
+            ("RELAY_SERVER_CLIENT_CERT_PATH", cert_path, "client certificate"),
+            ("RELAY_SERVER_CLIENT_KEY_PATH", key_path, "client key"),
+        ):
+            if path is None:
+                raise ConfigError(name, "required when platform mTLS is enabled; accepted: the path of a PEM file")
+            _check_file(name, path, what)
+    ca_path = env.text("RELAY_SERVER_CA_CERT_PATH")
+    if ca_path is not None:
+        _check_file("RELAY_SERVER_CA_CERT_PATH", ca_path, "CA certificate")
+    return _PlatformTls(ca_path, enabled, cert_path, key_path)
+
+
+def _choose_admission(
+    token_secret: str | None,
+    token_public_key_path: str | None,
+    *,
+    server_url_explicit: bool,
+    backplane_mode: BackplaneMode,
+    host: str,
+) -> Admission:
+    if token_secret is not None and token_public_key_path is not None:
+        raise ConfigError("RELAY_TOKEN_PUBLIC_KEY", "cannot be combined with RELAY_TOKEN_SECRET; accepted: set one")
+    if token_secret is not None:
+        return "local_secret"
+    if token_public_key_path is not None:
+        _check_file("RELAY_TOKEN_PUBLIC_KEY", token_public_key_path, "token public key (PEM, EdDSA or RSA)")
+        return "local_public_key"
+    if server_url_explicit or backplane_mode != "single":
+        return "platform"
+    return "embedded_secret_file" if is_loopback_host(host) else "platform"
+
+
+def _check_backplane_requirements(
+    backplane_mode: BackplaneMode,
+    admission: Admission,
+    internal_key: str | None,
+    redis_url: str | None,
+    bus_hmac_key: str | None,
+) -> None:
+    if backplane_mode == "server" and internal_key is None:
+        raise ConfigError("RELAY_INTERNAL_KEY", "required in server backplane mode; accepted: a non-empty key")
+    if backplane_mode == "redis":
+        if admission == "platform" and internal_key is None:
+            problem = "required in redis backplane mode with platform admission; accepted: a non-empty key"
+            raise ConfigError("RELAY_INTERNAL_KEY", problem)
+        if redis_url is None:
+            problem = "required in redis backplane mode (or RELAY_REDIS_URL); accepted: a Redis URL"
+            raise ConfigError("RELAY_BACKPLANE_URL", problem)
+    if backplane_mode != "single" and bus_hmac_key is None:
+        problem = f"required in {backplane_mode} backplane mode (bus frames are signed); accepted: a non-empty key"
+        raise ConfigError("RELAY_BUS_HMAC_KEY", problem)
+
+
+def _check_local_urls(host: str, named_urls: tuple[tuple[str, str], ...]) -> None:
+    if is_loopback_host(host):
+        return
+    for name, url in named_urls:
+        if looks_local(url):
+            raise ConfigError(
+                name,
+                f"{_mask_url(url)!r} looks local but HOST {host!r} is not a loopback address; "
+                "accepted: SERVER_URL and RELAY_PUBLIC_WS_BASE_URL set explicitly to non-local URLs, "
+                "or HOST=127.0.0.1, localhost or ::1",
+            )
+
+
+def _infer_relay_mode(
+    setting: RelayMode | None, host: str, server_url: str, public_url: str, any_url_explicit: bool
+) -> RelayMode:
+    if setting is not None:
+        return setting
+    if is_loopback_host(host) or looks_local(server_url) or looks_local(public_url):
+        return "dev"
+    return "prod" if any_url_explicit else "staging"
+
+
+def _check_prod(
+    *,
+    tls_enabled: bool,
+    tls_termination: TlsTermination,
+    uses_platform: bool,
+    internal_key: str | None,
+    server_auth_mode: ServerAuthMode,
+    server_mtls_enabled: bool,
+    server_tls_verify_mode: TriState,
+    urls: _Urls,
+) -> None:
+    if not tls_enabled and tls_termination != "platform":
+        raise ConfigError(
+            "RELAY_TLS",
+            "prod mode needs TLS but no certificate and key are in use; "
+            "accepted: RELAY_TLS=1 with existing files, or RELAY_TLS_TERMINATION=platform",
+        )
+    if uses_platform and internal_key is None:
+        raise ConfigError("RELAY_INTERNAL_KEY", "required in prod mode; accepted: a random key of 24+ characters")
+    if internal_key is not None and _is_placeholder(internal_key):
+        raise ConfigError(
+            "RELAY_INTERNAL_KEY",
+            "looks like a placeholder; accepted: a random key of 24+ characters "
+            "without 'change-me', 'placeholder' or 'example'",
+        )
+    if not uses_platform:
+        return
+    if server_auth_mode == "mtls" and not server_mtls_enabled:
+        raise ConfigError(
+            "RELAY_SERVER_MTLS",
+            "prod mode with RELAY_SERVER_AUTH_MODE=mtls needs platform mTLS; "
+            "accepted: 1 with RELAY_SERVER_CLIENT_CERT_PATH and RELAY_SERVER_CLIENT_KEY_PATH",
+        )
+    if server_auth_mode == "mtls" and server_tls_verify_mode != "1":
+        raise _invalid(
+            "RELAY_SERVER_TLS_VERIFY", server_tls_verify_mode, "1 in prod mode with RELAY_SERVER_AUTH_MODE=mtls"
+        )
+    if server_auth_mode == "private_network_shared_secret" and looks_local(urls.server_url):
+        raise ConfigError(
+            urls.server_url_source,
+            "must not look local in prod mode with RELAY_SERVER_AUTH_MODE=private_network_shared_secret; "
+            "accepted: the platform's non-local URL",
+        )
+
+
+def load_config(
+    environ: Mapping[str, str],
+    overrides: Mapping[str, object] | None = None,
+    *,
+    home: str | None = None,
+    random_hex: Callable[[int], str] | None = None,
+) -> RelayConfig:
+    """
+    Parse and check the environment into a L{RelayConfig}, or raise L{ConfigError} naming the first bad variable.
+
+    Only the ``host`` and ``port`` keys of ``overrides`` (twistd options) are read; they win over HOST/PORT and
+    C{None} means "not given". ``random_hex(n)`` returns ``n`` lowercase hex characters for the default relayId.
+    Unlike the reference relay, every invalid value (enum, boolish, integer, URL, missing file) is an error
+    rather than a silent default. Syntax is checked first, then the startup checks in the reference order.
+
+    When RELAY_MODE is unset the relay mode is ``dev`` if HOST is a loopback name or the platform or public URL
+    looks local. Otherwise (e.g. HOST=0.0.0.0 in a container) it is ``staging`` when neither SERVER_URL (nor
+    RELAY_BACKPLANE_URL in server mode) nor RELAY_PUBLIC_WS_BASE_URL is set, so query-string tokens and verbose
+    state are never allowed silently without forcing prod hardening, and ``prod`` when one of them is set.
+    Prod hardening of the platform link (internal key, mTLS, TLS verification) applies only when the relay
+    talks to the platform: platform admission or the server backplane.
+    """
+    env = _Env(environ)
+    home = home if home is not None else os.path.expanduser("~")
+    random_hex = random_hex or _default_random_hex
+
+    host, port = _listen_address(env, overrides or {})
+    ints = {field: env.positive_int(name, default) for field, (name, default) in _INT_KNOBS.items()}
+    relay_mode_setting = env.choice("RELAY_MODE", _RELAY_MODES)
+    backplane_setting = env.choice("RELAY_BACKPLANE_MODE", _BACKPLANE_MODES)
+    tls_mode = env.choice("RELAY_TLS", _TRI_STATES, lower=True) or "auto"
+    tls_termination = env.choice("RELAY_TLS_TERMINATION", _TLS_TERMINATIONS) or "self"
+    server_tls_verify_mode = env.choice("RELAY_SERVER_TLS_VERIFY", _TRI_STATES) or "auto"
+    server_auth_mode = env.choice("RELAY_SERVER_AUTH_MODE", _SERVER_AUTH_MODES) or "mtls"
+    enable_admin_http = env.boolish("RELAY_ENABLE_ADMIN_HTTP")
+    health_verbose = env.boolish("RELAY_HEALTH_VERBOSE")
+    state_include_client_ids = env.boolish("RELAY_STATE_INCLUDE_CLIENT_IDS")
+    server_mtls = env.boolish("RELAY_SERVER_MTLS")
+    presence_sync = env.boolish("RELAY_PRESENCE_SYNC_ENABLED")
+    bus = env.boolish("RELAY_BUS_ENABLED")
+    client_redirect = env.boolish("RELAY_CLIENT_REDIRECT_ENABLED")
+
+    internal_key = env.text("RELAY_INTERNAL_KEY")
+    backplane_mode = backplane_setting or ("server" if internal_key is not None or bus or presence_sync else "single")
+    urls = _backplane_urls(env, backplane_mode)
+    public_url_text = env.text("RELAY_PUBLIC_WS_BASE_URL")
+    if public_url_text is not None:
+        _split_url("RELAY_PUBLIC_WS_BASE_URL", public_url_text, frozenset({"ws", "wss"}), need_host=True)
+    trusted_proxies = tuple(_proxy("RELAY_TRUSTED_PROXIES", entry) for entry in env.csv("RELAY_TRUSTED_PROXIES"))
+    token_secret = env.text("RELAY_TOKEN_SECRET")
+    if token_secret is not None and len(token_secret) < _MIN_TOKEN_SECRET_LENGTH:
+        raise ConfigError(
+            "RELAY_TOKEN_SECRET",
+            f"too short ({len(token_secret)} characters); accepted: at least {_MIN_TOKEN_SECRET_LENGTH} characters",
+        )
+
+    tls = _relay_tls(env, tls_mode, home)
+    platform_tls = _platform_tls(env, server_mtls)
+    token_public_key_path = env.text("RELAY_TOKEN_PUBLIC_KEY")
+    admission = _choose_admission(
+        token_secret,
+        token_public_key_path,
+        server_url_explicit=urls.server_url_explicit,
+        backplane_mode=backplane_mode,
+        host=host,
+    )
+    bus_hmac_key = env.text("RELAY_BUS_HMAC_KEY")
+    _check_backplane_requirements(backplane_mode, admission, internal_key, urls.redis_url, bus_hmac_key)
+
+    public_ws_base_url = public_url_text or _default_public_url(tls.host, port, tls.enabled)
+    public_url_source = "RELAY_PUBLIC_WS_BASE_URL" if public_url_text else "RELAY_TLS_HOST"
+    _check_local_urls(host, ((urls.server_url_source, urls.server_url), (public_url_source, public_ws_base_url)))
+    any_url_explicit = urls.server_url_explicit or public_url_text is not None
+    relay_mode = _infer_relay_mode(relay_mode_setting, host, urls.server_url, public_ws_base_url, any_url_explicit)
+    if relay_mode == "prod":
+        _check_prod(
+            tls_enabled=tls.enabled,
+            tls_termination=tls_termination,
+            uses_platform=admission == "platform" or backplane_mode == "server",
+            internal_key=internal_key,
+            server_auth_mode=server_auth_mode,
+            server_mtls_enabled=platform_tls.mtls_enabled,
+            server_tls_verify_mode=server_tls_verify_mode,
+            urls=urls,
+        )
+
+    admin_token = env.text("RELAY_ADMIN_TOKEN")
+    is_dev = relay_mode == "dev"
+    single = backplane_mode == "single"
+    return RelayConfig(
+        host=host,
+        port=port,
+        server_url=urls.server_url,
+        server_url_explicit=urls.server_url_explicit,
+        tls_mode=tls_mode,
+        tls_enabled=tls.enabled,
+        tls_termination=tls_termination,
+        tls_host=tls.host,
+        tls_cert_dir=tls.cert_dir,
+        tls_cert_path=tls.cert_path,
+        tls_key_path=tls.key_path,
+        admin_token_sha256=hashlib.sha256(admin_token.encode("utf-8")).hexdigest() if admin_token else None,
+        enable_admin_http=bool(enable_admin_http),
+        health_verbose=is_dev if health_verbose is None else health_verbose,
+        state_include_client_ids=is_dev if state_include_client_ids is None else state_include_client_ids,
+        admission=admission,
+        token_secret=token_secret,
+        token_public_key_path=token_public_key_path,
+        token_secret_file=env.text("RELAY_TOKEN_SECRET_FILE") or os.path.join(home, ".viewport", "relay-token-secret"),
+        token_issuer=env.text("RELAY_TOKEN_ISSUER"),
+        token_audience=env.text("RELAY_TOKEN_AUDIENCE"),
+        server_tls_verify_mode=server_tls_verify_mode,
+        server_tls_verify=_server_tls_verify(server_tls_verify_mode, urls.server_url),
+        server_auth_mode=server_auth_mode,
+        server_ca_cert_path=platform_tls.ca_cert_path,
+        server_mtls_enabled=platform_tls.mtls_enabled,
+        server_client_cert_path=platform_tls.client_cert_path,
+        server_client_key_path=platform_tls.client_key_path,
+        server_client_key_passphrase=env.text("RELAY_SERVER_CLIENT_KEY_PASSPHRASE"),
+        relay_id=env.text("RELAY_ID") or f"{host}:{port}:{random_hex(12)}",
+        public_ws_base_url=public_ws_base_url,
+        internal_key=internal_key,
+        backplane_mode=backplane_mode,
+        redis_url=urls.redis_url,
+        redis_key_prefix=env.text("RELAY_REDIS_KEY_PREFIX") or "viewport:relay",
+        presence_sync_enabled=not single and presence_sync is not False,
+        bus_enabled=not single and bool(bus),
+        bus_hmac_key=bus_hmac_key,
+        client_redirect_enabled=not single and client_redirect is not False,
+        redirect_allowed_hosts=tuple(entry.lower() for entry in env.csv("RELAY_REDIRECT_ALLOWED_HOSTS")),
+        trusted_proxies=trusted_proxies,
+        relay_mode=relay_mode,
+        **ints,
+    )
