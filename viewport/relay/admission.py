@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, Optional, Union, cast
+from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -16,13 +16,7 @@ from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import (
-    IDelayedCall,
-    IOpenSSLClientConnectionCreator,
-    IPushProducer,
-    IReactorTime,
-)
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.ssl import (
     Certificate,
     CertificateOptions,
@@ -33,11 +27,11 @@ from twisted.internet.ssl import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS, IResponse
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import Interface, implementer
 
+from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
 from viewport.tokens import Claims, LocalTokenVerifier, TokenRejected, validate_claims
 
 __all__ = [
@@ -103,68 +97,6 @@ def _role_mismatch(claims: Claims, role: str) -> bool:
     return claims.role is not None and claims.role != role
 
 
-class _ResponseTooLarge(Exception):
-    """The admission answer went over the configured byte cap."""
-
-
-class _CappedBody(Protocol):
-    """Collects a response body, stopping the connection as soon as it exceeds ``max_bytes``."""
-
-    def __init__(self, max_bytes: int, declared_length: Optional[int]) -> None:
-        self.done: Deferred[bytes] = Deferred()
-        self._max_bytes = max_bytes
-        self._declared_length = declared_length
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._finished = False
-
-    def connectionMade(self) -> None:
-        """Refuse a body that announces its excessive length up front."""
-        if self._declared_length is not None and self._declared_length > self._max_bytes:
-            self.stop(_ResponseTooLarge())
-
-    def dataReceived(self, data: bytes) -> None:
-        """Count and keep a chunk; buffered chunks may still arrive after a stop and are dropped."""
-        if self._finished:
-            return
-        self._size += len(data)
-        if self._size > self._max_bytes:
-            self.stop(_ResponseTooLarge())
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """The body ended: complete, or cut short by the server or the network."""
-        if self._finished:
-            return
-        self._finished = True
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(b"".join(self._chunks))
-        else:
-            self.done.errback(reason)
-
-    def stop(self, error: Exception) -> None:
-        """Give up on the body: drop what arrived, close the connection, fail ``done``."""
-        if self._finished:
-            return
-        self._finished = True
-        self._chunks = []
-        if self.transport is not None:
-            # Twisted's documented way for a body protocol to abort the response.
-            cast(IPushProducer, self.transport).stopProducing()
-        self.done.errback(error)
-
-
-def _describe(failure: Failure) -> str:
-    """A short, secret-free description of a network failure."""
-    error = failure.value
-    nested = getattr(error, "reasons", None)
-    if isinstance(nested, list) and nested and isinstance(nested[0], Failure):
-        error = nested[0].value
-    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return text[:_MAX_REASON_CHARS]
-
-
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
@@ -191,97 +123,6 @@ def _interpret(status: int, body: bytes, role: str) -> AdmissionResult:
     if _role_mismatch(claims, role):
         return _denied(_ROLE_MISMATCH_STATUS, ROLE_CLAIM_MISMATCH)
     return AdmissionResult(claims=claims, status=status, reason=None)
-
-
-class _PlatformCall:
-    """One validate request: its deadline, its body collection and its single result."""
-
-    def __init__(
-        self, http: HTTPClient, clock: IReactorTime, timeout_ms: int, max_response_bytes: int, role: str
-    ) -> None:
-        self._http = http
-        self._clock = clock
-        self._timeout_ms = timeout_ms
-        self._max_response_bytes = max_response_bytes
-        self._role = role
-        self._request: Optional[Deferred[Any]] = None
-        self._body: Optional[_CappedBody] = None
-        self._timer: Optional[IDelayedCall] = None
-        self._settled = False
-        self.result: Deferred[AdmissionResult] = Deferred(self._cancelled)
-
-    def start(self, url: str, payload: bytes, headers: dict[Union[str, bytes], Union[str, bytes]]) -> None:
-        """Arm the deadline and send the request; any failure, even a synchronous one, becomes the result."""
-        self._timer = self._clock.callLater(self._timeout_ms / 1000.0, self._timed_out)
-        try:
-            request: Deferred[Any] = self._http.post(
-                url, data=payload, headers=headers, unbuffered=True, allow_redirects=False
-            )
-        except Exception:
-            self._bug(Failure())
-            return
-        self._request = request
-        request.addCallbacks(self._got_response, self._request_failed)
-        request.addErrback(self._bug)
-
-    def _finish(self, result: AdmissionResult) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self.result.callback(result)
-
-    def _abandon(self) -> None:
-        request, self._request = self._request, None
-        if request is not None and not request.called:
-            request.cancel()
-        if self._body is not None:
-            self._body.stop(CancelledError())
-
-    def _timed_out(self) -> None:
-        self._finish(_denied(504, f"admission request timed out after {self._timeout_ms}ms"))
-        self._abandon()
-
-    def _cancelled(self, result: Deferred[AdmissionResult]) -> None:
-        # The caller gave up: the Deferred fails with CancelledError, as Twisted cancellation does.
-        self._settled = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._abandon()
-
-    def _request_failed(self, failure: Failure) -> None:
-        self._finish(_denied(504, f"admission request failed: {_describe(failure)}"))
-
-    def _got_response(self, response: IResponse) -> None:
-        if self._settled:
-            # Timed out or cancelled just as the headers arrived: drop the connection.
-            discard = _CappedBody(0, None)
-            discard.done.addErrback(lambda _: None)
-            response.deliverBody(discard)
-            discard.stop(CancelledError())
-            return
-        declared = None if response.length is UNKNOWN_LENGTH else int(response.length)
-        body = _CappedBody(self._max_response_bytes, declared)
-        self._body = body
-        status = response.code
-        body.done.addCallbacks(
-            lambda data: self._finish(_interpret(status, data, self._role)),
-            self._body_failed,
-        )
-        body.done.addErrback(self._bug)
-        response.deliverBody(body)
-
-    def _body_failed(self, failure: Failure) -> None:
-        if failure.check(_ResponseTooLarge):
-            self._finish(_denied(502, RESPONSE_TOO_LARGE))
-        elif not failure.check(CancelledError):
-            self._finish(_denied(504, f"admission response failed: {_describe(failure)}"))
-
-    def _bug(self, failure: Failure) -> None:
-        _log.failure("admission call failed unexpectedly", failure)
-        self._finish(_denied(502, INTERNAL_ERROR))
-        self._abandon()
 
 
 @implementer(IAdmission)
@@ -322,9 +163,39 @@ class PlatformAdmission:
         if self._internal_key is not None:
             headers["x-relay-internal-key"] = self._internal_key
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        call = _PlatformCall(self._http, self._clock, self._timeout_ms, self._max_response_bytes, role)
-        call.start(self._url, payload, headers)
-        return call.result
+        timeout_ms = self._timeout_ms
+        call = bounded_request(
+            self._http,
+            self._clock,
+            "POST",
+            self._url,
+            data=payload,
+            headers=headers,
+            timeout_ms=timeout_ms,
+            max_response_bytes=self._max_response_bytes,
+        )
+
+        def answered(answer: HttpAnswer) -> AdmissionResult:
+            return _interpret(answer.status, answer.body, role)
+
+        def failed(failure: Failure) -> AdmissionResult:
+            failure.trap(HttpCallFailed)
+            error = failure.value
+            if error.kind == "too_large":
+                return _denied(502, RESPONSE_TOO_LARGE)
+            if error.kind == "timeout":
+                return _denied(504, f"admission request timed out after {timeout_ms}ms")
+            return _denied(504, f"admission {error.detail}")
+
+        def bug(failure: Failure) -> Union[Failure, AdmissionResult]:
+            if failure.check(CancelledError):
+                return failure
+            _log.failure("admission call failed unexpectedly", failure)
+            return _denied(502, INTERNAL_ERROR)
+
+        call.addCallbacks(answered, failed)
+        call.addErrback(bug)
+        return call
 
 
 @implementer(IAdmission)

@@ -24,7 +24,9 @@ from viewport.relay.config import ConfigError, RelayConfig, load_config
 from viewport.relay.core import Relay
 from viewport.relay.interfaces import IBackplane
 from viewport.relay.logs import JsonLineObserver
+from viewport.relay.metrics import RelayMetrics
 from viewport.relay.service import ListeningService
+from viewport.relay.worker import WorkerForwarder
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -77,6 +79,17 @@ def listening_endpoint(reactor: Any, config: RelayConfig) -> IStreamServerEndpoi
     return TCP4ServerEndpoint(reactor, config.port, interface=config.host)
 
 
+def platform_policy(config: RelayConfig) -> Any:
+    """TLS toward the platform: verification mode, extra CA, client certificate when mTLS is on."""
+    return platform_tls_policy(
+        verify=config.server_tls_verify,
+        ca_cert_path=config.server_ca_cert_path,
+        client_cert_path=config.server_client_cert_path if config.server_mtls_enabled else None,
+        client_key_path=config.server_client_key_path if config.server_mtls_enabled else None,
+        client_key_passphrase=config.server_client_key_passphrase,
+    )
+
+
 def build_admission(config: RelayConfig, reactor: Any) -> Any:
     """Local token verification when a key is configured (or embedded), else the platform call."""
     if config.admission == "local_secret":
@@ -102,15 +115,8 @@ def build_admission(config: RelayConfig, reactor: Any) -> Any:
         )
         verifier = LocalTokenVerifier(secret, ["HS256"], config.token_issuer, config.token_audience)
         return LocalAdmission(verifier, reactor)
-    policy = platform_tls_policy(
-        verify=config.server_tls_verify,
-        ca_cert_path=config.server_ca_cert_path,
-        client_cert_path=config.server_client_cert_path if config.server_mtls_enabled else None,
-        client_key_path=config.server_client_key_path if config.server_mtls_enabled else None,
-        client_key_passphrase=config.server_client_key_passphrase,
-    )
     return PlatformAdmission(
-        make_http_client(reactor, policy),
+        make_http_client(reactor, platform_policy(config)),
         reactor,
         config.server_url,
         config.internal_key,
@@ -140,12 +146,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config = options.config
     assert config is not None
     observer = JsonLineObserver(sys.stdout, config.max_logs)
+    metrics = RelayMetrics()
+    worker_forward = WorkerForwarder(
+        http_client=make_http_client(reactor, platform_policy(config)),
+        clock=reactor,
+        server_url=config.server_url,
+        metrics=metrics,
+        max_response_bytes=config.max_frame_bytes,
+    )
     relay = Relay(
         config=config,
         clock=reactor,
         backplane=build_backplane(config, reactor),
         admission=build_admission(config, reactor),
+        metrics=metrics,
         log_observer=observer,
+        worker_forward=worker_forward,
     )
     service = ListeningService(relay, listening_endpoint(reactor, config), SHUTDOWN_GRACE_SECONDS)
     service.log_observer = observer
