@@ -193,9 +193,9 @@ class PlatformAdmission:
             _log.failure("admission call failed unexpectedly", failure)
             return _denied(502, INTERNAL_ERROR)
 
-        call.addCallbacks(answered, failed)
-        call.addErrback(bug)
-        return call
+        result: Deferred[AdmissionResult] = call.addCallbacks(answered, failed)
+        result.addErrback(bug)
+        return result
 
 
 @implementer(IAdmission)

@@ -49,7 +49,8 @@ class WorkerForwarder:
         request_id = str(frame["requestId"])
         method = str(frame["method"])
         raw_headers = frame.get("headers")
-        headers = frames.filter_worker_request_headers(raw_headers if isinstance(raw_headers, dict) else {})
+        allowed = frames.filter_worker_request_headers(raw_headers if isinstance(raw_headers, dict) else {})
+        headers: dict[str | bytes, str | bytes] = {name: value for name, value in allowed.items()}
         body = None if method == "GET" else str(frame.get("body") or "").encode("utf-8")
         d = bounded_request(
             self._http,
