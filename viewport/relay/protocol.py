@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,6 +19,7 @@ from zope.interface import implementer
 
 from viewport.relay.admission import AdmissionResult
 from viewport.relay.interfaces import IPeer
+from viewport.relay.metrics import LatencyHistogram
 from viewport.relay.registry import Connection
 from viewport.relay.upgrade import (
     UpgradeAccepted,
@@ -222,6 +224,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     _handler: Optional[Handler] = None
     _back_pressure: Optional[_BackPressure] = None
     on_closed: Optional["Deferred[None]"] = None
+    _latency: Optional[LatencyHistogram] = None
 
     def dataReceived(self, data: bytes) -> None:
         """Feed Autobahn without its per-read debug formatting."""
@@ -274,6 +277,12 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             relay.connections.add(self)
             router = relay.router
             role = conn.role
+            metrics = relay.metrics
+            self._latency = (
+                metrics.relay_forward_daemon_to_client_seconds
+                if role == "workspace-daemon"
+                else metrics.relay_forward_client_to_daemon_seconds if role == "client" else None
+            )
             self._handler = (
                 router.daemon_frame
                 if role == "workspace-daemon"
@@ -291,10 +300,15 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             return
         if isBinary:
             payload = payload.decode("utf-8", "replace").encode("utf-8")
+        started = perf_counter()
         try:
             handler(conn, payload, self.factory.relay.now_ms())
         except Exception:
             self._internal_error()
+            return
+        latency = self._latency
+        if latency is not None:
+            latency.observe(perf_counter() - started)
 
     def onPong(self, payload: bytes) -> None:
         """A pong proves the peer is alive."""
