@@ -8,6 +8,7 @@ from typing import Callable, Literal, Optional
 from zope.interface import Attribute, Interface
 
 Direction = Literal["client_to_daemon", "daemon_to_clients"]
+Side = Literal["daemon", "clients"]
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,14 @@ class IBackplane(Interface):
         relay accepted it for delivery, False when it could not be delivered.
         """
 
-    def watch_scope(workspace_id: str, runtime_target_id: Optional[str]) -> None:
-        """This relay now holds connections in the scope: receive its frames."""
+    def watch_scope(workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
+        """
+        This relay now holds the scope's daemon (``side="daemon"``: receive client→daemon frames)
+        or some of its clients (``side="clients"``: receive daemon→clients frames). Idempotent.
+        """
 
-    def unwatch_scope(workspace_id: str, runtime_target_id: Optional[str]) -> None:
-        """This relay holds no connection in the scope any more."""
+    def unwatch_scope(workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
+        """This relay no longer holds that side of the scope. Idempotent."""
 
 
 class IPeer(Interface):

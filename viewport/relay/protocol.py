@@ -179,16 +179,23 @@ class HandshakeDispatcher(Protocol):
 
 
 class _BackPressure:
-    """Registered on the transport as a push producer, so the relay learns when writes pile up."""
+    """
+    Registered on the transport as a push producer, so the relay learns when writes pile up.
 
-    __slots__ = ("paused",)
+    While paused it also counts what was queued since, for transports (TLS) whose own buffer
+    size cannot be read.
+    """
+
+    __slots__ = ("paused", "queued_since_pause")
 
     def __init__(self) -> None:
         self.paused = False
+        self.queued_since_pause = 0
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full."""
         self.paused = True
+        self.queued_since_pause = 0
 
     def resumeProducing(self) -> None:
         """The transport drained its buffer."""
@@ -199,12 +206,18 @@ class _BackPressure:
         self.paused = False
 
 
-def pending_write_bytes(transport: Any, fallback: int) -> int:
-    """Bytes a transport holds unsent (Twisted's TCP buffers), or ``fallback`` if unknown."""
+TRANSPORT_PAUSE_THRESHOLD = 64 * 1024
+
+
+def pending_write_bytes(transport: Any, queued_since_pause: int) -> int:
+    """
+    Bytes a transport holds unsent: read from Twisted's TCP buffers when available, else the
+    transport's pause threshold plus what was queued since it paused us.
+    """
     try:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
     except AttributeError:
-        return fallback
+        return TRANSPORT_PAUSE_THRESHOLD + queued_since_pause
 
 
 @implementer(IPeer)
@@ -347,7 +360,9 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         back_pressure = self._back_pressure
         if back_pressure is not None and back_pressure.paused:
             limit = self.factory.relay.config.max_pending_bytes
-            if pending_write_bytes(self.transport, limit + 1) > limit:
+            pending = pending_write_bytes(self.transport, back_pressure.queued_since_pause)
+            back_pressure.queued_since_pause += len(payload)
+            if pending > limit:
                 self.factory.relay.metrics.relay_ws_slow_client_terminated.inc()
                 self.close(4008, "buffer overflow")
                 return
@@ -385,7 +400,7 @@ class RelayWebSocketFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
             autoPingInterval=0,
             failByDrop=False,
-            openHandshakeTimeout=10,
+            openHandshakeTimeout=10 + relay.config.admission_timeout_ms / 1000.0,
             closeHandshakeTimeout=5,
         )
 

@@ -234,7 +234,7 @@ class Router:
             scope.daemon_issue_generation = generation
         scope.kex_requests.clear()
         scope.session_owners.clear()
-        self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id)
+        self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id, "daemon")
         self._backplane.announce_presence(self._presence(scope, conn, True))
         self._event(
             LogLevel.info,
@@ -254,7 +254,7 @@ class Router:
         conn.scope = scope
         scope.clients[conn] = None
         self._registry.registered_connections += 1
-        self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id)
+        self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id, "clients")
         self._event(
             LogLevel.info,
             "client_connected",
@@ -301,6 +301,7 @@ class Router:
                 scope.kex_requests.clear()
                 scope.session_owners.clear()
                 scope.pairing_requests.clear()
+                self._backplane.unwatch_scope(scope.workspace_id, scope.runtime_target_id, "daemon")
                 self._backplane.announce_presence(self._presence(scope, conn, False))
                 notice = frames.daemon_unavailable(
                     scope.workspace_id, scope.runtime_target_id, conn.machine_id
@@ -322,6 +323,8 @@ class Router:
             scope.pairing_requests.drop_connection(conn)
             scope.session_owners.drop_connection(conn)
             scope.unsubscribe_everywhere(conn)
+            if not scope.clients:
+                self._backplane.unwatch_scope(scope.workspace_id, scope.runtime_target_id, "clients")
             self._event(
                 LogLevel.info,
                 "client_disconnected",
@@ -329,8 +332,6 @@ class Router:
                 clientId=conn.client_id,
                 ip=conn.ip,
             )
-        if scope.is_empty():
-            self._backplane.unwatch_scope(scope.workspace_id, scope.runtime_target_id)
         self._refresh_gauges()
 
     def _refresh_gauges(self) -> None:

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from viewport.relay.interfaces import BusFrame, IBackplane, Presence
+from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
 
 
 @implementer(IBackplane)
@@ -27,6 +27,11 @@ class SingleBackplane:
         """Nothing to release."""
         return succeed(None)
 
+    @property
+    def healthy(self) -> bool:
+        """Always usable."""
+        return True
+
     def announce_presence(self, presence: Presence) -> "Deferred[None]":
         """Presence is only needed between relays."""
         return succeed(None)
@@ -41,8 +46,8 @@ class SingleBackplane:
         """No relay receives it."""
         return succeed(False)
 
-    def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str]) -> None:
+    def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """Nothing to subscribe to."""
 
-    def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str]) -> None:
+    def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """Nothing to unsubscribe from."""
