@@ -102,6 +102,10 @@ class Relay:
                 if now - conn.last_activity_ms > config.idle_timeout_ms:
                     self._terminate(protocol, "idle timeout")
                     continue
+                if conn.awaiting_pong:
+                    # Re-pinging would restart the outstanding ping's clock, so a pong timeout
+                    # longer than the ping interval would never expire; its own check decides.
+                    continue
                 conn.awaiting_pong = True
                 conn.ping_sent_ms = now
                 try:

@@ -47,6 +47,10 @@ class IBackplane(Interface):
 
     relay_id = Attribute("This relay's identity on the backplane (str).")
     cross_relay = Attribute("True when other relays can be reached through this backplane (bool).")
+    healthy = Attribute(
+        "False while the backplane cannot reach its store (Redis or the platform): the relay is "
+        "then 'degraded' and answers /ready with 503 (bool)."
+    )
 
     def start(deliver: Callable[[BusFrame], None]) -> object:
         """

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from viewport.relay.admission import AdmissionResult
 from viewport.relay.interfaces import IPeer
 from viewport.relay.metrics import LatencyHistogram
+from viewport.relay.redirects import redirect_location
 from viewport.relay.registry import Connection
 from viewport.relay.upgrade import (
     UpgradeAccepted,
@@ -238,6 +239,8 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     _back_pressure: Optional[_BackPressure] = None
     on_closed: Optional["Deferred[None]"] = None
     _latency: Optional[LatencyHistogram] = None
+    _redirect_location: Optional[str] = None
+    _redirect_in_band: Optional[str] = None
 
     def dataReceived(self, data: bytes) -> None:
         """Feed Autobahn without its per-read debug formatting."""
@@ -253,7 +256,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         d.addCallback(self._admitted, request)
         return d
 
-    def _admitted(self, result: AdmissionResult, request: ConnectionRequest) -> Optional[str]:
+    def _admitted(self, result: AdmissionResult, request: ConnectionRequest) -> Any:
         relay = self.factory.relay
         query = self.upgrade.query
         if not result.ok or result.claims is None:
@@ -270,13 +273,38 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(401, "Unauthorized")
         relay.metrics.relay_admission_ok.inc()
         claims = result.claims
-        if query.role == "client":
-            target = (claims.runtime_target_id or "").strip() or query.runtime_target_id
-            if relay.router.client_cap_reached(query.workspace_id, target):
-                relay.metrics.relay_upgrade_rejected_workspace_clients.inc()
-                raise ConnectionDeny(429, "Too Many Requests")
         self.conn = Connection(self, query.role, query.workspace_id, self.ip, claims, relay.now_ms())
+        if query.role != "client":
+            return select_subprotocol(request.protocols)
+        target = (claims.runtime_target_id or "").strip() or query.runtime_target_id
+        if relay.router.client_cap_reached(query.workspace_id, target):
+            relay.metrics.relay_upgrade_rejected_workspace_clients.inc()
+            raise ConnectionDeny(429, "Too Many Requests")
+        if target is None or not relay.config.client_redirect_enabled or not relay.backplane.cross_relay:
+            return select_subprotocol(request.protocols)
+        d = relay.router.redirect_target(query.workspace_id, target)
+        d.addCallback(self._redirect_decided, request, target)
+        return d
+
+    def _redirect_decided(self, url: Optional[str], request: ConnectionRequest, target: str) -> Optional[str]:
+        """Daemon on another relay: a 307 if the client asked for HTTP redirects, else a status frame after open."""
+        if url is not None:
+            relay = self.factory.relay
+            relay.metrics.relay_client_redirect.inc()
+            if request.params.get("redirect", [""])[0] == "http":
+                query = self.upgrade.query
+                self._redirect_location = redirect_location(
+                    url, query.role, query.workspace_id, query.runtime_target_id, [("redirect", "http")]
+                )
+                raise ConnectionDeny(307, "Temporary Redirect")
+            self._redirect_in_band = url
         return select_subprotocol(request.protocols)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """Autobahn's refusal, with the ``Location`` of an HTTP redirect added."""
+        if code == 307 and self._redirect_location is not None:
+            responseHeaders = [("Location", self._redirect_location)]
+        super().failHandshake(reason, code, responseHeaders)
 
     def onOpen(self) -> None:
         """Register with the router; from here on frames flow."""
@@ -301,7 +329,9 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 if role == "workspace-daemon"
                 else router.client_frame if role == "client" else router.worker_frame
             )
-            router.open_connection(conn, self.upgrade.query.runtime_target_id, relay.now_ms())
+            opened = router.open_connection(conn, self.upgrade.query.runtime_target_id, relay.now_ms())
+            if opened and self._redirect_in_band is not None:
+                router.send_redirect(conn, self._redirect_in_band, with_runtime_target=False)
         except Exception:
             self._internal_error()
 

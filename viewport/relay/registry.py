@@ -33,6 +33,7 @@ class Connection:
         "ping_sent_ms",
         "awaiting_pong",
         "allowed_channels",
+        "redirect_sent",
     )
 
     def __init__(
@@ -59,6 +60,7 @@ class Connection:
         self.ping_sent_ms = 0.0
         self.awaiting_pong = False
         self.allowed_channels: frozenset[str] = frozenset()
+        self.redirect_sent = False
 
 
 class Owner:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger, LogLevel
 
 from viewport.relay import frames
 from viewport.relay.frames import ClientKind, DaemonKind
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence
 from viewport.relay.limits import FixedWindowLimiter, TokenBucketLimiter
+from viewport.relay.redirects import redirect_url_allowed
 from viewport.relay.registry import Connection, Owner, Registry, ScopeState
 from viewport.tokens import Claims
 
@@ -334,6 +335,15 @@ class Router:
             )
         self._refresh_gauges()
 
+    def withdraw_presence(self) -> "Deferred[Any]":
+        """Tell other relays that none of this relay's daemons is reachable any more (before shutdown)."""
+        announcements = []
+        for scope in list(self._registry.scopes.values()):
+            daemon = scope.daemon
+            if daemon is not None:
+                announcements.append(self._backplane.announce_presence(self._presence(scope, daemon, False)))
+        return DeferredList(announcements, consumeErrors=True)  # type: ignore[arg-type]
+
     def _refresh_gauges(self) -> None:
         self._m.relay_connections_total.set(self._registry.registered_connections)
         self._m.relay_workspaces_total.set(len(self._registry.scopes))
@@ -526,12 +536,12 @@ class Router:
         if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
             self._daemon_unavailable(conn)
             return None
-        if self._config.client_redirect_enabled:
-            conn.peer.send_text(
-                frames.relay_redirect(
-                    conn.workspace_id, presence.relay_ws_base_url, conn.runtime_target_id
-                )
-            )
+        if (
+            self._config.client_redirect_enabled
+            and not conn.redirect_sent
+            and self._redirect_allowed(presence.relay_ws_base_url)
+        ):
+            self.send_redirect(conn, presence.relay_ws_base_url, with_runtime_target=True)
         assert conn.runtime_target_id is not None
         frame = BusFrame(
             workspace_id=conn.workspace_id,
@@ -559,6 +569,44 @@ class Router:
 
         d.addCallback(published)
         return d
+
+    def _redirect_allowed(self, url: str) -> bool:
+        config = self._config
+        return url != config.public_ws_base_url and redirect_url_allowed(
+            url,
+            relay_mode=config.relay_mode,
+            allowed_hosts=config.redirect_allowed_hosts,
+            own_public_url=config.public_ws_base_url,
+            tls_host=config.tls_host,
+        )
+
+    def redirect_target(self, workspace_id: str, runtime_target_id: str) -> "Deferred[Optional[str]]":
+        """The public URL of the relay holding this scope's daemon, when a client should move there."""
+        d: Deferred = self._backplane.resolve_presence(workspace_id, runtime_target_id)  # type: ignore[assignment]
+
+        def decide(presence: Optional[Presence]) -> Optional[str]:
+            if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
+                return None
+            url = presence.relay_ws_base_url
+            return url if self._redirect_allowed(url) else None
+
+        def failed(failure: Any) -> None:
+            self._log_failure(failure, "relay_presence_resolve_error")
+            return None
+
+        d.addCallbacks(decide, failed)
+        return d
+
+    def send_redirect(self, conn: Connection, url: str, with_runtime_target: bool) -> None:
+        """Tell a client, once per connection, that its daemon is on the relay at ``url``."""
+        if conn.redirect_sent:
+            return
+        conn.redirect_sent = True
+        conn.peer.send_text(
+            frames.relay_redirect(
+                conn.workspace_id, url, conn.runtime_target_id if with_runtime_target else None
+            )
+        )
 
     def _daemon_unavailable(self, conn: Connection) -> None:
         self._m.relay_client_messages_dropped.inc()
@@ -801,7 +849,12 @@ class Router:
                 return
             request_id = str(frame.get("requestId", "")).strip()
             owner = Owner(None, bus.source_relay_id, now_ms)
-            if ckind is ClientKind.KEX_INIT and request_id:
+            if ckind is ClientKind.E2EE:
+                session_id = frame.get("sessionId")
+                current = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
+                if current is not None and current.source_relay_id == bus.source_relay_id:
+                    scope.session_owners.refresh(session_id, current, now_ms)  # type: ignore[arg-type]
+            elif ckind is ClientKind.KEX_INIT and request_id:
                 scope.kex_requests.put(request_id, owner)
             elif ckind in (ClientKind.PAIRING_OFFER_REQUEST, ClientKind.PAIRING_REDEEM_REQUEST):
                 scope.pairing_requests.put(request_id, owner)

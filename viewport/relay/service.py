@@ -98,11 +98,15 @@ class ListeningService(MultiService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
-        """Stop accepting, close every WebSocket with 1001, stop the backplane and timers."""
+        """
+        Stop accepting, withdraw this relay's daemon presence (so other relays stop routing here),
+        close every WebSocket with 1001, then stop the backplane and timers.
+        """
         self.relay.accepting = False
         port, self.port = self.port, None
         if port is not None:
             yield port.stopListening()
+        yield self.relay.router.withdraw_presence()
         yield self.relay.shutdown(self._grace_seconds)
         yield self.relay.backplane.stop()
         yield super().stopService()

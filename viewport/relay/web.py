@@ -64,6 +64,8 @@ class RelayRoot(Resource):
         if request.method == b"GET":
             if path == b"/health":
                 return self._health(request)
+            if path == b"/ready":
+                return self._ready(request)
             if path in (b"/state", b"/logs", b"/metrics"):
                 denied = self._admin_gate(request)
                 if denied is not None:
@@ -99,6 +101,19 @@ class RelayRoot(Resource):
                 tlsEnabled=config.tls_enabled, relayMode=config.relay_mode, relayId=config.relay_id
             )
         return _json(request, 200, body)
+
+    def _ready(self, request: Request) -> bytes:
+        """200 while the relay accepts upgrades and its backplane works; 503 otherwise (for load balancers)."""
+        relay = self._relay
+        if not relay.accepting:
+            return _json(request, 503, {"ok": False, "ready": False, "reason": "SHUTTING_DOWN"})
+        if not relay.backplane.healthy:
+            return _json(
+                request,
+                503,
+                {"ok": False, "ready": False, "reason": "BACKPLANE_DEGRADED", "backplaneMode": relay.config.backplane_mode},
+            )
+        return _json(request, 200, {"ok": True, "ready": True, "backplaneMode": relay.config.backplane_mode})
 
     def _state(self, request: Request) -> bytes:
         relay = self._relay
