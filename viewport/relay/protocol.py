@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, cast
 from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -85,6 +85,7 @@ class HandshakeDispatcher(Protocol):
     """
 
     _log = Logger()
+    transport: Any
 
     def __init__(self, relay: "Relay", ws_factory: "RelayWebSocketFactory", addr: IAddress) -> None:
         self._relay = relay
@@ -99,7 +100,7 @@ class HandshakeDispatcher(Protocol):
 
     def _head_timed_out(self) -> None:
         self._timeout = None
-        self.transport.abortConnection()  # type: ignore[attr-defined]
+        self.transport.abortConnection()
 
     def _cancel_timeout(self) -> None:
         if self._timeout is not None and self._timeout.active():
@@ -125,7 +126,7 @@ class HandshakeDispatcher(Protocol):
             relay = self._relay
             relay.metrics.relay_upgrade_errors.inc()
             self._log.failure("{relay_event}", relay_event="upgrade_error")
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self.transport.abortConnection()
 
     def _refuse(self, status: int) -> None:
         self._cancel_timeout()
@@ -173,7 +174,7 @@ class HandshakeDispatcher(Protocol):
             else:
                 self._refuse(refusal.status)
             return
-        protocol = self._ws_factory.buildProtocol(self._addr)
+        protocol = cast(RelayWebSocketProtocol, self._ws_factory.buildProtocol(self._addr))
         protocol.upgrade = decision
         protocol.ip = ip
         hand_over(transport, protocol, self._buffer)
@@ -418,7 +419,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 class RelayWebSocketFactory(WebSocketServerFactory):
     """Autobahn settings of the contract: no compression, max message size, no auto-ping."""
 
-    protocol = RelayWebSocketProtocol
+    protocol = RelayWebSocketProtocol  # type: ignore[assignment]
 
     def __init__(self, relay: "Relay") -> None:
         super().__init__(reactor=relay.clock)
@@ -444,7 +445,7 @@ class RelayPortFactory(Factory):
         self.relay = relay
         self.ws_factory = RelayWebSocketFactory(relay)
 
-    def buildProtocol(self, addr: IAddress) -> HandshakeDispatcher:
+    def buildProtocol(self, addr: Any) -> HandshakeDispatcher:
         """A dispatcher for one new socket."""
         protocol = HandshakeDispatcher(self.relay, self.ws_factory, addr)
         protocol.factory = self

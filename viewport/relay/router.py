@@ -654,7 +654,8 @@ class Router:
             return
         required = conn.claims.e2ee_profile
         if required is not None:
-            strength = frames.PROFILE_STRENGTH.get(frame.get("profile"))  # type: ignore[arg-type]
+            profile = frame.get("profile")
+            strength = frames.PROFILE_STRENGTH.get(profile) if isinstance(profile, str) else None
             if strength is not None and strength < frames.PROFILE_STRENGTH[required]:
                 m.relay_frames_daemon_rejected_profile_mismatch.inc()
                 conn.peer.close(CLOSE_POLICY, "daemon frame profile mismatch")
