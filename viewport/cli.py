@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import time
 from typing import Mapping, Optional, Sequence
 
-from viewport.relay.config import ConfigError, load_config
+from viewport.relay.config import ConfigError, load_config, masked
 from viewport.tokens import load_or_create_secret, mint_token
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
@@ -53,6 +54,20 @@ def _token_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
                         help="algorithm for --private-key (default EdDSA)")
 
 
+def _check_config_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = sub.add_parser(
+        "check-config",
+        help="validate the environment as the relay's startup would, print the effective configuration",
+        description=(
+            "Validate the relay's environment variables exactly as 'twistd viewport-relay' does at startup and "
+            "print the effective configuration as JSON, secrets masked. Exits 0 when valid, 2 with a "
+            "one-line message naming the variable otherwise."
+        ),
+    )
+    parser.add_argument("--host", help="as twistd's --host")
+    parser.add_argument("--port", type=int, help="as twistd's --port")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -60,8 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operator commands of the Viewport relay. Run the relay itself with: twistd -n viewport-relay",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _check_config_parser(sub)
     _token_parser(sub)
     return parser
+
+
+def run_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Print the masked effective configuration; ConfigError propagates to main's error line."""
+    overrides: dict[str, object] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    config = load_config(environ, overrides)
+    print(json.dumps(masked(config), indent=2, sort_keys=True))
+    return 0
 
 
 def token_claims(args: argparse.Namespace) -> dict[str, object]:
@@ -117,6 +145,8 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
     try:
         if args.command == "token":
             return run_token(args, env)
+        if args.command == "check-config":
+            return run_check_config(args, env)
     except (ConfigError, ValueError, OSError) as error:
         print(f"viewport-relay {args.command}: {error}", file=sys.stderr)
         return 2
