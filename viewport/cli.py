@@ -87,7 +87,7 @@ def run_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> in
         overrides["host"] = args.host
     if args.port is not None:
         overrides["port"] = args.port
-    config = load_config(environ, overrides)
+    config = load_config(environ, overrides, home=environ.get("HOME"))
     print(json.dumps(masked(config), indent=2, sort_keys=True))
     return 0
 
@@ -113,7 +113,7 @@ def token_claims(args: argparse.Namespace) -> dict[str, object]:
 
 def run_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print one freshly minted token on stdout."""
-    config = load_config(environ)
+    config = load_config(environ, home=environ.get("HOME"))
     if args.private_key:
         with open(args.private_key, "rb") as handle:
             key: str | bytes = handle.read()

@@ -62,7 +62,7 @@ class Options(usage.Options):
         if self["port"] is not None:
             overrides["port"] = self["port"]
         try:
-            self.config = load_config(self._environ, overrides)
+            self.config = load_config(self._environ, overrides, home=self._environ.get("HOME"))
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
 
