@@ -138,6 +138,7 @@ class DefaultTests(ConfigTestCase):
             "health_verbose": True,
             "state_include_client_ids": True,
             "admission": "embedded_secret_file",
+            "warnings": (),
             "token_secret": None,
             "token_public_key_path": None,
             "token_secret_file": os.path.join(self.home, ".viewport", "relay-token-secret"),
@@ -399,9 +400,23 @@ class BackplaneTests(ConfigTestCase):
         )
 
     def test_server_mode_requirements(self) -> None:
-        """Server mode needs the internal key, then the bus HMAC key."""
-        self.assertRejected({"RELAY_BACKPLANE_MODE": "server", "RELAY_BUS_HMAC_KEY": HMAC}, "RELAY_INTERNAL_KEY")
-        self.assertRejected({"RELAY_INTERNAL_KEY": INTERNAL}, "RELAY_BUS_HMAC_KEY")
+        """Outside prod, server mode starts without the internal or HMAC key, with a warning naming each."""
+        config = self.load({"RELAY_BACKPLANE_MODE": "server"})
+        self.assertEqual(config.backplane_mode, "server")
+        self.assertEqual([w.split(":")[0] for w in config.warnings], ["RELAY_INTERNAL_KEY", "RELAY_BUS_HMAC_KEY"])
+        self.assertIsNotNone(config.bus_hmac_key)
+        config = self.load({"RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC})
+        self.assertEqual((config.backplane_mode, config.warnings), ("server", ()))
+
+    def test_prod_backplane_requires_keys(self) -> None:
+        """In prod a cross-relay backplane refuses to start without its internal and HMAC keys."""
+        prod = {
+            "RELAY_MODE": "prod", "RELAY_TLS_TERMINATION": "platform", "RELAY_SERVER_AUTH_MODE": "private_network_shared_secret",
+            "SERVER_URL": "https://api.example.com", "RELAY_PUBLIC_WS_BASE_URL": "wss://relay.example.com/ws",
+            "HOST": "0.0.0.0", "RELAY_BACKPLANE_MODE": "server",
+        }
+        self.assertRejected(prod, "RELAY_INTERNAL_KEY")
+        self.assertRejected({**prod, "RELAY_INTERNAL_KEY": INTERNAL}, "RELAY_BUS_HMAC_KEY")
 
     def test_redis_mode_requirements(self) -> None:
         """Redis mode needs a Redis URL and the HMAC key, and the internal key only with platform admission."""
@@ -410,7 +425,7 @@ class BackplaneTests(ConfigTestCase):
             "RELAY_BACKPLANE_URL": "redis://127.0.0.1:6379/0",
             "RELAY_BUS_HMAC_KEY": HMAC,
         }
-        self.assertRejected(redis, "RELAY_INTERNAL_KEY")
+        self.assertEqual([w.split(":")[0] for w in self.load(redis).warnings], ["RELAY_INTERNAL_KEY"])
         config = self.load({**redis, "RELAY_TOKEN_SECRET": SECRET})
         self.assertEqual((config.backplane_mode, config.admission), ("redis", "local_secret"))
         self.assertIsNone(config.internal_key)
@@ -418,7 +433,8 @@ class BackplaneTests(ConfigTestCase):
         self.assertEqual(config.presence_sync_enabled, True)
         without_url = {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BUS_HMAC_KEY": HMAC, "RELAY_TOKEN_SECRET": SECRET}
         self.assertRejected(without_url, "RELAY_BACKPLANE_URL")
-        self.assertRejected({**redis, "RELAY_TOKEN_SECRET": SECRET, "RELAY_BUS_HMAC_KEY": " "}, "RELAY_BUS_HMAC_KEY")
+        blank_key = self.load({**redis, "RELAY_TOKEN_SECRET": SECRET, "RELAY_BUS_HMAC_KEY": " "})
+        self.assertEqual([w.split(":")[0] for w in blank_key.warnings], ["RELAY_BUS_HMAC_KEY"])
 
     def test_backplane_url_is_the_server_url_in_server_mode(self) -> None:
         """In server mode RELAY_BACKPLANE_URL is the platform URL and counts as set explicitly."""

@@ -88,6 +88,8 @@ def run_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> in
     if args.port is not None:
         overrides["port"] = args.port
     config = load_config(environ, overrides, home=environ.get("HOME"))
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(masked(config), indent=2, sort_keys=True))
     return 0
 

@@ -184,6 +184,7 @@ class RelayConfig:
     redirect_allowed_hosts: tuple[str, ...]
     trusted_proxies: tuple[str, ...]
     relay_mode: RelayMode
+    warnings: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={value!r}" for name, value in masked(self).items())
@@ -471,25 +472,43 @@ def _choose_admission(
     return "embedded_secret_file" if is_loopback_host(host) else "platform"
 
 
+DEVELOPMENT_BUS_HMAC_KEY = "viewport-relay-development-bus-key"
+
+
 def _check_backplane_requirements(
     backplane_mode: BackplaneMode,
     admission: Admission,
     internal_key: str | None,
     redis_url: str | None,
     bus_hmac_key: str | None,
-) -> None:
-    if backplane_mode == "server" and internal_key is None:
-        raise ConfigError("RELAY_INTERNAL_KEY", "required in server backplane mode; accepted: a non-empty key")
-    if backplane_mode == "redis":
-        if admission == "platform" and internal_key is None:
-            problem = "required in redis backplane mode with platform admission; accepted: a non-empty key"
+    relay_mode: RelayMode,
+) -> tuple[str, ...]:
+    """
+    Refuse what a backplane cannot run without; return warnings for what only prod requires.
+
+    Outside prod a cross-relay relay may start without ``RELAY_INTERNAL_KEY`` (platform calls then
+    carry no key) and without ``RELAY_BUS_HMAC_KEY`` (bus frames are signed with a fixed,
+    public development key), so ``docker run -e RELAY_BACKPLANE_MODE=redis ...`` works as
+    documented; both are logged as warnings at startup.
+    """
+    if backplane_mode == "redis" and redis_url is None:
+        problem = "required in redis backplane mode (or RELAY_REDIS_URL); accepted: a Redis URL"
+        raise ConfigError("RELAY_BACKPLANE_URL", problem)
+    if backplane_mode == "single":
+        return ()
+    warnings: list[str] = []
+    needs_internal_key = backplane_mode == "server" or admission == "platform"
+    if needs_internal_key and internal_key is None:
+        if relay_mode == "prod":
+            problem = f"required in {backplane_mode} backplane mode in prod; accepted: a non-empty key"
             raise ConfigError("RELAY_INTERNAL_KEY", problem)
-        if redis_url is None:
-            problem = "required in redis backplane mode (or RELAY_REDIS_URL); accepted: a Redis URL"
-            raise ConfigError("RELAY_BACKPLANE_URL", problem)
-    if backplane_mode != "single" and bus_hmac_key is None:
-        problem = f"required in {backplane_mode} backplane mode (bus frames are signed); accepted: a non-empty key"
-        raise ConfigError("RELAY_BUS_HMAC_KEY", problem)
+        warnings.append("RELAY_INTERNAL_KEY: not set; platform calls carry no x-relay-internal-key")
+    if bus_hmac_key is None:
+        if relay_mode == "prod":
+            problem = f"required in {backplane_mode} backplane mode in prod (bus frames are signed); accepted: a non-empty key"
+            raise ConfigError("RELAY_BUS_HMAC_KEY", problem)
+        warnings.append("RELAY_BUS_HMAC_KEY: not set; bus frames are signed with the public development key")
+    return tuple(warnings)
 
 
 def _check_local_urls(host: str, named_urls: tuple[tuple[str, str], ...]) -> None:
@@ -627,13 +646,17 @@ def load_config(
         host=host,
     )
     bus_hmac_key = env.text("RELAY_BUS_HMAC_KEY")
-    _check_backplane_requirements(backplane_mode, admission, internal_key, urls.redis_url, bus_hmac_key)
 
     public_ws_base_url = public_url_text or _default_public_url(tls.host, port, tls.enabled)
     public_url_source = "RELAY_PUBLIC_WS_BASE_URL" if public_url_text else "RELAY_TLS_HOST"
     _check_local_urls(host, ((urls.server_url_source, urls.server_url), (public_url_source, public_ws_base_url)))
     any_url_explicit = urls.server_url_explicit or public_url_text is not None
     relay_mode = _infer_relay_mode(relay_mode_setting, host, urls.server_url, public_ws_base_url, any_url_explicit)
+    warnings = _check_backplane_requirements(
+        backplane_mode, admission, internal_key, urls.redis_url, bus_hmac_key, relay_mode
+    )
+    if bus_hmac_key is None and backplane_mode != "single":
+        bus_hmac_key = DEVELOPMENT_BUS_HMAC_KEY
     if relay_mode == "prod":
         _check_prod(
             tls_enabled=tls.enabled,
@@ -692,5 +715,6 @@ def load_config(
         redirect_allowed_hosts=tuple(entry.lower() for entry in env.csv("RELAY_REDIRECT_ALLOWED_HOSTS")),
         trusted_proxies=trusted_proxies,
         relay_mode=relay_mode,
+        warnings=warnings,
         **ints,
     )

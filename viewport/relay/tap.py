@@ -146,6 +146,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         config = options.config
     assert config is not None
     observer = JsonLineObserver(sys.stdout, config.max_logs)
+    for warning in config.warnings:
+        _log.warn("{relay_event}", relay_event="config_warning", warning=warning)
     metrics = RelayMetrics()
     worker_forward = WorkerForwarder(
         http_client=make_http_client(reactor, platform_policy(config)),
