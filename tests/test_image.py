@@ -1,0 +1,117 @@
+"""The Docker image, without a Docker engine: hadolint, and the image's exact command in a fresh venv built the same way."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Dict, List
+
+import pytest
+
+from tests.support import REPO_ROOT
+
+DOCKERFILE = os.path.join(REPO_ROOT, "Dockerfile")
+
+
+def _dockerfile() -> str:
+    with open(DOCKERFILE) as handle:
+        return handle.read()
+
+
+def _json_array(instruction: str) -> List[str]:
+    """The exec-form arguments of the last ``instruction`` line (CMD or HEALTHCHECK ... CMD)."""
+    text = _dockerfile().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if line.startswith(instruction)]
+    return json.loads(lines[-1][lines[-1].index("["):])
+
+
+def _image_env() -> Dict[str, str]:
+    text = _dockerfile().replace("\\\n", " ")
+    env: Dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(dict(re.findall(r"(\w+)=(\S+)", line)))
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_hadolint_clean() -> None:
+    """hadolint finds nothing at warning level or above in the Dockerfile."""
+    hadolint = shutil.which("hadolint") or os.path.join(os.path.dirname(sys.executable), "hadolint")
+    result = subprocess.run([hadolint, "--failure-threshold", "warning", DOCKERFILE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def image_venv() -> str:
+    """A fresh virtual environment installed like the image: wheels built from the project, then installed offline."""
+    root = tempfile.mkdtemp(prefix="image-")
+    source, wheels, venv = (os.path.join(root, name) for name in ("src", "wheels", "venv"))
+    os.makedirs(source)
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy(os.path.join(REPO_ROOT, name), source)
+    for name in ("viewport", "twisted"):
+        shutil.copytree(os.path.join(REPO_ROOT, name), os.path.join(source, name),
+                        ignore=shutil.ignore_patterns("__pycache__", "dropin.cache"))
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pip = os.path.join(venv, "bin", "pip")
+    subprocess.run([pip, "wheel", "-q", "--no-cache-dir", "--wheel-dir", wheels, "."], cwd=source, check=True)
+    built = [os.path.join(wheels, n) for n in os.listdir(wheels) if n.endswith(".whl")]
+    subprocess.run([pip, "install", "-q", "--no-cache-dir", "--no-index", "--find-links", wheels, *built], check=True)
+    yield venv
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_image_command_serves_with_safe_defaults(image_venv: str) -> None:
+    """The image's CMD and ENV start a relay on 0.0.0.0 in staging mode: healthy, query tokens refused, healthcheck passes."""
+    bin_dir = os.path.join(image_venv, "bin")
+    port = _free_port()
+    home = tempfile.mkdtemp()
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": home, **_image_env(), "PORT": str(port),
+           "RELAY_BACKPLANE_MODE": "single"}
+    command = _json_array("CMD")
+    process = subprocess.Popen(command, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        health_url = f"http://127.0.0.1:{port}/health"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(health_url, timeout=2) as answer:
+                    body = json.loads(answer.read())
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "relay did not become healthy"
+                time.sleep(0.1)
+        assert body["ok"] is True and "relayMode" not in body
+        healthcheck = _json_array("HEALTHCHECK")
+        checked = subprocess.run(healthcheck, env=env, timeout=10)
+        assert checked.returncode == 0
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(
+                b"GET /ws?role=client&workspaceId=w1&token=abcdefghijklmnop HTTP/1.1\r\nHost: x\r\n"
+                b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            assert raw.recv(64).startswith(b"HTTP/1.1 401")
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0].decode()
+    # twistd ends by re-raising the signal it stopped on (status 143 in a shell), after a clean shutdown.
+    assert process.returncode in (0, -15), output
+    assert '"Server Shut Down."' in output or "Server Shut Down." in output
+    assert '"relayMode":"staging"' in output
