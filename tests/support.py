@@ -8,15 +8,17 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from viewport.client import RelayConnection, connect
+from viewport.client import CloseInfo, RelayConnection, UpgradeRefused, connect
 from viewport.tokens import mint_token
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +35,7 @@ class _RelayOutput(ProcessProtocol):
         self.ended: Deferred[int] = Deferred()
         self._partial = b""
         self.stderr = b""
+        self.exit_signal: Optional[int] = None
 
     def outReceived(self, data: bytes) -> None:
         self._partial += data
@@ -48,6 +51,7 @@ class _RelayOutput(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         code = reason.value.exitCode if isinstance(reason.value, (ProcessDone, ProcessTerminated)) else None
+        self.exit_signal = getattr(reason.value, "signal", None)
         if not self.listening.called:
             self.listening.errback(
                 RuntimeError(f"relay exited ({code}) before listening: {self.stderr.decode()[-2000:]} {self.lines[-5:]}")
@@ -58,7 +62,13 @@ class _RelayOutput(ProcessProtocol):
 class RelayProcess:
     """One relay started with ``twistd -n viewport-relay --port 0`` in its own working directory."""
 
-    def __init__(self, env: Optional[Mapping[str, str]] = None, args: Optional[List[str]] = None) -> None:
+    def __init__(
+        self,
+        env: Optional[Mapping[str, str]] = None,
+        args: Optional[List[str]] = None,
+        unset: Iterable[str] = (),
+    ) -> None:
+        """``env`` adds to the defaults; ``unset`` removes default variables (e.g. RELAY_TOKEN_SECRET)."""
         self.workdir = tempfile.mkdtemp(prefix="relay-")
         self.env: Dict[str, str] = {
             "PATH": os.environ.get("PATH", ""),
@@ -68,6 +78,8 @@ class RelayProcess:
         }
         if env:
             self.env.update(env)
+        for name in unset:
+            self.env.pop(name, None)
         self.args = args or []
         self.output = _RelayOutput()
         self.url = ""
@@ -130,8 +142,22 @@ class RelayProcess:
         return found
 
 
-def token(role: str, workspace: str, runtime_target: Optional[str] = None, ttl: int = 3600, **claims: Any) -> str:
-    """A relay token signed with the test secret (camelCase claims as keyword arguments)."""
+def token(
+    role: str,
+    workspace: str,
+    runtime_target: Optional[str] = None,
+    ttl: int = 3600,
+    *,
+    now: Optional[float] = None,
+    key: str = TEST_SECRET,
+    **claims: Any,
+) -> str:
+    """
+    A relay token signed with the test secret (camelCase claims as keyword arguments).
+
+    A claim given as ``None`` is left out (``scope=None`` drops the client's default scope);
+    ``now`` back-dates the token and ``key`` signs it with another secret.
+    """
     body: Dict[str, Any] = {"role": role, "workspaceId": workspace}
     if runtime_target is not None:
         body["runtimeTargetId"] = runtime_target
@@ -139,7 +165,13 @@ def token(role: str, workspace: str, runtime_target: Optional[str] = None, ttl: 
         body.setdefault("scope", "runtime")
     body.update(claims)
     body = {k: v for k, v in body.items() if v is not None}
-    return mint_token(key=TEST_SECRET, algorithm="HS256", claims=body, ttl_seconds=ttl, now=time.time())
+    issued = time.time() if now is None else now
+    return mint_token(key=key, algorithm="HS256", claims=body, ttl_seconds=ttl, now=issued)
+
+
+def raw_token(claims: Mapping[str, Any], ttl: int = 3600) -> str:
+    """A token holding exactly ``claims`` (plus iat/exp/jti), signed with the test secret."""
+    return mint_token(key=TEST_SECRET, algorithm="HS256", claims=dict(claims), ttl_seconds=ttl, now=time.time())
 
 
 def open_peer(
@@ -182,3 +214,324 @@ def kill_on_exit(relay: RelayProcess) -> None:
     import atexit
 
     atexit.register(lambda: os.kill(relay.transport.pid, signal.SIGKILL) if relay.transport and relay.transport.pid else None)
+
+
+# --- helpers for the end-to-end suites (test_e2e_*.py) ------------------------------------------------
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+POLL_INTERVAL_SECONDS = 0.02
+
+
+def start_relays(*relays: RelayProcess) -> "Deferred[List[RelayProcess]]":
+    """Start several relays at once; fire when all listen (kill them all if one fails)."""
+    for relay in relays:
+        kill_on_exit_later(relay)
+
+    def failed(f: Failure) -> Failure:
+        for relay in relays:
+            relay.kill()
+        return f.value.subFailure if isinstance(f.value, FirstError) else f  # type: ignore[no-any-return]
+
+    return gatherResults([relay.start() for relay in relays], consumeErrors=True).addErrback(failed)
+
+
+def stop_relays(*relays: RelayProcess) -> "Deferred[List[int]]":
+    """SIGTERM several relays at once; fire with their exit codes."""
+    return gatherResults([relay.stop() for relay in relays], consumeErrors=True)
+
+
+def kill_on_exit_later(relay: RelayProcess) -> None:
+    """Register an atexit SIGKILL that looks the pid up when it runs (the process may not exist yet)."""
+    import atexit
+
+    def kill() -> None:
+        transport = relay.transport
+        if transport is not None and transport.pid is not None:
+            try:
+                os.kill(transport.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    atexit.register(kill)
+
+
+def open_with(
+    relay: RelayProcess,
+    bearer: str,
+    role: str,
+    workspace: str,
+    runtime_target: Optional[str] = None,
+    **options: Any,
+) -> "Deferred[RelayConnection]":
+    """Connect with a given token string; ``options`` go to ``viewport.client.connect`` (token_via, subprotocol, ...)."""
+    return connect(
+        reactor,
+        relay.url,
+        token=bearer,
+        role=role,
+        workspace_id=workspace,
+        runtime_target_id=runtime_target,
+        **options,
+    )
+
+
+def with_timeout(d: "Deferred[Any]", seconds: float) -> "Deferred[Any]":
+    """``d``, failing with TimeoutError if it has not fired after ``seconds``."""
+    return d.addTimeout(seconds, reactor)
+
+
+def closed_within(conn: RelayConnection, seconds: float = 5.0) -> "Deferred[CloseInfo]":
+    """The connection's CloseInfo, or TimeoutError if it stays open for ``seconds``."""
+    return with_timeout(conn.closed, seconds)
+
+
+@inlineCallbacks
+def refused_status(d: "Deferred[RelayConnection]") -> Any:
+    """The HTTP status of a refused upgrade (None when closed without an answer); fails if it opened."""
+    try:
+        conn = yield d
+    except UpgradeRefused as refused:
+        return refused.status
+    yield conn.abort()
+    raise AssertionError("the upgrade was accepted")
+
+
+@inlineCallbacks
+def poll_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """
+    Call ``check`` (which may return a Deferred) every few milliseconds until it returns a truthy
+    value, and return that value; fail with AssertionError after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = yield maybeDeferred(check)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s (last value {value!r})")
+        yield deferLater(reactor, POLL_INTERVAL_SECONDS, lambda: None)
+
+
+@inlineCallbacks
+def http_request(
+    method: str, url: str, headers: Optional[Mapping[str, str]] = None, data: Optional[bytes] = None
+) -> Any:
+    """One non-persistent HTTP request; fires with (status, lower-cased headers, body bytes)."""
+    import treq
+
+    sent: Dict[Any, Any] = dict(headers or {})
+    response = yield treq.request(method, url, headers=sent, data=data, persistent=False, timeout=10)
+    body = yield treq.content(response)
+    found = {
+        name.decode("latin-1").lower(): b", ".join(values).decode("latin-1")
+        for name, values in response.headers.getAllRawHeaders()
+    }
+    return response.code, found, body
+
+
+@inlineCallbacks
+def fetch_metrics(relay: RelayProcess, admin_token: str = ADMIN_TOKEN) -> Any:
+    """The relay's /metrics parsed into name → value (needs RELAY_ENABLE_ADMIN_HTTP and the admin token)."""
+    status, _, body = yield http_request("GET", relay.http_url + "/metrics", {"Authorization": f"Bearer {admin_token}"})
+    if status != 200:
+        raise AssertionError(f"/metrics answered {status}: {body[:200]!r}")
+    return parse_metrics(body.decode("utf-8"))
+
+
+def parse_metrics(text: str) -> Dict[str, float]:
+    """Prometheus text exposition to name (labels included verbatim) → value."""
+    values: Dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        values[name] = float(value)
+    return values
+
+
+@inlineCallbacks
+def metric_delta(relay: RelayProcess, names: Iterable[str], action: Callable[[], Any]) -> Any:
+    """Run ``action`` (may return a Deferred) and return how much each named metric grew meanwhile."""
+    names = list(names)
+    before = yield fetch_metrics(relay)
+    yield maybeDeferred(action)
+    after = yield fetch_metrics(relay)
+    return {name: after.get(name, 0.0) - before.get(name, 0.0) for name in names}
+
+
+@inlineCallbacks
+def metric_reaches(relay: RelayProcess, name: str, minimum: float, timeout: float = 10.0) -> Any:
+    """Poll /metrics until ``name`` is at least ``minimum``; return the value."""
+
+    @inlineCallbacks
+    def check() -> Any:
+        values = yield fetch_metrics(relay)
+        value = values.get(name, 0.0)
+        return value if value >= minimum else None
+
+    return (yield poll_until(check, timeout, f"{name} >= {minimum}"))
+
+
+class _RawClient(Protocol):
+    """Writes one request and collects whatever the server answers until it closes."""
+
+    def __init__(self, request: bytes, head_only: bool) -> None:
+        self.request = request
+        self.head_only = head_only
+        self.received = b""
+        self.done: "Deferred[bytes]" = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.head_only and b"\r\n\r\n" in self.received and not self.done.called:
+            self.done.callback(self.received)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self.done.called:
+            self.done.callback(self.received)
+
+
+@inlineCallbacks
+def raw_exchange(relay: RelayProcess, request: bytes, timeout: float = 5.0, head_only: bool = False) -> Any:
+    """
+    Send raw bytes over TCP; fire with everything the relay wrote before it closed the socket
+    (or, with ``head_only``, as soon as a complete response head arrived; the socket is then dropped).
+    """
+    host, port = relay.http_url.split("://", 1)[1].rsplit(":", 1)
+    endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=timeout)
+    client = _RawClient(request, head_only)
+    yield connectProtocol(endpoint, client)
+    try:
+        received = yield with_timeout(client.done, timeout)
+    finally:
+        if client.transport is not None:
+            client.transport.abortConnection()  # type: ignore[attr-defined]
+    return received
+
+
+def upgrade_request(target: str, headers: Mapping[str, str], *, key: Optional[str] = "dGhlIHNhbXBsZSBub25jZQ==") -> bytes:
+    """A raw WebSocket upgrade request head for ``target`` (``key=None`` leaves Sec-WebSocket-Key out)."""
+    lines = [
+        f"GET {target} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if key is not None:
+        lines.append(f"Sec-WebSocket-Key: {key}")
+    lines.extend(f"{name}: {value}" for name, value in headers.items())
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def status_of(response: bytes) -> Optional[int]:
+    """The status code of a raw HTTP response, or None if nothing (or no status line) arrived."""
+    from viewport.client import parse_status_line
+
+    return parse_status_line(response)
+
+
+def e2e_env(**overrides: str) -> Dict[str, str]:
+    """Relay environment for the e2e suites: admin HTTP on with ADMIN_TOKEN, a high upgrade rate, plus overrides."""
+    env = {
+        "RELAY_ENABLE_ADMIN_HTTP": "1",
+        "RELAY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "RELAY_UPGRADE_RATE_PER_MINUTE": "100000",
+    }
+    env.update(overrides)
+    return env
+
+
+@inlineCallbacks
+def settled(relay: RelayProcess, open_sockets: int = 0, timeout: float = 10.0) -> Any:
+    """Wait until the relay counts exactly ``open_sockets`` registered sockets (opened − closed)."""
+
+    @inlineCallbacks
+    def check() -> Any:
+        values = yield fetch_metrics(relay)
+        live = values.get("relay_ws_connections_opened_total", 0.0) - values.get("relay_ws_connections_closed_total", 0.0)
+        return live == open_sockets
+
+    yield poll_until(check, timeout, f"{open_sockets} open sockets")
+
+
+# --- frames as peers send them ------------------------------------------------------------------------
+
+CHANNEL = "agent-session:a"
+OTHER_CHANNEL = "agent-session:b"
+
+
+def dumps(frame: Dict[str, Any]) -> str:
+    """Compact JSON, as peers send it."""
+    return json.dumps(frame, separators=(",", ":"))
+
+
+def kex_init(request_id: str, profile: str = "noise-ik") -> str:
+    """A v3 key exchange init."""
+    return dumps({"type": "relay_key_exchange_init", "version": 3, "profile": profile, "requestId": request_id,
+                  "clientEphemeralPublicKey": "e", "encryptedClientStatic": "s"})
+
+
+def kex_response(request_id: str, session_id: str) -> str:
+    """A v3 key exchange response with an extra field (forwarded untouched)."""
+    return dumps({"type": "relay_key_exchange_response", "version": 3, "profile": "noise-ik", "requestId": request_id,
+                  "daemonPublicKey": "d", "daemonEphemeralPublicKey": "e", "encryptedMetadata": "m",
+                  "sessionId": session_id, "proof": "p", "epoch": 1, "extra": {"kept": True}})
+
+
+def envelope(session_id: str, seq: int = 1, profile: str = "noise-ik") -> str:
+    """An E2EE envelope."""
+    return dumps({"type": "e2ee", "version": 2, "profile": profile, "sessionId": session_id, "epoch": 1, "seq": seq,
+                  "iv": "i", "tag": "t", "ciphertext": f"c{seq}"})
+
+
+def offer_request(request_id: str) -> str:
+    """A pairing offer request."""
+    return dumps({"type": "relay_pairing_offer_request", "requestId": request_id, "clientChannelPublicKey": "k",
+                  "ttlSeconds": 60})
+
+
+def offer_response(request_id: str) -> str:
+    """A successful pairing offer response."""
+    return dumps({"type": "relay_pairing_offer_response", "requestId": request_id, "ok": True,
+                  "daemonChannelPublicKey": "d", "encIv": "i", "encTag": "t", "encCiphertext": "c"})
+
+
+def redeem_request(request_id: str) -> str:
+    """A pairing redeem request."""
+    return dumps({"type": "relay_pairing_redeem_request", "requestId": request_id, "offerId": "o", "encIv": "i",
+                  "encTag": "t", "encCiphertext": "c"})
+
+
+def redeem_response(request_id: str) -> str:
+    """A refused pairing redeem response."""
+    return dumps({"type": "relay_pairing_redeem_response", "requestId": request_id, "ok": False,
+                  "errorCode": "OFFER_EXPIRED"})
+
+
+def subscribe(channel: str, after: Optional[int] = None) -> str:
+    """A session-events subscribe."""
+    frame: Dict[str, Any] = {"type": "viewport.session_events.subscribe/v1", "channel": channel}
+    if after is not None:
+        frame["afterSequence"] = after
+    return dumps(frame)
+
+
+def unsubscribe(channel: str) -> str:
+    """A session-events unsubscribe."""
+    return dumps({"type": "viewport.session_events.unsubscribe/v1", "channel": channel})
+
+
+def presence(channel: str, user: str = "u1") -> str:
+    """A viewer presence announcement."""
+    return dumps({"type": "viewport.session_viewer_presence/v1", "channel": channel, "action": "joined",
+                  "userId": user, "displayName": "Viewer"})
+
+
+def session_event(channel: str, sequence: int) -> str:
+    """A session event relay frame as a daemon emits it."""
+    return dumps({"schema": "viewport.session_event_relay_frame/v1", "channel": channel,
+                  "event": {"sequence": sequence, "kind": "message"}})

@@ -1,0 +1,256 @@
+"""End-to-end: size limits, rate limits, back-pressure, heartbeat and shutdown of a real relay process."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any, Dict
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import inlineCallbacks
+
+from tests.support import (
+    CHANNEL,
+    RelayProcess,
+    closed_within,
+    e2e_env,
+    envelope,
+    fetch_metrics,
+    kex_init,
+    kex_response,
+    metric_reaches,
+    offer_request,
+    open_peer,
+    presence,
+    settled,
+    start_relays,
+    stop_all,
+    stop_relays,
+    with_timeout,
+)
+from viewport.client import RelayConnection, is_status
+
+PING_INTERVAL_MS = 200
+PONG_TIMEOUT_MS = 300
+
+
+@pytest.fixture(scope="module")
+def relays() -> Any:
+    """Relays started together: tight rate and size limits, a small pending-bytes limit, a fast heartbeat."""
+    procs: Dict[str, RelayProcess] = {
+        "rates": RelayProcess(e2e_env(
+            RELAY_KEX_INIT_RATE_PER_MINUTE="2",
+            RELAY_RUNTIME_RATE_PER_MINUTE="2",
+            RELAY_PAIRING_RATE_PER_MINUTE="2",
+            RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE="2",
+            RELAY_MAX_FRAME_BYTES="1024",
+        )),
+        "flood": RelayProcess(e2e_env(
+            RELAY_MAX_PENDING_BYTES="65536",
+            RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE="10000000",
+        )),
+        "heartbeat": RelayProcess(e2e_env(
+            RELAY_PING_INTERVAL_MS=str(PING_INTERVAL_MS),
+            RELAY_PONG_TIMEOUT_MS=str(PONG_TIMEOUT_MS),
+        )),
+    }
+    pytest_twisted.blockon(start_relays(*procs.values()))
+    yield procs
+    pytest_twisted.blockon(stop_relays(*procs.values()))
+
+
+@inlineCallbacks
+def expect_close(conn: RelayConnection, code: int, reason: str, timeout: float = 5.0) -> Any:
+    """The connection is closed by the relay with ``code`` and ``reason``."""
+    info = yield closed_within(conn, timeout)
+    assert (info.code, info.reason) == (code, reason)
+
+
+# -- size ---------------------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_oversize_message_closes_1009(relays: Any) -> Any:
+    """A message larger than RELAY_MAX_FRAME_BYTES closes the sender's socket with 1009, client or daemon alike."""
+    relay = relays["rates"]
+    client = yield open_peer(relay, "client", "size", "rt1")
+    client.send_text(envelope("s1")[:-1] + ',"pad":"' + "x" * 1100 + '"}')
+    info = yield closed_within(client)
+    assert info.code == 1009
+    daemon = yield open_peer(relay, "workspace-daemon", "size", "rt1")
+    daemon.send_binary(b"x" * 2048)
+    info = yield closed_within(daemon)
+    assert info.code == 1009
+
+
+# -- rate limits (each test its own workspace and clientId: limiter state is process-wide) ---------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_key_exchange_rate_limit_closes_4008_and_survives_reconnect(relays: Any) -> Any:
+    """The third key exchange in a minute closes 4008; a reconnect with the same client identity is still limited."""
+    relay = relays["rates"]
+    client = yield open_peer(relay, "client", "kexrate", "rt1", clientId="kex-client")
+    for n in range(2):
+        client.send_text(kex_init(f"r{n}"))
+        assert is_status((yield client.next_json()), "DAEMON_UNAVAILABLE")
+    client.send_text(kex_init("r2"))
+    yield expect_close(client, 4008, "key exchange rate limit exceeded")
+    again = yield open_peer(relay, "client", "kexrate", "rt1", clientId="kex-client")
+    again.send_text(kex_init("r3"))
+    yield expect_close(again, 4008, "key exchange rate limit exceeded")
+    metrics = yield fetch_metrics(relay)
+    assert metrics["relay_frames_client_kex_rate_limited_total"] == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_runtime_rate_limit_closes_4008(relays: Any) -> Any:
+    """E2EE envelopes beyond the per-client token bucket close the client 4008."""
+    relay = relays["rates"]
+    client = yield open_peer(relay, "client", "rtrate", "rt1", clientId="runtime-client")
+    for n in range(2):
+        client.send_text(envelope("s1", n + 1))
+        assert is_status((yield client.next_json()), "DAEMON_UNAVAILABLE")
+    client.send_text(envelope("s1", 3))
+    yield expect_close(client, 4008, "runtime rate limit exceeded")
+
+
+@pytest_twisted.inlineCallbacks
+def test_pairing_rate_limit_closes_4008(relays: Any) -> Any:
+    """Pairing requests beyond the per-client window close the client 4008."""
+    relay = relays["rates"]
+    client = yield open_peer(relay, "client", "pairrate", "rt1", scope="pairing", clientId="pairing-client")
+    for n in range(2):
+        client.send_text(offer_request(f"p{n}"))
+        assert is_status((yield client.next_json()), "DAEMON_UNAVAILABLE")
+    client.send_text(offer_request("p2"))
+    yield expect_close(client, 4008, "pairing rate limit exceeded")
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_rate_limit_closes_4008(relays: Any) -> Any:
+    """Viewer presence beyond the runtime token bucket closes the session-events client 4008."""
+    relay = relays["rates"]
+    viewer = yield open_peer(relay, "client", "presrate", "rt1", scope="session-events", sessionChannels=[CHANNEL],
+                             clientId="presence-client")
+    before = yield fetch_metrics(relay)
+    for _ in range(3):
+        viewer.send_text(presence(CHANNEL))
+    yield expect_close(viewer, 4008, "presence rate limit exceeded")
+    after = yield fetch_metrics(relay)
+    assert after["relay_session_viewer_presence_no_peers_total"] - before["relay_session_viewer_presence_no_peers_total"] == 2
+    assert after["relay_session_viewer_presence_rate_limited_total"] - before["relay_session_viewer_presence_rate_limited_total"] == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_daemon_rate_limit_closes_4008(relays: Any) -> Any:
+    """Daemon frames beyond the per-workspace bucket (invalid ones included) close the daemon 4008."""
+    relay = relays["rates"]
+    daemon = yield open_peer(relay, "workspace-daemon", "daemonrate", "rt1")
+    daemon.send_text("not a frame")
+    daemon.send_text(envelope("s1"))
+    daemon.send_text(envelope("s1", 2))
+    yield expect_close(daemon, 4008, "daemon rate limit exceeded")
+
+
+@pytest_twisted.inlineCallbacks
+def test_worker_rate_limit_closes_4008(relays: Any) -> Any:
+    """Worker requests share the per-workspace daemon bucket; beyond it the worker is closed 4008."""
+    relay = relays["rates"]
+    worker = yield open_peer(relay, "worker", "workerrate", managedExecutorId="me1")
+    request = ('{"type":"viewport.worker_transport.request/v1","requestId":"q%d","method":"GET",'
+               '"path":"/api/runtime/workspaces/elsewhere/managed-executors/me1"}')
+    for n in range(2):
+        worker.send_text(request % n)
+        answer = yield worker.next_json()
+        assert (answer["requestId"], answer["status"]) == (f"q{n}", 403)
+    worker.send_text(request % 2)
+    yield expect_close(worker, 4008, "worker rate limit exceeded")
+
+
+# -- back-pressure --------------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_slow_client_is_closed_with_buffer_overflow(relays: Any) -> Any:
+    """A client that stops reading while its daemon floods it is closed 4008 buffer overflow; the daemon is unaffected."""
+    relay = relays["flood"]
+    daemon = yield open_peer(relay, "workspace-daemon", "flood", "rt1")
+    client = yield open_peer(relay, "client", "flood", "rt1")
+    try:
+        client.send_text(kex_init("r1"))
+        yield daemon.next_message()
+        daemon.send_text(kex_response("r1", "s1"))
+        yield client.next_message()
+        client.pause_reading()
+        padding = "x" * 32768
+        frame = envelope("s1")[:-1] + ',"pad":"' + padding + '"}'
+        deadline = time.monotonic() + 30.0
+        while True:
+            for _ in range(64):
+                daemon.send_text(frame)
+            metrics = yield fetch_metrics(relay)
+            if metrics["relay_ws_slow_client_terminated_total"] >= 1:
+                break
+            assert time.monotonic() < deadline, "the relay never closed the slow client"
+        client.resume_reading()
+        info = yield closed_within(client, 30.0)
+        assert (info.code, info.reason) == (4008, "buffer overflow")
+        assert daemon.is_open
+        daemon.send_text(frame)
+        yield settled(relay, 1)
+    finally:
+        yield stop_all(daemon, client)
+
+
+# -- heartbeat ------------------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_peer_that_stops_answering_pings_is_dropped(relays: Any) -> Any:
+    """A client that stops reading (so never answers pings) is dropped within ping interval plus pong timeout."""
+    relay = relays["heartbeat"]
+    healthy = yield open_peer(relay, "client", "heartbeat", "rt1")
+    silent = yield open_peer(relay, "client", "heartbeat", "rt1")
+    try:
+        silent.pause_reading()
+        started = time.monotonic()
+        yield metric_reaches(relay, "relay_ws_stale_terminated_total", 1, timeout=10.0)
+        elapsed = time.monotonic() - started
+        assert elapsed < (PING_INTERVAL_MS + PONG_TIMEOUT_MS) / 1000.0 + 2.0
+        silent.resume_reading()
+        info = yield closed_within(silent, 5.0)
+        assert info.code == 1006 and not info.was_clean
+        assert healthy.is_open
+        metrics = yield fetch_metrics(relay)
+        assert metrics["relay_ws_stale_terminated_total"] == 1
+        assert [e["details"]["reason"] for e in relay.events("ws_terminated")] == ["heartbeat timeout"]
+    finally:
+        yield stop_all(healthy, silent)
+
+
+# -- shutdown -------------------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_sigterm_closes_every_socket_with_1001_then_stops() -> Any:
+    """On SIGTERM every WebSocket receives close 1001 "relay shutting down" and the reactor stops in order."""
+    relay = RelayProcess(e2e_env())
+    yield start_relays(relay)
+    peers = []
+    try:
+        peers.append((yield open_peer(relay, "workspace-daemon", "bye", "rt1")))
+        peers.append((yield open_peer(relay, "client", "bye", "rt1")))
+        peers.append((yield open_peer(relay, "client", "bye", "rt1", scope="session-events", sessionChannels=[CHANNEL])))
+        peers.append((yield open_peer(relay, "worker", "bye", managedExecutorId="me1")))
+        code = yield with_timeout(relay.stop(), 15.0)
+        for peer in peers:
+            info = yield closed_within(peer)
+            assert (info.code, info.reason) == (1001, "relay shutting down")
+        assert any("Main loop terminated" in line for line in relay.output.lines)
+        # twistd re-raises the stopping signal after the orderly shutdown (status 143 in a shell), as
+        # process supervisors expect; docs/protocol.md says so.
+        assert code == 0 or relay.output.exit_signal == signal.SIGTERM
+    finally:
+        relay.kill()
