@@ -65,6 +65,7 @@ _INT_KNOBS: dict[str, tuple[str, int]] = {
     "idle_timeout_ms": ("RELAY_IDLE_TIMEOUT_MS", 300000),
     "empty_workspace_ttl_ms": ("RELAY_EMPTY_WORKSPACE_TTL_MS", 120000),
     "cleanup_interval_ms": ("RELAY_CLEANUP_INTERVAL_MS", 30000),
+    "shutdown_grace_ms": ("RELAY_SHUTDOWN_GRACE_MS", 10000),
     "redis_connect_timeout_ms": ("RELAY_REDIS_CONNECT_TIMEOUT_MS", 5000),
     "redis_presence_ttl_ms": ("RELAY_REDIS_PRESENCE_TTL_MS", 45000),
     "redis_queue_max": ("RELAY_REDIS_QUEUE_MAX", 10000),
@@ -160,6 +161,7 @@ class RelayConfig:
     idle_timeout_ms: int
     empty_workspace_ttl_ms: int
     cleanup_interval_ms: int
+    shutdown_grace_ms: int
 
     relay_id: str
     public_ws_base_url: str

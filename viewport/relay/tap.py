@@ -29,8 +29,6 @@ from viewport.relay.service import ListeningService
 from viewport.relay.worker import WorkerForwarder
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
-SHUTDOWN_GRACE_SECONDS = 10.0
-
 _log = Logger()
 
 
@@ -165,6 +163,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         log_observer=observer,
         worker_forward=worker_forward,
     )
-    service = ListeningService(relay, listening_endpoint(reactor, config), SHUTDOWN_GRACE_SECONDS)
+    service = ListeningService(relay, listening_endpoint(reactor, config), config.shutdown_grace_ms / 1000.0)
     service.log_observer = observer
     return service
