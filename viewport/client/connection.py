@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,10 +75,11 @@ class _Waiter:
 
 
 class RelayConnection:
-    """A WebSocket connection to the relay once it is OPEN.
+    """A WebSocket connection to the relay once it is OPEN (made by :func:`~viewport.client.connect`).
 
     Received messages are queued in arrival order until a ``next_*`` call consumes them; messages that
-    arrived before the close stay readable after it.
+    arrived before the close stay readable after it. Alternatively :meth:`set_message_handler` hands every
+    message to a callable as it arrives.
     """
 
     def __init__(self, protocol: WebSocketClientProtocol, clock: IReactorTime, url: str) -> None:
@@ -85,6 +87,9 @@ class RelayConnection:
         self._clock = clock
         self.url = url
         """The full URL, query included, that this connection was opened with."""
+        self.redirected_from: list[str] = []
+        """The URLs that answered the upgrade with a followed redirect, in order (empty if none did)."""
+        self._handler: Callable[[Frame], None] | None = None
         self._frames: deque[Frame] = deque()
         self._waiters: deque[_Waiter] = deque()
         self._close_info: CloseInfo | None = None
@@ -175,6 +180,17 @@ class RelayConnection:
         """The next unconsumed message parsed as a JSON object (fails with ValueError otherwise)."""
         return self.next_message(timeout).addCallback(parse_json_object)
 
+    def set_message_handler(self, handler: Callable[[Frame], None] | None) -> None:
+        """Deliver every message to ``handler`` as it arrives instead of queueing it (``None`` queues again).
+
+        Messages already queued are handed over first, in order. While a handler is set, ``next_*`` calls
+        receive nothing (they fail with :class:`ConnectionClosed` at the close, or time out). An exception
+        from the handler closes the connection with 1011, as any bug in a receive path does.
+        """
+        self._handler = handler
+        while handler is not None and self._frames and self._handler is handler:
+            handler(self._frames.popleft())
+
     def pending_messages(self) -> list[str]:
         """The messages that arrived and were not consumed yet, oldest first (they stay queued)."""
         return [frame.text for frame in self._frames]
@@ -226,6 +242,9 @@ class RelayConnection:
     def _message_received(self, payload: bytes, is_binary: bool) -> None:
         """Hand a received message to the oldest waiter, or queue it."""
         frame = Frame(payload, is_binary)
+        if self._handler is not None:
+            self._handler(frame)
+            return
         waiter = self._next_waiter()
         if waiter is None:
             self._frames.append(frame)

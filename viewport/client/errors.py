@@ -24,9 +24,11 @@ class UpgradeRefused(HandshakeFailed):
     """The relay refused the upgrade with a non-101 HTTP status, or answered nothing at all.
 
     ``status`` is the HTTP status code, or ``None`` when the socket closed before a status line arrived.
+    ``location`` is the ``Location`` header of the answer (kept for any status; meaningful for a 3xx), or
+    ``None`` when the answer had none.
     """
 
-    def __init__(self, status: int | None, reason: str | None = None) -> None:
+    def __init__(self, status: int | None, reason: str | None = None, *, location: str | None = None) -> None:
         if reason is None:
             reason = (
                 "connection closed before an upgrade response"
@@ -35,10 +37,27 @@ class UpgradeRefused(HandshakeFailed):
             )
         super().__init__(reason)
         self.status = status
+        self.location = location
 
     def __repr__(self) -> str:
-        """Show the status, which is what callers assert on."""
-        return f"UpgradeRefused(status={self.status!r})"
+        """Show the status (and a redirect's location), which is what callers assert on."""
+        if self.location is None:
+            return f"UpgradeRefused(status={self.status!r})"
+        return f"UpgradeRefused(status={self.status!r}, location={self.location!r})"
+
+
+class TooManyRedirects(UpgradeRefused):
+    """A redirect answer arrived after ``max_redirects`` redirects had already been followed.
+
+    ``redirected_from`` lists the URLs that answered with a redirect, in the order they were tried; the last
+    refusal's ``status`` and ``location`` are kept.
+    """
+
+    def __init__(self, status: int, location: str, redirected_from: list[str]) -> None:
+        super().__init__(
+            status, f"more than {len(redirected_from) - 1} redirects (last HTTP {status})", location=location
+        )
+        self.redirected_from = redirected_from
 
 
 class OpenTimeout(RelayClientError, TimeoutError):

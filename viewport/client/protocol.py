@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -23,11 +24,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from viewport.client.connection import CloseInfo, RelayConnection
-from viewport.client.errors import HandshakeFailed, OpenTimeout, UpgradeRefused
-from viewport.client.url import DEFAULT_SUBPROTOCOL, TokenVia, handshake_for
+from viewport.client.errors import HandshakeFailed, OpenTimeout, TooManyRedirects, UpgradeRefused
+from viewport.client.url import DEFAULT_SUBPROTOCOL, TokenVia, handshake_for, redirect_url
 
 _STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)?[ \t]+(\d{3})(?:[ \t]|$)")
 _INTERNAL_ERROR = 1011
+
+FOLLOWED_REDIRECT_STATUSES = frozenset({307, 308})
+"""The upgrade answers :func:`connect` follows: the redirects that keep the method (a GET upgrade)."""
 
 
 def parse_status_line(data: bytes) -> int | None:
@@ -37,6 +41,20 @@ def parse_status_line(data: bytes) -> int | None:
         return None
     match = _STATUS_LINE.match(data[:end].rstrip(b"\r"))
     return int(match.group(1)) if match else None
+
+
+def parse_location(data: bytes) -> str | None:
+    """The ``Location`` header of the HTTP response head at the start of ``data``, or None.
+
+    Only complete header lines count: a head cut off by a closed socket never yields half a URL.
+    """
+    end = data.find(b"\r\n\r\n")
+    head = data[:end] if end >= 0 else data[: data.rfind(b"\n") + 1]
+    for line in head.split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"location":
+            return value.strip().decode("utf-8", errors="replace") or None
+    return None
 
 
 class _Attempt:
@@ -68,12 +86,13 @@ class _Attempt:
             self._fail(self._abandoned)
             return
         status = protocol.http_status
+        data = getattr(protocol, "data", b"") or b""
         if status is None:
-            status = parse_status_line(getattr(protocol, "data", b"") or b"")
+            status = parse_status_line(data)
         if status is None:
             self._fail(UpgradeRefused(None))
         elif status != 101:
-            self._fail(UpgradeRefused(status))
+            self._fail(UpgradeRefused(status, location=parse_location(data)))
         else:
             self._fail(HandshakeFailed(str(protocol.wasNotCleanReason or info.reason)))
 
@@ -212,47 +231,23 @@ class _RelayClientFactory(WebSocketClientFactory):
         self.attempt.tcp_failed(reason)
 
 
-def connect(
+def _open(
     reactor: IReactorTCP,
     url: str,
     *,
-    token: str,
-    role: str,
-    workspace_id: str,
-    runtime_target_id: str | None = None,
-    token_via: TokenVia = "header",
-    subprotocol: str | None = DEFAULT_SUBPROTOCOL,
-    open_timeout: float = 8.0,
-    max_message_bytes: int | None = None,
-    extra_query: Mapping[str, str] | None = None,
-    tls_options: IOpenSSLClientConnectionCreator | None = None,
+    headers: dict[str, str],
+    protocols: list[str],
+    open_timeout: float,
+    max_message_bytes: int | None,
+    tls_options: IOpenSSLClientConnectionCreator | None,
 ) -> Deferred[RelayConnection]:
-    """Open a WebSocket to the relay at ``url`` (its ``/ws`` base URL) as ``role``.
-
-    The result fires with a :class:`RelayConnection` once the socket is OPEN, or fails with
-    :class:`UpgradeRefused` (non-101 status, or ``status=None`` when the relay closed without answering),
-    :class:`HandshakeFailed` (an invalid 101 response), :class:`OpenTimeout` after ``open_timeout``
-    seconds, or a Twisted ``ConnectError`` when TCP fails. It fires only once the socket is gone.
-    ``reactor`` must also provide ``IReactorTime`` (and ``IReactorSSL`` for ``wss://``).
-    """
-    if open_timeout <= 0:
-        raise ValueError("open_timeout must be positive")
-    handshake = handshake_for(
-        url,
-        token=token,
-        role=role,
-        workspace_id=workspace_id,
-        runtime_target_id=runtime_target_id,
-        token_via=token_via,
-        subprotocol=subprotocol,
-        extra_query=extra_query,
-    )
-    attempt = _Attempt(IReactorTime(reactor), handshake.url, open_timeout)
+    """One upgrade attempt at the full ``url``: the Deferred of its :class:`_Attempt`."""
+    attempt = _Attempt(IReactorTime(reactor), url, open_timeout)
     factory = _RelayClientFactory(
         attempt,
         reactor=reactor,
-        headers=handshake.headers,
-        protocols=handshake.protocols,
+        headers=headers,
+        protocols=protocols,
         max_message_bytes=max_message_bytes,
     )
     # Twisted's own connect timeout only backs ours up; ours covers the handshake as well.
@@ -271,3 +266,101 @@ def connect(
     else:
         attempt.connector = reactor.connectTCP(factory.host, factory.port, factory, timeout=tcp_timeout)
     return attempt.result
+
+
+async def _follow_redirects(
+    open_url: Callable[[str], Deferred[RelayConnection]],
+    url: str,
+    *,
+    token: str,
+    token_via: TokenVia,
+    max_redirects: int,
+) -> RelayConnection:
+    """Open ``url``, following 307/308 answers to their ``Location`` up to ``max_redirects`` times."""
+    redirected_from: list[str] = []
+    while True:
+        try:
+            connection = await open_url(url)
+        except UpgradeRefused as refused:
+            if refused.status not in FOLLOWED_REDIRECT_STATUSES or refused.location is None:
+                raise
+            target = redirect_url(refused.location, url, token=token, token_via=token_via)
+            if target is None:
+                raise
+            redirected_from.append(url)
+            if len(redirected_from) > max_redirects:
+                assert refused.status is not None
+                raise TooManyRedirects(refused.status, refused.location, redirected_from) from refused
+            url = target
+            continue
+        connection.redirected_from = redirected_from
+        return connection
+
+
+def connect(
+    reactor: IReactorTCP,
+    url: str,
+    *,
+    token: str,
+    role: str,
+    workspace_id: str,
+    runtime_target_id: str | None = None,
+    token_via: TokenVia = "header",
+    subprotocol: str | None = DEFAULT_SUBPROTOCOL,
+    open_timeout: float = 8.0,
+    max_message_bytes: int | None = None,
+    extra_query: Mapping[str, str] | None = None,
+    tls_options: IOpenSSLClientConnectionCreator | None = None,
+    follow_redirects: bool = True,
+    max_redirects: int = 3,
+    http_redirect: bool = False,
+) -> Deferred[RelayConnection]:
+    """Open a WebSocket to the relay at ``url`` (its ``/ws`` base URL) as ``role``.
+
+    The result fires with a :class:`RelayConnection` once the socket is OPEN, or fails with
+    :class:`UpgradeRefused` (non-101 status, or ``status=None`` when the relay closed without answering),
+    :class:`HandshakeFailed` (an invalid 101 response), :class:`OpenTimeout` after ``open_timeout``
+    seconds, or a Twisted ``ConnectionRefusedError`` (or another ``ConnectError``) when TCP fails. It fires
+    only once the socket is gone. ``reactor`` must also provide ``IReactorTime`` (and ``IReactorSSL`` for
+    ``wss://``).
+
+    Redirects: ``http_redirect=True`` adds ``redirect=http`` to the query, asking the relay to answer a
+    client whose daemon is on another relay with ``307`` and the owner's URL instead of an in-band
+    ``RELAY_REDIRECT`` frame. With ``follow_redirects`` (the default) a 307/308 answer carrying a
+    ``Location`` is followed with the same token in the same place, the relay's query kept as written, up to
+    ``max_redirects`` times (then :class:`TooManyRedirects`); the connection's
+    :attr:`~RelayConnection.redirected_from` lists the URLs that redirected. The token goes to whatever host
+    the relay names, and ``open_timeout`` and ``tls_options`` apply to each hop. Without
+    ``follow_redirects`` a redirect fails as ``UpgradeRefused`` with its ``location``.
+    """
+    if open_timeout <= 0:
+        raise ValueError("open_timeout must be positive")
+    if max_redirects < 0:
+        raise ValueError("max_redirects must not be negative")
+    query = dict(extra_query or {})
+    if http_redirect:
+        query["redirect"] = "http"
+    handshake = handshake_for(
+        url,
+        token=token,
+        role=role,
+        workspace_id=workspace_id,
+        runtime_target_id=runtime_target_id,
+        token_via=token_via,
+        subprotocol=subprotocol,
+        extra_query=query,
+    )
+    open_url = partial(
+        _open,
+        reactor,
+        headers=handshake.headers,
+        protocols=handshake.protocols,
+        open_timeout=open_timeout,
+        max_message_bytes=max_message_bytes,
+        tls_options=tls_options,
+    )
+    if not follow_redirects:
+        return open_url(handshake.url)
+    return Deferred.fromCoroutine(
+        _follow_redirects(open_url, handshake.url, token=token, token_via=token_via, max_redirects=max_redirects)
+    )

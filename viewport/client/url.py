@@ -1,11 +1,11 @@
-"""Upgrade URL and token placement for a relay connection (contract §2.4, §2.6, §8.2, §8.6)."""
+"""Upgrade URL, token placement and redirect targets for a relay connection (contract §2.4, §2.6, §8.2, §8.6)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsplit
 
 TokenVia = Literal["header", "subprotocol", "query"]
 """Where the token travels: ``Authorization: Bearer`` (daemons), ``auth.<token>`` subprotocol
@@ -88,3 +88,45 @@ def handshake_for(
         extra_query=extra_query,
     )
     return Handshake(url=url, headers=headers, protocols=protocols)
+
+
+_REDIRECT_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
+
+def base_url_of(url: str) -> str:
+    """``url`` without its query and fragment: the ``ws(s)://host:port/ws`` base a relay query is added to."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def is_relay_base_url(url: str) -> bool:
+    """Whether ``url`` is an absolute ``ws://`` or ``wss://`` URL with a host (what ``relayWsBaseUrl`` must be)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    return parts.scheme in ("ws", "wss") and bool(parts.hostname)
+
+
+def redirect_url(location: str, current_url: str, *, token: str, token_via: TokenVia) -> str | None:
+    """The URL to open next for a redirect answer's ``location``, or None if it cannot be followed.
+
+    A relative ``location`` is resolved against ``current_url``; ``http``/``https`` map to ``ws``/``wss``; any
+    other scheme is refused. The query the relay wrote is kept as it is; with ``token_via="query"`` the token is
+    appended unless the location already carries one (header and subprotocol tokens travel as before).
+    """
+    absolute = urljoin(current_url, location.strip())
+    try:
+        parts = urlsplit(absolute)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return None
+    scheme = _REDIRECT_SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        return None
+    query = parts.query
+    if token_via == "query" and "token" not in dict(parse_qsl(query, keep_blank_values=True)):
+        extra = urlencode([("token", token)], quote_via=quote, safe="")
+        query = f"{query}&{extra}" if query else extra
+    return urlunsplit((scheme, parts.netloc, parts.path, query, ""))
