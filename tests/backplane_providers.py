@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Awaitable, Callable, Dict, List
 
 from twisted.internet.defer import Deferred, succeed
 
+from viewport.relay.backplane.redis import RedisBackplane
 from viewport.relay.backplane.single import SingleBackplane
 from viewport.relay.interfaces import BusFrame
 
@@ -51,4 +53,70 @@ def _single() -> "Deferred[BackplaneHarness]":
     ).start()
 
 
-PROVIDERS: Dict[str, Callable[[], "Deferred[BackplaneHarness]"]] = {"single": _single}
+#: The machine's shared Redis; each harness uses its own key prefix, so runs never see each other.
+SHARED_REDIS_URL = "redis://127.0.0.1:6379"
+
+
+class RedisHarness(BackplaneHarness):
+    """Three ``RedisBackplane`` relays on the shared Redis, under a key prefix of their own."""
+
+    cross_relay = True
+    confirms_delivery = True
+
+    def __init__(self) -> None:
+        from twisted.internet import reactor
+
+        prefix = f"viewport-test:{uuid.uuid4().hex}"
+        super().__init__(*(
+            RedisBackplane(
+                relay_id=relay_id,
+                redis_url=SHARED_REDIS_URL,
+                hmac_key="contract-bus-key",
+                reactor=reactor,
+                key_prefix=prefix,
+                # The contract expects another relay's disconnect to be visible at once; the
+                # positive cache (up to resolve_cache_ms stale) is covered by test_backplane_redis.
+                resolve_cache_ms=0,
+            )
+            for relay_id in ("relay-a", "relay-b", "relay-c")
+        ))
+
+    def start(self) -> "Deferred[BackplaneHarness]":
+        """Start all three and insist that Redis was reachable."""
+
+        def connected(harness: BackplaneHarness) -> Any:
+            if all(backplane.healthy for backplane in (self.a, self.b, self.c)):
+                return harness
+
+            def unreachable(_: object) -> None:
+                raise AssertionError(f"Redis at {SHARED_REDIS_URL} unreachable")
+
+            return self.close().addCallback(unreachable)
+
+        return super().start().addCallback(connected)
+
+    def ready(self) -> "Deferred[None]":
+        """Fires once Redis answered every SUBSCRIBE/UNSUBSCRIBE sent so far."""
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults(
+            [backplane.subscriptions_settled() for backplane in (self.a, self.b, self.c)]
+        ).addCallback(lambda _: None)
+
+
+def _redis() -> "Deferred[BackplaneHarness]":
+    return RedisHarness().start()
+
+
+def _server() -> "Deferred[BackplaneHarness]":
+    # A real viewport-bus process on a fresh PostgreSQL database (see tests/pg_server.py).
+    from tests.pg_server import server_harness
+
+    return server_harness()  # type: ignore[no-any-return]
+
+
+PROVIDERS: Dict[str, Callable[[], "Deferred[BackplaneHarness]"]] = {
+    "single": _single,
+    "redis": _redis,
+    "server": _server,
+}

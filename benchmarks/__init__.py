@@ -1,0 +1,1 @@
+"""Throughput, latency and scale measurements of the relay; they print numbers and assert nothing about speed."""

@@ -1,0 +1,507 @@
+"""viewport-bus over HTTP: a real ``twistd -r asyncio -n viewport-bus`` on a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, Dict, Optional, Tuple
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import inlineCallbacks
+
+from tests.pg_server import INTERNAL_KEY, REPO_ROOT, TOKEN_SECRET, BusProcess, ScratchDatabase, http_client
+from viewport.bus.config import ConfigError, load_bus_config
+from viewport.relay.admission import PlatformAdmission
+from viewport.tokens import mint_token, validate_claims
+
+API = "/api/runtime/internal/relay"
+MAX_PAYLOAD = 4096
+
+
+class Bus:
+    """A running bus, its database, and an HTTP client for it."""
+
+    def __init__(self, process: BusProcess, database: ScratchDatabase) -> None:
+        self.process = process
+        self.database = database
+        self.client, self.pool = http_client()
+
+    @inlineCallbacks
+    def post(self, path: str, body: Any = None, *, key: Optional[str] = INTERNAL_KEY, raw: Optional[bytes] = None) -> Any:
+        """POST JSON (or ``raw`` bytes); fires with ``(status, decoded body)``."""
+        headers = {"content-type": "application/json"}
+        if key is not None:
+            headers["x-relay-internal-key"] = key
+        data = raw if raw is not None else json.dumps(body).encode("utf-8")
+        response = yield self.client.post(self.process.url + path, data=data, headers=headers)
+        content = yield response.content()
+        return response.code, (json.loads(content) if content else None)
+
+    @inlineCallbacks
+    def get(self, path: str) -> Any:
+        """GET; fires with ``(status, decoded body)``."""
+        response = yield self.client.get(self.process.url + path)
+        content = yield response.content()
+        return response.code, json.loads(content)
+
+    @inlineCallbacks
+    def close(self) -> Any:
+        """Stop the bus and drop its database."""
+        try:
+            yield self.pool.closeCachedConnections()
+        finally:
+            yield self.process.stop()
+            self.database.drop()
+
+
+@inlineCallbacks
+def _start_bus(env: Optional[Dict[str, str]] = None) -> Any:
+    database = ScratchDatabase()
+    process = BusProcess(database.url, env)
+    try:
+        yield process.start()
+    except Exception:
+        process.kill()
+        database.drop()
+        raise
+    return Bus(process, database)
+
+
+@pytest.fixture(scope="module")
+def bus() -> Any:
+    """One bus for the module's tests (each test uses relay and workspace ids of its own)."""
+    started = pytest_twisted.blockon(_start_bus({"BUS_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD)}))
+    yield started
+    pytest_twisted.blockon(started.close())
+
+
+@pytest.fixture
+def short_lived_bus() -> Any:
+    """A bus whose frames and presence expire after half a second."""
+    started = pytest_twisted.blockon(
+        _start_bus({"BUS_RETENTION_SECONDS": "0.5", "BUS_PRESENCE_TTL_SECONDS": "0.5"})
+    )
+    yield started
+    pytest_twisted.blockon(started.close())
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def _frame(source: str, target: Any, **fields: Any) -> Dict[str, Any]:
+    body: Dict[str, Any] = {
+        "workspaceId": "w:1",
+        "runtimeTargetId": "rt:1",
+        "sourceRelayId": source,
+        "targetRelayId": target,
+        "direction": "client_to_daemon",
+        "payload": '{"type":"e2ee"}',
+    }
+    body.update(fields)
+    return body
+
+
+@inlineCallbacks
+def _head(bus: Bus) -> Any:
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": _unique("head"), "sinceId": 0, "waitMs": 0})
+    assert status == 200
+    return answer["headId"]
+
+
+def _eventually(check: Any, timeout: float = 5.0, step: float = 0.05) -> Any:
+    """Repeat ``check`` (returning a Deferred of bool) until true, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+
+    @inlineCallbacks
+    def attempt() -> Any:
+        while True:
+            done = yield check()
+            if done:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not reached in time")
+            yield task.deferLater(reactor, step, lambda: None)
+
+    return attempt()
+
+
+# --- authentication, routing and request validation --------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_internal_key_is_required(bus: Bus) -> Any:
+    """Every API endpoint answers 401 UNAUTHORIZED without the right x-relay-internal-key."""
+    for path in ("/validate", "/presence/upsert", "/presence/resolve", "/bus/publish", "/bus/pull"):
+        status, answer = yield bus.post(API + path, {}, key=None)
+        assert (status, answer) == (401, {"ok": False, "reason": "UNAUTHORIZED"})
+        status, answer = yield bus.post(API + path, {}, key=INTERNAL_KEY + "x")
+        assert (status, answer) == (401, {"ok": False, "reason": "UNAUTHORIZED"})
+
+
+@pytest_twisted.inlineCallbacks
+def test_malformed_json_is_400(bus: Bus) -> Any:
+    """Bodies that are not a JSON object (or use NaN) are refused with 400 INVALID_JSON."""
+    for raw in (b"{", b"[1]", b'"text"', b'{"sinceId": NaN}', b"\xff\xfe"):
+        status, answer = yield bus.post(API + "/bus/pull", raw=raw)
+        assert (status, answer["reason"]) == (400, "INVALID_JSON"), raw
+
+
+@pytest_twisted.inlineCallbacks
+def test_invalid_fields_are_400(bus: Bus) -> Any:
+    """Missing or mistyped fields are refused with 400 INVALID_REQUEST naming the field."""
+    cases = [
+        ("/bus/publish", _frame("r", None, workspaceId=None), "workspaceId"),
+        ("/bus/publish", _frame("r", None, runtimeTargetId=""), "runtimeTargetId"),
+        ("/bus/publish", _frame("r", None, direction="sideways"), "direction"),
+        ("/bus/publish", _frame("r", None, payload=7), "payload"),
+        ("/bus/publish", _frame("r", None, issuedAtMs="soon"), "issuedAtMs"),
+        ("/bus/publish", _frame("r", None, issuedAtMs=True), "issuedAtMs"),
+        ("/bus/publish", _frame("r", None, payload="a\u0000b"), "payload"),
+        ("/bus/pull", {"sinceId": 0}, "relayId"),
+        ("/bus/pull", {"relayId": "r", "sinceId": -1}, "sinceId"),
+        ("/bus/pull", {"relayId": "r", "waitMs": 1.5}, "waitMs"),
+        ("/presence/upsert", {"workspaceId": "w", "relayId": "r"}, "daemonConnected"),
+        ("/presence/upsert", {"workspaceId": "w", "relayId": "r", "daemonConnected": True}, "relayWsBaseUrl"),
+        ("/presence/resolve", {}, "workspaceId"),
+        ("/validate", {"role": "client"}, "relayToken"),
+    ]
+    for path, body, field in cases:
+        status, answer = yield bus.post(API + path, body)
+        assert status == 400, (path, body, answer)
+        assert answer["ok"] is False and answer["reason"] == "INVALID_REQUEST"
+        assert field in answer["error"], (field, answer)
+
+
+@pytest_twisted.inlineCallbacks
+def test_size_limits_are_413(bus: Bus) -> Any:
+    """A payload over BUS_MAX_PAYLOAD_BYTES and a body over the request cap are refused with 413."""
+    status, answer = yield bus.post(API + "/bus/publish", _frame("r", None, payload="x" * (MAX_PAYLOAD + 1)))
+    assert (status, answer["reason"]) == (413, "PAYLOAD_TOO_LARGE")
+    status, answer = yield bus.post(API + "/bus/publish", _frame("r", None, payload="é" * (MAX_PAYLOAD // 2)))
+    assert status == 200
+    status, answer = yield bus.post(API + "/bus/pull", raw=b" " * (7 * MAX_PAYLOAD + 70000) + b"{}")
+    assert (status, answer["reason"]) == (413, "REQUEST_TOO_LARGE")
+
+
+@pytest_twisted.inlineCallbacks
+def test_routing_and_health(bus: Bus) -> Any:
+    """Unknown paths are 404, GET on an endpoint 405, and /health reports the database."""
+    status, answer = yield bus.post("/api/runtime/internal/relay/nope", {})
+    assert (status, answer["reason"]) == (404, "NOT_FOUND")
+    status, answer = yield bus.get(API + "/bus/pull")
+    assert (status, answer["reason"]) == (405, "METHOD_NOT_ALLOWED")
+    status, answer = yield bus.get("/health")
+    assert (status, answer) == (200, {"ok": True, "database": "up"})
+
+
+# --- publish and pull ----------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_pull_filters_by_target_and_source_in_id_order(bus: Bus) -> Any:
+    """A relay pulls frames for it or for everyone, never its own, ascending, with every field unchanged."""
+    me, other, peer = _unique("me"), _unique("other"), _unique("peer")
+    since = yield _head(bus)
+    published = [
+        _frame(peer, None, direction="daemon_to_clients", payload='{"n":1,"s":"é\\n"}'),
+        _frame(peer, "", machineId="m1", issuedAtMs=1700000000000, signature="sig-2"),
+        _frame(peer, me, payload='{"n":3}'),
+        _frame(peer, other, payload='{"n":4}'),
+        _frame(me, None, payload='{"n":5}'),
+        _frame(peer, me, direction="daemon_to_clients", payload='{"n":6}\n'),
+    ]
+    ids = []
+    for body in published:
+        status, answer = yield bus.post(API + "/bus/publish", body)
+        assert status == 200 and answer["ok"] is True
+        ids.append(answer["id"])
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "limit": 50})
+    assert status == 200 and answer["ok"] is True
+    frames = answer["frames"]
+    assert [f["id"] for f in frames] == [ids[0], ids[1], ids[2], ids[5]]
+    assert answer["headId"] == ids[-1] and answer["more"] is False
+    first, second = frames[0], frames[1]
+    assert first == {
+        "id": ids[0], "workspaceId": "w:1", "runtimeTargetId": "rt:1", "sourceRelayId": peer,
+        "targetRelayId": None, "direction": "daemon_to_clients", "payload": '{"n":1,"s":"é\\n"}',
+    }
+    assert (second["targetRelayId"], second["machineId"], second["issuedAtMs"], second["signature"]) == (
+        "", "m1", 1700000000000, "sig-2"
+    )
+    assert frames[3]["payload"] == '{"n":6}\n'
+
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "limit": 2})
+    assert [f["id"] for f in answer["frames"]] == ids[:2] and answer["more"] is True
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": ids[2]})
+    assert [f["id"] for f in answer["frames"]] == [ids[5]]
+
+
+@pytest_twisted.inlineCallbacks
+def test_head_id_is_the_newest_frame(bus: Bus) -> Any:
+    """A pull with sinceId 0 and no wait reports the newest id as headId (relays start there)."""
+    status, answer = yield bus.post(API + "/bus/publish", _frame(_unique("src"), None))
+    newest = answer["id"]
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": _unique("r"), "sinceId": 0, "waitMs": 0, "limit": 1})
+    assert status == 200 and answer["headId"] == newest
+    assert len(answer["frames"]) == 1 and answer["more"] is True
+
+
+@pytest_twisted.inlineCallbacks
+def test_long_poll_wakes_on_publish(bus: Bus) -> Any:
+    """A waiting pull answers within milliseconds of a publish by another request, not at its deadline."""
+    me = _unique("waiter")
+    since = yield _head(bus)
+    started = time.monotonic()
+    pulling = bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "waitMs": 2000})
+    yield task.deferLater(reactor, 0.2, lambda: None)
+    assert not pulling.called
+    published_at = time.monotonic()
+    status, answer = yield bus.post(API + "/bus/publish", _frame(_unique("src"), me))
+    frame_id = answer["id"]
+    status, answer = yield pulling
+    woke_after = time.monotonic() - published_at
+    assert status == 200 and [f["id"] for f in answer["frames"]] == [frame_id]
+    print(f"long-poll woke {woke_after * 1000:.1f} ms after the publish was sent")
+    assert woke_after < 1.0, woke_after
+    assert time.monotonic() - started < 1.8
+
+
+@pytest_twisted.inlineCallbacks
+def test_long_poll_ignores_frames_for_others_and_times_out(bus: Bus) -> Any:
+    """Frames for other relays do not end a wait; with nothing for it the pull answers empty at waitMs."""
+    me = _unique("waiter")
+    since = yield _head(bus)
+    started = time.monotonic()
+    pulling = bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "waitMs": 600})
+    yield bus.post(API + "/bus/publish", _frame(_unique("src"), _unique("someone-else")))
+    yield bus.post(API + "/bus/publish", _frame(me, None))
+    status, answer = yield pulling
+    elapsed = time.monotonic() - started
+    assert status == 200 and answer["frames"] == []
+    assert 0.5 <= elapsed < 1.5, elapsed
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_publishes_get_distinct_increasing_ids(bus: Bus) -> Any:
+    """Parallel publishes all succeed and a cursor walk sees every one exactly once, in order."""
+    me = _unique("reader")
+    since = yield _head(bus)
+    from twisted.internet.defer import gatherResults
+
+    answers = yield gatherResults(
+        [bus.post(API + "/bus/publish", _frame(_unique("src"), me, payload=f'{{"n":{i}}}')) for i in range(40)]
+    )
+    ids = sorted(answer["id"] for status, answer in answers)
+    seen: list[int] = []
+    cursor = since
+    while len(seen) < 40:
+        status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": cursor, "limit": 7})
+        assert answer["frames"], "frames missing"
+        seen.extend(f["id"] for f in answer["frames"])
+        cursor = answer["frames"][-1]["id"]
+    assert seen == ids
+
+
+# --- retention and presence ----------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_retention_deletes_old_frames(short_lived_bus: Bus) -> Any:
+    """Frames older than BUS_RETENTION_SECONDS are deleted by the retention timer."""
+    bus = short_lived_bus
+    status, answer = yield bus.post(API + "/bus/publish", _frame("src", None))
+    assert status == 200
+    assert bus.database.execute("SELECT count(*) FROM relay_bus_frames")[0][0] == 1
+
+    def gone() -> Any:
+        return task.deferLater(
+            reactor, 0, lambda: bus.database.execute("SELECT count(*) FROM relay_bus_frames")[0][0] == 0
+        )
+
+    yield _eventually(gone, timeout=5.0)
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": "r", "sinceId": 0})
+    assert answer["frames"] == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_expires_after_ttl(short_lived_bus: Bus) -> Any:
+    """A presence not refreshed within BUS_PRESENCE_TTL_SECONDS resolves as not connected."""
+    bus = short_lived_bus
+    upsert = {"workspaceId": "w", "runtimeTargetId": "t", "relayId": "a", "relayWsBaseUrl": "ws://a/ws",
+              "daemonConnected": True}
+    yield bus.post(API + "/presence/upsert", upsert)
+    status, answer = yield bus.post(API + "/presence/resolve", {"workspaceId": "w", "runtimeTargetId": "t"})
+    assert answer["daemonConnected"] is True
+    started = time.monotonic()
+
+    @inlineCallbacks
+    def expired() -> Any:
+        status, answer = yield bus.post(API + "/presence/resolve", {"workspaceId": "w", "runtimeTargetId": "t"})
+        return answer == {"ok": True, "daemonConnected": False}
+
+    yield _eventually(expired, timeout=5.0)
+    assert time.monotonic() - started >= 0.3
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_upsert_resolve_and_compare_and_delete(bus: Bus) -> Any:
+    """Resolve returns the last upsert; a disconnect by a relay that no longer owns the entry changes nothing."""
+    workspace = _unique("ws")
+
+    def upsert(relay: str, connected: bool, **extra: Any) -> Any:
+        body = {"workspaceId": workspace, "runtimeTargetId": "t", "relayId": relay,
+                "relayWsBaseUrl": f"ws://{relay}/ws", "daemonConnected": connected}
+        body.update(extra)
+        return bus.post(API + "/presence/upsert", body)
+
+    def resolve() -> Any:
+        return bus.post(API + "/presence/resolve", {"workspaceId": workspace, "runtimeTargetId": "t"})
+
+    status, answer = yield resolve()
+    assert (status, answer) == (200, {"ok": True, "daemonConnected": False})
+    status, answer = yield upsert("relay-a", True, machineId="m1")
+    assert (status, answer) == (200, {"ok": True})
+    status, answer = yield resolve()
+    assert answer == {"ok": True, "daemonConnected": True, "relayId": "relay-a", "relayWsBaseUrl": "ws://relay-a/ws",
+                      "runtimeTargetId": "t", "machineId": "m1"}
+    yield upsert("relay-a", True)
+    status, answer = yield resolve()
+    assert answer["machineId"] == "m1", "a refresh without machineId keeps it"
+
+    status, answer = yield upsert("relay-b", False)
+    assert answer["cleared"] is False
+    status, answer = yield resolve()
+    assert answer["relayId"] == "relay-a"
+
+    yield upsert("relay-b", True)
+    status, answer = yield resolve()
+    assert (answer["relayId"], answer["machineId"]) == ("relay-b", None)
+    status, answer = yield upsert("relay-a", False)
+    assert answer["cleared"] is False
+    status, answer = yield upsert("relay-b", False)
+    assert answer["cleared"] is True
+    status, answer = yield resolve()
+    assert answer == {"ok": True, "daemonConnected": False}
+
+    yield upsert("relay-c", True)
+    status, answer = yield bus.post(API + "/presence/resolve", {"workspaceId": workspace})
+    assert answer["relayId"] == "relay-c", "without a runtime target the workspace's live entry is found"
+
+
+# --- validate ------------------------------------------------------------------------------------
+
+
+def _token(claims: Dict[str, Any], *, key: str = TOKEN_SECRET, ttl: int = 600, now: Optional[float] = None) -> str:
+    return mint_token(key=key, algorithm="HS256", claims=claims, ttl_seconds=ttl, now=now or time.time())
+
+
+@pytest_twisted.inlineCallbacks
+def test_validate_verifies_local_tokens(bus: Bus) -> Any:
+    """validate answers the token's claims for a good token and a 401 reason otherwise."""
+    claims = {"workspaceId": "w", "runtimeTargetId": "t", "role": "client", "scope": "runtime", "machineId": "m"}
+    good = _token(claims)
+    status, answer = yield bus.post(API + "/validate", {"relayToken": good, "role": "client", "workspaceId": "w",
+                                                        "runtimeTargetId": "t"})
+    assert status == 200 and answer["ok"] is True
+    assert validate_claims(answer["claims"]) is not None
+    assert {k: answer["claims"][k] for k in claims} == claims
+
+    refusals = [
+        (_token(claims, key="another-secret-0123456789abcdef0123456789"), "client", "INVALID_SIGNATURE"),
+        (_token(claims, now=time.time() - 7200), "client", "TOKEN_EXPIRED"),
+        (good, "workspace-daemon", "ROLE_CLAIM_MISMATCH"),
+        ("not-a-token", "client", "MALFORMED_TOKEN"),
+    ]
+    for token, role, reason in refusals:
+        status, answer = yield bus.post(API + "/validate", {"relayToken": token, "role": role, "workspaceId": "w"})
+        assert (status, answer) == (401, {"ok": False, "reason": reason})
+
+
+@pytest_twisted.inlineCallbacks
+def test_relay_platform_admission_accepts_bus_answers(bus: Bus) -> Any:
+    """The relay's own PlatformAdmission, pointed at the bus, admits a valid token and refuses a bad one."""
+    admission = PlatformAdmission(bus.client, reactor, bus.process.url, INTERNAL_KEY, 2000, 262144)
+    token = _token({"workspaceId": "w", "runtimeTargetId": "t", "role": "workspace-daemon"})
+    result = yield admission.admit(token, "workspace-daemon", "w", "t")
+    assert result.ok and result.claims.workspace_id == "w"
+    result = yield admission.admit(token + "x", "workspace-daemon", "w", "t")
+    assert not result.ok and result.reason == "INVALID_SIGNATURE"
+
+
+# --- process and configuration ----------------------------------------------------------------
+
+
+def test_refuses_a_reactor_other_than_asyncio() -> None:
+    """Without ``-r asyncio`` the bus exits with one line saying how to run it."""
+    workdir = tempfile.mkdtemp(prefix="bus-")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": workdir, "PYTHONPATH": REPO_ROOT,
+           "RELAY_INTERNAL_KEY": INTERNAL_KEY, "RELAY_TOKEN_SECRET": TOKEN_SECRET}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             "viewport-bus", "--port", "0"],
+            env=env, cwd=workdir, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "viewport-bus needs the asyncio reactor: run `twistd -r asyncio -n viewport-bus`"
+    ]
+
+
+def _config_error(environ: Dict[str, str], overrides: Optional[Dict[str, object]] = None) -> Tuple[str, str]:
+    base = {"RELAY_INTERNAL_KEY": INTERNAL_KEY, "HOME": "/nonexistent"}
+    base.update(environ)
+    with pytest.raises(ConfigError) as caught:
+        load_bus_config(base, overrides)
+    return caught.value.variable, str(caught.value)
+
+
+def test_config_defaults_and_overrides() -> None:
+    """Defaults match the documentation; --host/--port win over HOST/PORT; port 0 is allowed."""
+    config = load_bus_config(
+        {"RELAY_INTERNAL_KEY": "internal-secret", "HOME": "/home/x", "PORT": "9000",
+         "BUS_DATABASE_URL": "postgresql://bus:db-password@db:5432/bus"},
+        {"port": 0},
+    )
+    assert (config.host, config.port) == ("127.0.0.1", 0)
+    assert load_bus_config({"RELAY_INTERNAL_KEY": "k"}).database_url == "postgresql://postgres@127.0.0.1:5432/postgres"
+    assert (config.retention_seconds, config.max_wait_ms, config.max_payload_bytes, config.presence_ttl_seconds) == (
+        300.0, 2000, 1048576, 60.0
+    )
+    assert (config.token_key, config.token_secret_file) == ("secret_file", "/home/x/.viewport/relay-token-secret")
+    assert "internal-secret" not in repr(config) and "db-password" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "environ, variable",
+    [
+        ({"RELAY_INTERNAL_KEY": ""}, "RELAY_INTERNAL_KEY"),
+        ({"HOST": "0.0.0.0", "RELAY_INTERNAL_KEY": "short"}, "RELAY_INTERNAL_KEY"),
+        ({"BUS_DATABASE_URL": "mysql://x/y"}, "BUS_DATABASE_URL"),
+        ({"PORT": "70000"}, "PORT"),
+        ({"BUS_RETENTION_SECONDS": "0"}, "BUS_RETENTION_SECONDS"),
+        ({"BUS_PRESENCE_TTL_SECONDS": "soon"}, "BUS_PRESENCE_TTL_SECONDS"),
+        ({"BUS_MAX_WAIT_MS": "-1"}, "BUS_MAX_WAIT_MS"),
+        ({"BUS_MAX_PAYLOAD_BYTES": "0"}, "BUS_MAX_PAYLOAD_BYTES"),
+        ({"RELAY_TOKEN_SECRET": "too-short"}, "RELAY_TOKEN_SECRET"),
+        ({"RELAY_TOKEN_SECRET": TOKEN_SECRET, "RELAY_TOKEN_PUBLIC_KEY": "/etc/hostname"}, "RELAY_TOKEN_PUBLIC_KEY"),
+        ({"RELAY_TOKEN_PUBLIC_KEY": "/nonexistent.pem"}, "RELAY_TOKEN_PUBLIC_KEY"),
+    ],
+)
+def test_config_errors_name_the_variable(environ: Dict[str, str], variable: str) -> None:
+    """Each invalid setting stops startup with a one-line message naming the variable."""
+    named, message = _config_error(environ)
+    assert named == variable and message.startswith(variable) and "\n" not in message

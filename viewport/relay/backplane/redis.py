@@ -1,0 +1,696 @@
+"""The ``redis`` backplane: presence keys with a TTL and a signed pub/sub frame bus, over txredisapi."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
+
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from viewport.relay.backplane.redis_connection import (
+    RedisLink,
+    backoff_delay,
+    describe_failure,
+    parse_redis_url,
+    redis_endpoint,
+)
+from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
+from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
+
+if TYPE_CHECKING:
+    from viewport.relay.metrics import RelayMetrics
+
+DEFAULT_KEY_PREFIX = "viewport:relay"
+_SIDE_OF: Dict[str, Side] = {"client_to_daemon": "daemon", "daemon_to_clients": "clients"}
+_VERDICT_COUNTERS = {
+    Verdict.INVALID: "relay_bus_pull_invalid_signature",
+    Verdict.STALE: "relay_bus_pull_stale_signature",
+    Verdict.REPLAYED: "relay_bus_pull_replayed_signature",
+}
+
+#: Delete the presence key only while it still names this relay (``ARGV[1]``), so a relay whose
+#: daemon left cannot erase the presence written by the relay the daemon moved to (§11 item 11).
+COMPARE_AND_DELETE = """
+local value = redis.call('GET', KEYS[1])
+if not value then return 0 end
+local ok, doc = pcall(cjson.decode, value)
+if ok and type(doc) == 'table' and doc['relayId'] == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+# -- names and wire formats (pure) ------------------------------------------------------------------
+
+
+def bus_channel(prefix: str, side: Side, workspace_id: str, runtime_target_id: Optional[str]) -> str:
+    """The pub/sub channel of one side of a scope; the workspace length keeps ids with ``:`` apart."""
+    return f"{prefix}:bus:{side}:{len(workspace_id)}:{workspace_id}:{runtime_target_id or ''}"
+
+
+def presence_key(prefix: str, workspace_id: str, runtime_target_id: Optional[str]) -> str:
+    """The key holding the presence of one scope's daemon (length-prefixed like ``bus_channel``)."""
+    return f"{prefix}:presence:{len(workspace_id)}:{workspace_id}:{runtime_target_id or ''}"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A bus frame as published on a channel, with what proves it."""
+
+    frame: BusFrame
+    issued_at_ms: int
+    nonce: Optional[str]
+    signature: str
+
+
+def encode_envelope(frame: BusFrame, issued_at_ms: int, nonce: str, signature: str) -> str:
+    """The JSON text published for ``frame``."""
+    doc: Dict[str, object] = {"workspaceId": frame.workspace_id, "runtimeTargetId": frame.runtime_target_id}
+    if frame.machine_id is not None:
+        doc["machineId"] = frame.machine_id
+    doc.update(sourceRelayId=frame.source_relay_id, targetRelayId=frame.target_relay_id or None,
+               direction=frame.direction, payload=frame.payload, issuedAtMs=issued_at_ms, nonce=nonce,
+               signature=signature)
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def parse_envelope(raw: object) -> Optional[Envelope]:
+    """Strictly parse a received envelope (types checked); None when it is not one."""
+    doc = _json_object(raw)
+    if doc is None:
+        return None
+    workspace_id = doc.get("workspaceId")
+    runtime_target_id = doc.get("runtimeTargetId")
+    machine_id = doc.get("machineId")
+    source = doc.get("sourceRelayId")
+    target = doc.get("targetRelayId")
+    direction = doc.get("direction")
+    payload = doc.get("payload")
+    issued = doc.get("issuedAtMs")
+    nonce = doc.get("nonce")
+    signature = doc.get("signature")
+    if isinstance(issued, float) and issued.is_integer():
+        issued = int(issued)
+    if not (
+        isinstance(workspace_id, str)
+        and isinstance(runtime_target_id, str)
+        and runtime_target_id
+        and (machine_id is None or isinstance(machine_id, str))
+        and isinstance(source, str)
+        and source
+        and (target is None or isinstance(target, str))
+        and direction in _SIDE_OF
+        and isinstance(payload, str)
+        and type(issued) is int
+        and (nonce is None or isinstance(nonce, str))
+        and isinstance(signature, str)
+        and signature
+    ):
+        return None
+    frame = BusFrame(
+        workspace_id=workspace_id,
+        runtime_target_id=runtime_target_id,
+        source_relay_id=source,
+        target_relay_id=target or None,
+        direction=direction,  # type: ignore[arg-type]
+        payload=payload,
+        machine_id=machine_id,
+    )
+    return Envelope(frame, issued, nonce, signature)
+
+
+def encode_presence(presence: Presence, updated_at_ms: int) -> str:
+    """The JSON value stored under a presence key."""
+    doc: Dict[str, object] = {
+        "relayId": presence.relay_id, "relayWsBaseUrl": presence.relay_ws_base_url, "daemonConnected": True
+    }
+    if presence.runtime_target_id:
+        doc["runtimeTargetId"] = presence.runtime_target_id
+    if presence.machine_id:
+        doc["machineId"] = presence.machine_id
+    doc["updatedAtMs"] = updated_at_ms
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def parse_presence(raw: object, workspace_id: str, runtime_target_id: Optional[str]) -> Optional[Presence]:
+    """Strictly parse a stored presence; None unless it names a connected daemon."""
+    doc = _json_object(raw)
+    if doc is None:
+        return None
+    relay_id = doc.get("relayId")
+    url = doc.get("relayWsBaseUrl")
+    updated = doc.get("updatedAtMs")
+    stored_target = doc.get("runtimeTargetId")
+    machine_id = doc.get("machineId")
+    if not (
+        isinstance(relay_id, str)
+        and relay_id
+        and isinstance(url, str)
+        and url
+        and doc.get("daemonConnected") is True
+        and isinstance(updated, (int, float))
+        and not isinstance(updated, bool)
+        and math.isfinite(updated)
+        and (stored_target is None or isinstance(stored_target, str))
+        and (machine_id is None or isinstance(machine_id, str))
+    ):
+        return None
+    return Presence(
+        workspace_id=workspace_id,
+        runtime_target_id=stored_target or runtime_target_id,
+        relay_id=relay_id,
+        relay_ws_base_url=url,
+        daemon_connected=True,
+        machine_id=machine_id or None,
+    )
+
+
+def _json_object(raw: object) -> Optional[Dict[str, Any]]:
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(raw, str):
+        return None
+    try:
+        doc = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def _utf8_size(text: str) -> Optional[int]:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+# -- the backplane ----------------------------------------------------------------------------------
+
+
+@implementer(IBackplane)
+class RedisBackplane:
+    """
+    Cross-relay backplane on Redis: one command connection and one pub/sub connection.
+
+    Frames travel on a channel per scope and side (``bus_channel``): a relay subscribes to the
+    ``daemon`` side of the scopes whose daemon it holds and to the ``clients`` side of the scopes
+    where it has clients, so PUBLISH's receiver count tells the sender whether anyone listens.
+    Every envelope is HMAC-signed with a random nonce; receivers check signature, clock skew and
+    replays. Presence is a key per scope written with a TTL and refreshed every TTL/3 while this
+    relay holds the daemon; clearing it is a compare-and-delete.
+
+    While Redis is unreachable the backplane is *degraded* (``healthy`` false): every operation
+    answers at once with False/None, and connections are retried with capped exponential
+    backoff. On reconnection it subscribes again to every watched channel and re-announces every
+    presence it holds.
+    """
+
+    cross_relay = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        relay_id: str,
+        redis_url: str,
+        hmac_key: str,
+        reactor: Any,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        presence_ttl_ms: int = 45000,
+        command_timeout_ms: int = 2000,
+        connect_timeout_ms: int = 5000,
+        max_skew_ms: int = 15000,
+        freshness_track_max: int = 20000,
+        max_payload_bytes: int = 1048576,
+        resolve_cache_ms: int = 2000,
+        resolve_cache_max: int = 10000,
+        retry_initial_ms: int = 500,
+        retry_max_ms: int = 10000,
+        metrics: Optional["RelayMetrics"] = None,
+    ) -> None:
+        """Parse the URL and prepare both connections; nothing connects before ``start``."""
+        positive = dict(
+            presence_ttl_ms=presence_ttl_ms, command_timeout_ms=command_timeout_ms, max_skew_ms=max_skew_ms,
+            connect_timeout_ms=connect_timeout_ms, freshness_track_max=freshness_track_max,
+            max_payload_bytes=max_payload_bytes, resolve_cache_max=resolve_cache_max,
+            retry_initial_ms=retry_initial_ms, retry_max_ms=retry_max_ms,
+        )
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive")
+        if resolve_cache_ms < 0:
+            raise ValueError("resolve_cache_ms must not be negative")
+        if not relay_id or not hmac_key:
+            raise ValueError("relay_id and hmac_key must not be empty")
+        self.relay_id = relay_id
+        self._target = parse_redis_url(redis_url)
+        self._hmac_key = hmac_key
+        self._reactor = reactor
+        self._prefix = key_prefix
+        self._ttl_ms = presence_ttl_ms
+        self._connect_timeout_s = connect_timeout_ms / 1000.0
+        self._max_payload_bytes = max_payload_bytes
+        self._cache_ms = min(resolve_cache_ms, presence_ttl_ms)
+        self._cache_max = resolve_cache_max
+        self._metrics = metrics
+        self._verifier = FrameVerifier(hmac_key, max_skew_ms, freshness_track_max)
+        self._random = random.Random()
+
+        self._deliver: Optional[Callable[[BusFrame], None]] = None
+        self._started = False
+        self._stopped = False
+        self._healthy = False
+        self._synced = False
+        self._start_waiters: List[Deferred[bool]] = []
+        self._start_timer: Optional[IDelayedCall] = None
+        self._stop_result: Optional[Deferred[Any]] = None
+        self._stop_waiters: List[Deferred[None]] = []
+
+        self._watched: Set[str] = set()
+        self._pending_subscriptions: Set[Deferred[None]] = set()
+        self._owned: Dict[str, Presence] = {}
+        self._pending_clears: Set[str] = set()
+        self._cache: OrderedDict[str, Tuple[Presence, float]] = OrderedDict()
+        self._cache_epoch = 0
+
+        timeout_s = command_timeout_ms / 1000.0
+        self._endpoint = redis_endpoint(self._target, reactor, self._connect_timeout_s)
+
+        def retry(attempt: int) -> float:
+            return backoff_delay(attempt, retry_initial_ms / 1000.0, retry_max_ms / 1000.0, 0.2, self._random.random)
+
+        self._commands = RedisLink(
+            "command", self._target, self._endpoint, reactor, timeout_s, retry, self._commands_up, self._link_down
+        )
+        self._subscriber = RedisLink(
+            "subscriber", self._target, self._endpoint, reactor, timeout_s, retry,
+            self._subscriber_up, self._link_down, self._on_message,
+        )
+        self._refresher = LoopingCall(self._refresh)
+        self._refresher.clock = reactor
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        """True while both connections are up and every watched channel is subscribed."""
+        return self._healthy
+
+    def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[bool]":
+        """
+        Connect in the background. Fires True once both connections are usable, or False after
+        the connect timeout (the relay then runs degraded while reconnecting goes on). Never fails.
+        """
+        if self._started or self._stopped:
+            return succeed(self._healthy)
+        self._started = True
+        self._deliver = deliver
+        waiter: Deferred[bool] = Deferred()
+        self._start_waiters.append(waiter)
+        self._start_timer = self._reactor.callLater(self._connect_timeout_s, self._start_timed_out)
+        self._refresher.start(self._ttl_ms / 3000.0, now=False).addErrback(
+            lambda f: self._log.failure("presence refresh stopped", f, relay_event="relay_presence_refresh_error")
+        )
+        try:
+            self._commands.start()
+            self._subscriber.start()
+        except Exception:
+            self._log.failure("redis connection start failed", relay_event="relay_redis_error")
+        return waiter
+
+    def _start_timed_out(self) -> None:
+        self._start_timer = None
+        if not self._healthy:
+            self._log.warn(
+                "redis unreachable at start; running degraded and retrying", relay_event="relay_redis_degraded"
+            )
+        self._fire_start_waiters(self._healthy)
+
+    def _fire_start_waiters(self, value: bool) -> None:
+        if self._start_timer is not None and self._start_timer.active():
+            self._start_timer.cancel()
+        self._start_timer = None
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            waiter.callback(value)
+
+    def stop(self) -> "Deferred[None]":
+        """Clear the presences this relay owns, unsubscribe, disconnect and cancel timers."""
+        waiter: Deferred[None] = Deferred()
+        if self._stop_result is not None:
+            if self._stop_result.called:
+                return succeed(None)
+            self._stop_waiters.append(waiter)
+            return waiter
+        self._stopped = True
+        self._healthy = False
+        self._fire_start_waiters(False)
+        if self._refresher.running:
+            self._refresher.stop()
+        cleanups: List[Deferred[Any]] = []
+        if self._commands.protocol is not None:
+            for key in sorted(set(self._owned) | self._pending_clears):
+                cleanups.append(self._clear(key))
+        if self._subscriber.protocol is not None:
+            for channel in sorted(self._watched):
+                cleanups.append(self._subscriber.call("unsubscribe", channel).addErrback(lambda _: None))
+        self._owned.clear()
+        self._pending_clears.clear()
+        self._watched.clear()
+        self._cache.clear()
+        self._deliver = None
+
+        def disconnect(_: object) -> "Deferred[Any]":
+            return gatherResults([self._commands.stop(), self._subscriber.stop()], consumeErrors=True)
+
+        def close_endpoint(_: object) -> "Deferred[Any]":
+            closer = getattr(self._endpoint, "close", None)
+            return closer() if closer is not None else succeed(None)
+
+        def done(_: object) -> None:
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for each in waiters:
+                each.callback(None)
+
+        self._stop_waiters.append(waiter)
+        result = gatherResults(cleanups, consumeErrors=True)
+        self._stop_result = result
+        result.addBoth(disconnect).addBoth(close_endpoint).addBoth(done)
+        return waiter
+
+    # -- connection events --------------------------------------------------------------------------
+
+    def _commands_up(self, link: RedisLink) -> None:
+        if self._stopped:
+            return
+        for key, presence in list(self._owned.items()):
+            self._upsert(key, presence)
+        clears, self._pending_clears = self._pending_clears, set()
+        for key in sorted(clears):
+            self._clear(key)
+        self._update_health()
+
+    def _subscriber_up(self, link: RedisLink) -> None:
+        if self._stopped:
+            return
+        proto = link.protocol
+        self._synced = False
+        resubscribed = [self._subscription("subscribe", channel) for channel in sorted(self._watched)]
+
+        def synced(results: List[bool]) -> None:
+            if link.protocol is proto and all(results):
+                self._synced = True
+                self._update_health()
+
+        gatherResults(resubscribed).addCallback(synced)
+
+    def _link_down(self, link: RedisLink) -> None:
+        if link is self._subscriber:
+            self._synced = False
+        self._update_health()
+
+    def _update_health(self) -> None:
+        healthy = bool(not self._stopped and self._commands.protocol and self._subscriber.protocol and self._synced)
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        if healthy:
+            self._log.info("redis backplane connected", relay_event="relay_redis_connected")
+            self._fire_start_waiters(True)
+        else:
+            self._log.warn("redis backplane degraded", relay_event="relay_redis_degraded")
+
+    def _refresh(self) -> None:
+        """Every TTL/3: re-write owned presences (machine id included) and ping both connections."""
+        try:
+            if self._commands.protocol is not None:
+                for key, presence in list(self._owned.items()):
+                    self._upsert(key, presence)
+                if not self._owned:
+                    self._commands.call("ping").addErrback(lambda _: None)
+            if self._subscriber.protocol is not None:
+                self._subscriber.call("ping").addErrback(lambda _: None)
+        except Exception:
+            self._log.failure("presence refresh failed", relay_event="relay_presence_refresh_error")
+
+    # -- frames -------------------------------------------------------------------------------------
+
+    def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
+        """SUBSCRIBE to the scope's ``side`` channel (again after each reconnection). Idempotent."""
+        channel = bus_channel(self._prefix, side, workspace_id, runtime_target_id)
+        if self._stopped or channel in self._watched:
+            return
+        self._watched.add(channel)
+        if self._subscriber.protocol is not None:
+            self._subscription("subscribe", channel)
+
+    def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
+        """UNSUBSCRIBE from the scope's ``side`` channel. Idempotent."""
+        channel = bus_channel(self._prefix, side, workspace_id, runtime_target_id)
+        if channel not in self._watched:
+            return
+        self._watched.discard(channel)
+        if self._subscriber.protocol is not None:
+            self._subscription("unsubscribe", channel)
+
+    def subscriptions_settled(self) -> "Deferred[None]":
+        """Fires once every SUBSCRIBE/UNSUBSCRIBE sent so far has been answered (or has failed)."""
+        pending = list(self._pending_subscriptions)
+        if not pending:
+            return succeed(None)
+        return gatherResults(pending).addCallback(lambda _: None)
+
+    def _subscription(self, command: str, channel: str) -> "Deferred[bool]":
+        def failed(failure: Failure) -> bool:
+            self._log.warn("redis {command} failed: {error}", relay_event="relay_redis_error", channel="subscriber",
+                           command=command, error=describe_failure(failure))
+            return False
+
+        d: Deferred[bool] = self._subscriber.call(command, channel).addCallbacks(lambda _: True, failed)
+        if not d.called:
+            self._pending_subscriptions.add(d)  # type: ignore[arg-type]
+
+            def settled(result: bool) -> bool:
+                self._pending_subscriptions.discard(d)  # type: ignore[arg-type]
+                return result
+
+            d.addCallback(settled)
+        return d
+
+    def publish(self, frame: BusFrame) -> "Deferred[bool]":
+        """PUBLISH a signed envelope; True when at least one relay is subscribed. Never fails."""
+        try:
+            return self._publish(frame)
+        except Exception:
+            self._log.failure("bus publish failed", relay_event="relay_bus_publish_error")
+            self._count("relay_bus_publish_failed")
+            return succeed(False)
+
+    def _publish(self, frame: BusFrame) -> "Deferred[bool]":
+        side = _SIDE_OF.get(frame.direction)
+        size = _utf8_size(frame.payload)
+        reason = None
+        if self._stopped or not self._started:
+            reason = "not_running"
+        elif not frame.runtime_target_id:
+            reason = "missing_runtime_target"
+        elif side is None:
+            reason = "invalid_direction"
+        elif size is None or size > self._max_payload_bytes:
+            reason = "frame_too_large"
+        if reason is not None or side is None or self._commands.protocol is None:
+            self._count("relay_bus_publish_failed")
+            if reason is not None and reason != "not_running":
+                self._log.warn("bus publish refused: {reason}", relay_event="relay_bus_publish_failed",
+                               workspaceId=frame.workspace_id, direction=frame.direction, reason=reason)
+            return succeed(False)
+        issued_at_ms = int(self._now_ms())
+        nonce = secrets.token_urlsafe(16)
+        envelope = encode_envelope(frame, issued_at_ms, nonce, sign(self._hmac_key, frame, issued_at_ms, nonce))
+        channel = bus_channel(self._prefix, side, frame.workspace_id, frame.runtime_target_id)
+        d: Deferred[bool] = self._commands.call("publish", channel, envelope).addCallbacks(
+            self._published, self._publish_failed, errbackArgs=(frame,)
+        )
+        return d
+
+    def _published(self, receivers: object) -> bool:
+        delivered = type(receivers) is int and receivers > 0
+        self._count("relay_bus_publish_ok" if delivered else "relay_bus_publish_failed")
+        return delivered
+
+    def _publish_failed(self, failure: Failure, frame: BusFrame) -> bool:
+        self._count("relay_bus_publish_failed")
+        self._log.warn("bus publish failed: {error}", relay_event="relay_bus_publish_error",
+                       workspaceId=frame.workspace_id, direction=frame.direction, error=describe_failure(failure))
+        return False
+
+    def _on_message(self, channel: object, message: object) -> None:
+        try:
+            self._receive(channel, message)
+        except Exception:
+            self._count("relay_bus_pull_failed")
+            self._log.failure("bus frame handling failed", relay_event="relay_bus_pull_error")
+
+    def _receive(self, channel: object, message: object) -> None:
+        deliver = self._deliver
+        if deliver is None:
+            return
+        if isinstance(message, (str, bytes)) and len(message) > 6 * self._max_payload_bytes + 65536:
+            self._count("relay_bus_pull_frame_too_large")
+            return
+        envelope = parse_envelope(message)
+        frame = envelope.frame if envelope is not None else None
+        if envelope is None or frame is None or channel != bus_channel(
+            self._prefix, _SIDE_OF[frame.direction], frame.workspace_id, frame.runtime_target_id
+        ):
+            self._count("relay_bus_pull_failed")
+            self._log.warn("malformed bus envelope skipped", relay_event="relay_bus_frame_malformed")
+            return
+        if frame.source_relay_id == self.relay_id:
+            return
+        if (
+            frame.target_relay_id
+            and frame.target_relay_id != self.relay_id
+            and frame.direction == "daemon_to_clients"
+        ):
+            # A client→daemon channel reaches only the relay holding the daemon now, even when the
+            # sender's cached presence still names the relay the daemon just left.
+            return
+        size = _utf8_size(frame.payload)
+        if size is None or size > self._max_payload_bytes:
+            self._count("relay_bus_pull_frame_too_large")
+            return
+        verdict = self._verifier.check(frame, envelope.issued_at_ms, envelope.signature, self._now_ms(),
+                                       nonce=envelope.nonce, replay_key=envelope.signature)
+        if verdict != Verdict.ACCEPTED:
+            self._count(_VERDICT_COUNTERS.get(verdict, "relay_bus_pull_failed"))
+            return
+        self._count("relay_bus_pull_ok")
+        deliver(frame)
+
+    # -- presence -----------------------------------------------------------------------------------
+
+    def announce_presence(self, presence: Presence) -> "Deferred[None]":
+        """SET (connected, remembered and refreshed) or compare-and-delete (disconnected). Never fails."""
+        try:
+            return self._announce(presence)
+        except Exception:
+            self._log.failure("presence upsert failed", relay_event="relay_presence_upsert_error")
+            self._count("relay_presence_upsert_failed")
+            return succeed(None)
+
+    def _announce(self, presence: Presence) -> "Deferred[None]":
+        key = presence_key(self._prefix, presence.workspace_id, presence.runtime_target_id)
+        self._cache.pop(key, None)
+        self._cache_epoch += 1
+        if self._stopped:
+            return succeed(None)
+        if presence.daemon_connected:
+            self._owned[key] = presence
+            self._pending_clears.discard(key)
+            return self._upsert(key, presence)
+        self._owned.pop(key, None)
+        if self._commands.protocol is None:
+            # Applied once reconnected; the key expires anyway, as nothing refreshes it any more.
+            self._pending_clears.add(key)
+            self._count("relay_presence_upsert_failed")
+            return succeed(None)
+        return self._clear(key)
+
+    def _upsert(self, key: str, presence: Presence) -> "Deferred[None]":
+        if self._commands.protocol is None:
+            self._count("relay_presence_upsert_failed")
+            return succeed(None)
+        value = encode_presence(presence, int(self._now_ms()))
+        d = self._commands.call("set", key, value, None, self._ttl_ms)
+        return d.addCallbacks(self._presence_written, self._presence_failed, errbackArgs=(presence,))
+
+    def _clear(self, key: str) -> "Deferred[None]":
+        d = self._commands.call("eval", COMPARE_AND_DELETE, [key], [self.relay_id])
+        return d.addCallbacks(self._presence_written, self._presence_failed, errbackArgs=(None,))
+
+    def _presence_written(self, _: object) -> None:
+        self._count("relay_presence_upsert_ok")
+
+    def _presence_failed(self, failure: Failure, presence: Optional[Presence]) -> None:
+        self._count("relay_presence_upsert_failed")
+        self._log.warn("presence upsert failed: {error}", relay_event="relay_presence_upsert_error",
+                       workspaceId=presence.workspace_id if presence is not None else None,
+                       error=describe_failure(failure))
+
+    def resolve_presence(
+        self, workspace_id: str, runtime_target_id: Optional[str]
+    ) -> "Deferred[Optional[Presence]]":
+        """GET the scope's presence (positive answers cached briefly); None when absent. Never fails."""
+        try:
+            return self._resolve(workspace_id, runtime_target_id)
+        except Exception:
+            self._log.failure("presence resolve failed", relay_event="relay_presence_resolve_error")
+            self._count("relay_presence_resolve_failed")
+            return succeed(None)
+
+    def _resolve(self, workspace_id: str, runtime_target_id: Optional[str]) -> "Deferred[Optional[Presence]]":
+        key = presence_key(self._prefix, workspace_id, runtime_target_id)
+        cached = self._cache.get(key)
+        if cached is not None:
+            if cached[1] > self._now_ms():
+                self._cache.move_to_end(key)
+                return succeed(cached[0])
+            del self._cache[key]
+        if self._stopped or self._commands.protocol is None:
+            self._count("relay_presence_resolve_failed")
+            return succeed(None)
+        epoch = self._cache_epoch
+        d: Deferred[Optional[Presence]] = self._commands.call("get", key).addCallbacks(
+            self._resolved, self._resolve_failed,
+            callbackArgs=(key, workspace_id, runtime_target_id, epoch), errbackArgs=(workspace_id,),
+        )
+        return d
+
+    def _resolved(
+        self, raw: object, key: str, workspace_id: str, runtime_target_id: Optional[str], epoch: int
+    ) -> Optional[Presence]:
+        presence = parse_presence(raw, workspace_id, runtime_target_id) if raw is not None else None
+        if presence is None:
+            self._cache.pop(key, None)
+            return None
+        self._count("relay_presence_resolve_ok")
+        # An own announcement made while the GET was in flight makes its answer stale.
+        if self._cache_ms > 0 and epoch == self._cache_epoch and not self._stopped:
+            self._cache[key] = (presence, self._now_ms() + self._cache_ms)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+        return presence
+
+    def _resolve_failed(self, failure: Failure, workspace_id: str) -> None:
+        self._count("relay_presence_resolve_failed")
+        self._log.warn("presence resolve failed: {error}", relay_event="relay_presence_resolve_error",
+                       workspaceId=workspace_id, error=describe_failure(failure))
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _now_ms(self) -> float:
+        return float(self._reactor.seconds()) * 1000.0
+
+    def _count(self, name: str) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, name).inc()

@@ -1,0 +1,388 @@
+"""Connecting the redis backplane: Redis URLs, endpoints (TCP, TLS, unix, Sentinel) and self-healing links."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import txredisapi
+from twisted.application.internet import ClientService
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
+_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed Redis URL: where to connect and how to log in (the password is never shown)."""
+
+    scheme: str
+    host: Optional[str] = None
+    port: int = DEFAULT_PORT
+    path: Optional[str] = None
+    sentinels: Tuple[Tuple[str, int], ...] = ()
+    service: Optional[str] = None
+    db: Optional[int] = None
+    username: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """
+    Parse ``redis://[user:pass@]host[:port][/db]``, ``rediss://…`` (TLS), ``unix://[:pass@]/path[?db=N]``
+    and ``redis+sentinel://[user:pass@]host[:port][,host2[:port2]…]/service[/db]``.
+
+    The credentials log in to Redis itself (for Sentinel: to the master). Raises ``ValueError``
+    with a message that never contains the password.
+    """
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator or scheme not in _SCHEMES:
+        raise ValueError("unsupported Redis URL; accepted schemes: " + ", ".join(_SCHEMES))
+    if scheme == "redis+sentinel":
+        return _parse_sentinel_url(rest)
+    parts = urlsplit(url)
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    if scheme == "unix":
+        path = unquote(parts.path)
+        if not path:
+            raise ValueError("unix Redis URL without a socket path")
+        db_values = parse_qs(parts.query).get("db")
+        db = _parse_db(db_values[-1]) if db_values else None
+        return RedisTarget(scheme, path=path, db=db, username=username, password=password)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("Redis URL with an invalid port") from None
+    if not parts.hostname:
+        raise ValueError("Redis URL without a host")
+    db = _parse_db(parts.path.strip("/")) if parts.path.strip("/") else None
+    return RedisTarget(
+        scheme, host=parts.hostname, port=port or DEFAULT_PORT, db=db, username=username, password=password
+    )
+
+
+def _parse_sentinel_url(rest: str) -> RedisTarget:
+    rest = rest.split("#", 1)[0].split("?", 1)[0]
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    user, _, secret = userinfo.partition(":")
+    sentinels = tuple(_host_port(entry, DEFAULT_SENTINEL_PORT) for entry in hosts.split(","))
+    segments = path.split("/")
+    service = unquote(segments[0])
+    if not service or len(segments) > 2:
+        raise ValueError("redis+sentinel URL needs /<service>[/<db>] after the Sentinel addresses")
+    db = _parse_db(segments[1]) if len(segments) == 2 and segments[1] else None
+    return RedisTarget(
+        "redis+sentinel",
+        sentinels=sentinels,
+        service=service,
+        db=db,
+        username=unquote(user) or None,
+        password=unquote(secret) if userinfo and ":" in userinfo else None,
+    )
+
+
+def _host_port(text: str, default_port: int) -> Tuple[str, int]:
+    if text.startswith("["):
+        close = text.find("]")
+        host, remainder = text[1:close], text[close + 1 :]
+        if close < 0 or (remainder and not remainder.startswith(":")):
+            raise ValueError("Sentinel address with an invalid IPv6 literal")
+        port_text = remainder[1:]
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ValueError("Sentinel address without a host")
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError("Sentinel address with an invalid port")
+    return host, int(port_text)
+
+
+def _parse_db(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("Redis database must be a non-negative integer")
+    return int(text)
+
+
+def describe_failure(failure: Failure) -> str:
+    """A short error text for logs; txredisapi's encoding errors quote the value, so they are not shown."""
+    if failure.check(DeferredTimeoutError):
+        return "no answer within the command timeout"
+    if failure.check(txredisapi.InvalidData):
+        return "a value could not be encoded"
+    return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, jitter: float, rand: Callable[[], float]) -> float:
+    """Seconds before reconnect ``attempt`` (1-based): ``initial_s`` doubling up to ``max_s``, ±``jitter``."""
+    base = min(max_s, initial_s * 2 ** min(max(attempt, 1) - 1, 30))
+    return max(0.0, min(max_s, base * (1 + jitter * (2 * rand() - 1))))
+
+
+class RedisUnavailable(Exception):
+    """The connection a command needs is not usable right now (fail fast instead of queueing)."""
+
+
+class _LinkProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+    """A txredisapi protocol that reports to its ``RedisLink`` when it connects, disconnects or hears a message."""
+
+    link: "RedisLink"
+
+    def connectionMade(self) -> object:
+        """Let txredisapi set up, then start our own setup (AUTH, SELECT, checks)."""
+        result = super().connectionMade()
+        self.link.connection_made(self)
+        return result
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Fail pending commands (txredisapi), then tell the link."""
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.link.connection_lost(self, reason)
+
+
+class _SubscriberLinkProtocol(_LinkProtocol, txredisapi.SubscriberProtocol):  # type: ignore[misc]
+    """The pub/sub connection: messages go to the link's handler, which never raises."""
+
+    def messageReceived(self, pattern: object, channel: object, message: object) -> None:
+        """One pub/sub message."""
+        self.link.message_received(channel, message)
+
+
+class _LinkFactory(Factory):
+    """Builds protocols of one link, scheduling txredisapi's timers on our reactor."""
+
+    noisy = False
+
+    def __init__(self, link: "RedisLink", protocol_class: type, reactor: Any) -> None:
+        self._link = link
+        self._protocol_class = protocol_class
+        self._reactor = reactor
+
+    def buildProtocol(self, addr: object) -> Any:
+        """A protocol without txredisapi's own AUTH/SELECT (the link does them, with timeouts)."""
+        proto = self._protocol_class(charset="utf-8", convertNumbers=False)
+        proto.factory = self
+        proto.link = self._link
+        proto.callLater = self._reactor.callLater
+        return proto
+
+
+class RedisLink:
+    """
+    One Redis connection kept open by a ``ClientService``; ``protocol`` is set only while usable.
+
+    A connection is usable once its setup (AUTH, SELECT, PING, Sentinel role check) succeeded. Commands go
+    through ``call``, which fails at once while there is no usable connection and times out
+    otherwise; a timeout aborts the connection, since a server that stopped answering is as good
+    as gone (and a half-open TCP connection would otherwise hang forever).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        target: RedisTarget,
+        endpoint: Any,
+        reactor: Any,
+        timeout_s: float,
+        retry_delay: Callable[[int], float],
+        on_up: Callable[["RedisLink"], None],
+        on_down: Callable[["RedisLink"], None],
+        on_message: Optional[Callable[[object, object], None]] = None,
+    ) -> None:
+        """A pub/sub connection when ``on_message`` is given (called per message), else a command one."""
+        self.name = name
+        self.protocol: Optional[Any] = None
+        self._reactor = reactor
+        self._timeout_s = timeout_s
+        self._retry_delay = retry_delay
+        self._target = target
+        self._on_up = on_up
+        self._on_down = on_down
+        self._on_message = on_message
+        self._rejected = 0
+        self._stopping = False
+        self._service = ClientService(
+            endpoint,
+            _LinkFactory(self, _LinkProtocol if on_message is None else _SubscriberLinkProtocol, reactor),
+            retryPolicy=self._retry,
+            clock=reactor,
+        )
+
+    def start(self) -> None:
+        """Begin connecting (and reconnecting until stopped)."""
+        self._service.startService()
+
+    def stop(self) -> "Deferred[None]":
+        """Stop reconnecting and close the connection; fires once it is closed."""
+        self._stopping = True
+        self.protocol = None
+        return self._service.stopService()
+
+    def call(self, method: str, *args: Any) -> "Deferred[Any]":
+        """Run one txredisapi command on the usable connection, with the command timeout."""
+        proto = self.protocol
+        if proto is None:
+            return fail(RedisUnavailable(self.name))
+        return self.call_on(proto, method, *args)
+
+    def call_on(self, proto: Any, method: str, *args: Any) -> "Deferred[Any]":
+        """Like ``call`` on a given connection (used during setup, before it is usable)."""
+        try:
+            d: Deferred[Any] = getattr(proto, method)(*args)
+        except Exception:
+            return fail()
+        d.addTimeout(self._timeout_s, self._reactor)
+        d.addErrback(self._command_failed, proto)
+        return d
+
+    def _command_failed(self, failure: Failure, proto: Any) -> Failure:
+        # READONLY: Sentinel demoted our server; reconnecting asks the Sentinels for the new master.
+        if failure.check(DeferredTimeoutError) or (
+            failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY")
+        ):
+            self._abort(proto)
+        return failure
+
+    def _abort(self, proto: Any) -> None:
+        transport = proto.transport
+        if transport is not None and proto.connected and not getattr(proto, "aborted", False):
+            proto.aborted = True
+            transport.abortConnection()
+
+    def _retry(self, attempt: int) -> float:
+        # ClientService forgets failures once TCP connects; a server that accepts connections
+        # but fails setup (wrong password, stopped process, a replica) must still back off.
+        return self._retry_delay(max(attempt, self._rejected))
+
+    def connection_made(self, proto: Any) -> None:
+        """A TCP (or Unix) connection is up: run setup before anyone may use it."""
+        transport = proto.transport
+        if hasattr(transport, "setTcpKeepAlive"):
+            transport.setTcpKeepAlive(1)
+        d = ensureDeferred(self._setup(proto))
+        d.addCallbacks(self._ready, self._refused, callbackArgs=(proto,), errbackArgs=(proto,))
+
+    async def _setup(self, proto: Any) -> None:
+        target = self._target
+        if target.password is not None:
+            await self.call_on(proto, "auth", target.password, target.username)
+        if target.db is not None and self._on_message is None:
+            await self.call_on(proto, "select", target.db)
+        await self.call_on(proto, "ping")
+        if target.scheme == "redis+sentinel":
+            role = await self.call_on(proto, "role")
+            if not isinstance(role, list) or not role or role[0] != "master":
+                raise RedisUnavailable("the server Sentinel named is not a master")
+
+    def _ready(self, _: object, proto: Any) -> None:
+        if self._stopping or not proto.connected:
+            return
+        self._rejected = 0
+        self.protocol = proto
+        try:
+            self._on_up(self)
+        except Exception:
+            self._log.failure("redis link setup failed", relay_event="relay_redis_error", channel=self.name)
+
+    def _refused(self, failure: Failure, proto: Any) -> None:
+        if self._stopping:
+            return
+        self._rejected += 1
+        self._log.warn(
+            "redis {channel} connection refused: {error}",
+            relay_event="relay_redis_error",
+            channel=self.name,
+            error=describe_failure(failure),
+        )
+        self._abort(proto)
+
+    def connection_lost(self, proto: Any, reason: Failure) -> None:
+        """The connection closed: stop using it (ClientService reconnects)."""
+        if self.protocol is not proto:
+            return
+        self.protocol = None
+        if self._stopping:
+            return
+        self._log.warn(
+            "redis {channel} connection lost: {error}",
+            relay_event="relay_redis_error",
+            channel=self.name,
+            error=describe_failure(reason),
+        )
+        try:
+            self._on_down(self)
+        except Exception:
+            self._log.failure("redis link teardown failed", relay_event="relay_redis_error", channel=self.name)
+
+    def message_received(self, channel: object, message: object) -> None:
+        """Hand one pub/sub message to the backplane (which never raises)."""
+        if self._on_message is not None and not self._stopping:
+            self._on_message(channel, message)
+
+
+@implementer(IStreamClientEndpoint)
+class _SentinelMasterEndpoint:
+    """Asks the Sentinels (txredisapi ``Sentinel``) for the current master before every connection."""
+
+    def __init__(self, reactor: Any, sentinels: Tuple[Tuple[str, int], ...], service: str, timeout_s: float) -> None:
+        self._reactor = reactor
+        self._sentinels = sentinels
+        self._service = service
+        self._timeout_s = timeout_s
+        self._manager: Optional[Any] = None
+
+    def connect(self, protocolFactory: Any) -> "Deferred[Any]":
+        """Discover the master, then connect to it."""
+        if self._manager is None:
+            self._manager = txredisapi.Sentinel(list(self._sentinels))
+            self._manager.discovery_timeout = self._timeout_s
+        d: Deferred[Any] = self._manager.discover_master(self._service)
+
+        def connect_master(address: Tuple[str, int]) -> "Deferred[Any]":
+            host, port = address
+            return HostnameEndpoint(self._reactor, host, port, timeout=self._timeout_s).connect(protocolFactory)
+
+        return d.addCallback(connect_master)
+
+    def close(self) -> "Deferred[Any]":
+        """Close the connections to the Sentinels."""
+        manager, self._manager = self._manager, None
+        if manager is None:
+            return succeed(None)
+        result: Deferred[Any] = manager.disconnect()
+        return result
+
+
+def redis_endpoint(target: RedisTarget, reactor: Any, timeout_s: float) -> Any:
+    """The client endpoint for ``target``; Sentinel endpoints also have a ``close()``."""
+    if target.scheme == "unix":
+        assert target.path is not None
+        return UNIXClientEndpoint(reactor, target.path, timeout=timeout_s)
+    if target.scheme == "redis+sentinel":
+        assert target.service is not None
+        return _SentinelMasterEndpoint(reactor, target.sentinels, target.service, timeout_s)
+    assert target.host is not None
+    endpoint = HostnameEndpoint(reactor, target.host, target.port, timeout=timeout_s)
+    if target.scheme == "rediss":
+        from twisted.internet.ssl import optionsForClientTLS
+
+        return wrapClientTLS(optionsForClientTLS(target.host), endpoint)
+    return endpoint

@@ -1,0 +1,668 @@
+"""The ``server`` backplane: presence and the frame bus through the platform's internal HTTP API (§6.2, §6.4)."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Generator, Optional
+from urllib.parse import urlsplit
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
+from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
+from viewport.relay.interfaces import BusFrame, Direction, IBackplane, Presence, Side
+
+__all__ = ["ServerBackplane"]
+
+API_PREFIX = "/api/runtime/internal/relay"
+UPSERT_PATH = API_PREFIX + "/presence/upsert"
+RESOLVE_PATH = API_PREFIX + "/presence/resolve"
+PUBLISH_PATH = API_PREFIX + "/bus/publish"
+PULL_PATH = API_PREFIX + "/bus/pull"
+
+#: The longest long-poll the contract allows (§6.4).
+MAX_PULL_WAIT_MS = 2000
+#: Consecutive failed pulls after which ``healthy`` turns False (until a pull succeeds).
+UNHEALTHY_AFTER_FAILURES = 3
+#: Pause after a failed pull: doubling from the first value up to the second (seconds).
+PULL_RETRY_FIRST_S = 0.05
+PULL_RETRY_MAX_S = 2.0
+# A failed pull is logged on the first failure of a streak and then every this many failures.
+_LOG_EVERY_FAILURES = 30
+
+_DIRECTIONS: frozenset[str] = frozenset(("client_to_daemon", "daemon_to_clients"))
+_SIDE_OF_DIRECTION: dict[str, Side] = {"client_to_daemon": "daemon", "daemon_to_clients": "clients"}
+
+
+@dataclass
+class _Cached:
+    presence: Presence
+    expires_at: float
+
+
+def _as_integer(value: object) -> Optional[int]:
+    """A JSON integer the way JavaScript sees one: a number (not a bool) without a fraction."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _ok_document(answer: HttpAnswer) -> Optional[dict[str, Any]]:
+    """The decoded body when the call succeeded (2xx and ``ok`` exactly true), else None."""
+    if not 200 <= answer.status < 300:
+        return None
+    try:
+        document = json.loads(answer.body.decode("utf-8", "replace"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("ok") is not True:
+        return None
+    return document
+
+
+def _text(value: object) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
+
+
+@implementer(IBackplane)
+class ServerBackplane:
+    """
+    Cross-relay presence and frames through ``<server_url>/api/runtime/internal/relay/...``.
+
+    Talks to the Viewport platform or to viewport-bus. Frames are pulled by one continuous
+    long-poll loop that runs while a scope is watched; it starts at the bus head (frames older
+    than this backplane are never delivered) and checks every frame (§6.4, §6.6) before handing
+    it to ``deliver``. Only frames for a watched (scope, side) are delivered.
+    """
+
+    cross_relay = True
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        relay_id: str,
+        public_ws_base_url: str,
+        server_url: str,
+        internal_key: str,
+        hmac_key: Optional[str],
+        http_client: HTTPClient,
+        clock: IReactorTime,
+        timeout_ms: int = 2000,
+        max_response_bytes: int = 262144,
+        pull_limit: int = 200,
+        pull_wait_ms: int = 1000,
+        max_skew_ms: int = 15000,
+        freshness_track_max: int = 20000,
+        max_payload_bytes: int = 1048576,
+        resolve_cache_ms: int = 2000,
+        resolve_cache_max: int = 10000,
+        presence_refresh_ms: int = 20000,
+        metrics: Optional[Any] = None,
+    ) -> None:
+        """
+        ``server_url``: only its origin is used. ``hmac_key`` signs published frames and is
+        required of pulled ones (None disables both, for platforms without signing).
+        ``pull_wait_ms`` is clamped to 0..2000; a pull's HTTP timeout is that wait plus
+        ``timeout_ms``, and its response cap is large enough for one frame of
+        ``max_payload_bytes`` even when ``max_response_bytes`` is smaller.
+        """
+        parts = urlsplit(server_url)
+        host = parts.netloc.rpartition("@")[2]
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError("server_url must be an absolute http(s) URL")
+        if not relay_id:
+            raise ValueError("relay_id must not be empty")
+        if not internal_key:
+            raise ValueError("internal_key must not be empty")
+        for name, value in (
+            ("timeout_ms", timeout_ms),
+            ("max_response_bytes", max_response_bytes),
+            ("pull_limit", pull_limit),
+            ("max_payload_bytes", max_payload_bytes),
+            ("resolve_cache_max", resolve_cache_max),
+            ("presence_refresh_ms", presence_refresh_ms),
+            ("freshness_track_max", freshness_track_max),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive")
+        self.relay_id = relay_id
+        self._public_ws_base_url = public_ws_base_url
+        self._origin = f"{parts.scheme}://{host}"
+        self._internal_key = internal_key
+        self._hmac_key = hmac_key or None
+        self._http = http_client
+        self._clock = clock
+        self._timeout_ms = timeout_ms
+        self._max_response_bytes = max_response_bytes
+        self._pull_limit = pull_limit
+        self._pull_wait_ms = max(0, min(pull_wait_ms, MAX_PULL_WAIT_MS))
+        self._pull_timeout_ms = self._pull_wait_ms + timeout_ms
+        # A payload may grow sixfold as a JSON string; the bus adds frames up to a byte budget.
+        self._pull_max_response_bytes = max(max_response_bytes, 8 * max_payload_bytes + 65536)
+        self._max_payload_bytes = max_payload_bytes
+        self._resolve_cache_s = max(0, resolve_cache_ms) / 1000.0
+        self._resolve_cache_max = resolve_cache_max
+        self._presence_refresh_s = presence_refresh_ms / 1000.0
+        self._metrics = metrics
+        self._verifier = (
+            FrameVerifier(self._hmac_key, max_skew_ms, max(4 * freshness_track_max, 100000))
+            if self._hmac_key is not None
+            else None
+        )
+
+        self._deliver: Optional[Callable[[BusFrame], None]] = None
+        self._started = False
+        self._stopped = False
+        self._watched: set[tuple[str, Optional[str], Side]] = set()
+        self._presences: dict[tuple[str, Optional[str]], Presence] = {}
+        self._resolved: OrderedDict[tuple[str, Optional[str]], _Cached] = OrderedDict()
+        self._refresh: Optional[LoopingCall] = None
+        self._cursor: Optional[int] = None
+        self._looping = False
+        self._syncing = False
+        self._loop_done: Optional[Deferred[None]] = None
+        self._in_flight: Optional[Deferred[Any]] = None
+        self._pause: Optional[IDelayedCall] = None
+        self._pause_d: Optional[Deferred[None]] = None
+        self._failures = 0
+        self._limit_now = pull_limit
+
+    # --- IBackplane --------------------------------------------------------------------------
+
+    def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[None]":
+        """Find the bus head (so only new frames are delivered) and start the presence refresh."""
+        if self._started:
+            return succeed(None)
+        self._started = True
+        self._deliver = deliver
+        refresh = LoopingCall(self._refresh_presences)
+        refresh.clock = self._clock
+        refresh.start(self._presence_refresh_s, now=False).addErrback(
+            lambda f: self._log.failure("{relay_event}", f, relay_event="relay_presence_refresh_error")
+        )
+        self._refresh = refresh
+        self._syncing = True
+
+        def synced(_: bool) -> None:
+            self._syncing = False
+            self._maybe_loop()
+
+        return self._sync_head().addCallback(synced)
+
+    def stop(self) -> "Deferred[None]":
+        """Withdraw this relay's presences, stop the pull loop and the refresh timer."""
+        if self._stopped:
+            return succeed(None)
+        if self._refresh is not None and self._refresh.running:
+            self._refresh.stop()
+        self._refresh = None
+        withdrawals = [
+            self._upsert(replace(presence, daemon_connected=False)) for presence in self._presences.values()
+        ]
+        self._presences.clear()
+        self._resolved.clear()
+        self._stopped = True
+        self._watched.clear()
+        if self._in_flight is not None:
+            self._in_flight.cancel()
+        self._wake()
+        waits: list[Deferred[Any]] = list(withdrawals)
+        if self._loop_done is not None:
+            waits.append(self._loop_done)
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    @property
+    def healthy(self) -> bool:
+        """False after several consecutive failed pulls, until one succeeds."""
+        return self._failures < UNHEALTHY_AFTER_FAILURES
+
+    def announce_presence(self, presence: Presence) -> "Deferred[None]":
+        """Upsert now (never fails); a connected presence is also re-sent every refresh period."""
+        if self._stopped:
+            return succeed(None)
+        key = (presence.workspace_id, presence.runtime_target_id)
+        if presence.daemon_connected:
+            self._presences[key] = presence
+        else:
+            self._presences.pop(key, None)
+            self._resolved.pop(key, None)
+        return self._upsert(presence)
+
+    def resolve_presence(
+        self, workspace_id: str, runtime_target_id: Optional[str]
+    ) -> "Deferred[Optional[Presence]]":
+        """The connected daemon's presence from the platform (positive answers cached briefly)."""
+        if self._stopped:
+            return succeed(None)
+        key = (workspace_id, runtime_target_id or None)
+        now = self._clock.seconds()
+        cached = self._resolved.get(key)
+        if cached is not None:
+            if cached.expires_at > now:
+                self._resolved.move_to_end(key)
+                return succeed(cached.presence)
+            del self._resolved[key]
+        body: dict[str, Any] = {"workspaceId": workspace_id}
+        if runtime_target_id:
+            body["runtimeTargetId"] = runtime_target_id
+
+        def answered(answer: HttpAnswer) -> Optional[Presence]:
+            document = _ok_document(answer)
+            if document is None:
+                self._count("relay_presence_resolve_failed")
+                return None
+            relay_id = _text(document.get("relayId"))
+            url = _text(document.get("relayWsBaseUrl"))
+            if document.get("daemonConnected") is not True or relay_id is None or url is None:
+                self._resolved.pop(key, None)
+                return None
+            presence = Presence(
+                workspace_id=workspace_id,
+                runtime_target_id=_text(document.get("runtimeTargetId")) or runtime_target_id,
+                relay_id=relay_id,
+                relay_ws_base_url=url,
+                daemon_connected=True,
+                machine_id=_text(document.get("machineId")),
+            )
+            self._count("relay_presence_resolve_ok")
+            if self._resolve_cache_s > 0:
+                self._resolved[key] = _Cached(presence, self._clock.seconds() + self._resolve_cache_s)
+                self._resolved.move_to_end(key)
+                while len(self._resolved) > self._resolve_cache_max:
+                    self._resolved.popitem(last=False)
+            return presence
+
+        def failed(failure: Failure) -> None:
+            self._count("relay_presence_resolve_failed")
+            self._log.warn(
+                "{relay_event}",
+                relay_event="relay_presence_resolve_error",
+                workspaceId=workspace_id,
+                error=_describe(failure),
+            )
+            return None
+
+        return self._post(RESOLVE_PATH, body).addCallbacks(answered, failed)
+
+    def publish(self, frame: BusFrame) -> "Deferred[bool]":
+        """Sign and post the frame; True only for a 2xx answer with ``ok:true``."""
+        if self._stopped:
+            return succeed(False)
+        if not frame.runtime_target_id:
+            self._count("relay_bus_publish_failed")
+            self._log.warn(
+                "{relay_event}",
+                relay_event="relay_bus_publish_failed",
+                workspaceId=frame.workspace_id,
+                direction=frame.direction,
+                reason="missing_runtime_target",
+            )
+            return succeed(False)
+        frame = replace(frame, source_relay_id=self.relay_id)
+        target: Optional[str] = frame.target_relay_id
+        if target is None and frame.direction == "client_to_daemon":
+            target = ""
+        body: dict[str, Any] = {
+            "workspaceId": frame.workspace_id,
+            "runtimeTargetId": frame.runtime_target_id,
+            "sourceRelayId": frame.source_relay_id,
+            "targetRelayId": target,
+            "direction": frame.direction,
+            "payload": frame.payload,
+        }
+        if frame.machine_id is not None:
+            body["machineId"] = frame.machine_id
+        if self._hmac_key is not None:
+            issued_at_ms = int(self._clock.seconds() * 1000)
+            body["issuedAtMs"] = issued_at_ms
+            body["signature"] = sign(self._hmac_key, frame, issued_at_ms)
+
+        def answered(answer: HttpAnswer) -> bool:
+            if _ok_document(answer) is not None:
+                self._count("relay_bus_publish_ok")
+                return True
+            self._count("relay_bus_publish_failed")
+            self._log.warn(
+                "{relay_event}",
+                relay_event="relay_bus_publish_failed",
+                workspaceId=frame.workspace_id,
+                direction=frame.direction,
+                targetRelayId=target,
+                status=answer.status,
+            )
+            return False
+
+        def failed(failure: Failure) -> bool:
+            self._count("relay_bus_publish_failed")
+            self._log.warn(
+                "{relay_event}",
+                relay_event="relay_bus_publish_error",
+                workspaceId=frame.workspace_id,
+                direction=frame.direction,
+                error=_describe(failure),
+            )
+            return False
+
+        return self._post(PUBLISH_PATH, body).addCallbacks(answered, failed)
+
+    def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
+        """Deliver that side's frames of the scope; the pull loop runs while anything is watched."""
+        if self._stopped:
+            return
+        self._watched.add((workspace_id, runtime_target_id or None, side))
+        self._maybe_loop()
+
+    def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
+        """Stop delivering that side's frames of the scope."""
+        self._watched.discard((workspace_id, runtime_target_id or None, side))
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def _post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        timeout_ms: Optional[int] = None,
+        max_response_bytes: Optional[int] = None,
+    ) -> "Deferred[HttpAnswer]":
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return bounded_request(
+            self._http,
+            self._clock,
+            "POST",
+            self._origin + path,
+            data=data,
+            headers={"content-type": "application/json", "x-relay-internal-key": self._internal_key},
+            timeout_ms=timeout_ms if timeout_ms is not None else self._timeout_ms,
+            max_response_bytes=max_response_bytes if max_response_bytes is not None else self._max_response_bytes,
+        )
+
+    def _count(self, name: str) -> None:
+        if self._metrics is not None:
+            getattr(self._metrics, name).inc()
+
+    # --- presence ----------------------------------------------------------------------------
+
+    def _upsert(self, presence: Presence) -> "Deferred[None]":
+        body: dict[str, Any] = {
+            "workspaceId": presence.workspace_id,
+            "relayId": self.relay_id,
+            "relayWsBaseUrl": presence.relay_ws_base_url or self._public_ws_base_url,
+            "daemonConnected": presence.daemon_connected,
+        }
+        if presence.runtime_target_id:
+            body["runtimeTargetId"] = presence.runtime_target_id
+        if presence.machine_id:
+            body["machineId"] = presence.machine_id
+
+        def answered(answer: HttpAnswer) -> None:
+            if _ok_document(answer) is not None:
+                self._count("relay_presence_upsert_ok")
+                return
+            self._count("relay_presence_upsert_failed")
+            self._log.warn(
+                "{relay_event}",
+                relay_event="relay_presence_upsert_failed",
+                workspaceId=presence.workspace_id,
+                status=answer.status,
+            )
+
+        def failed(failure: Failure) -> None:
+            self._count("relay_presence_upsert_failed")
+            self._log.warn(
+                "{relay_event}",
+                relay_event="relay_presence_upsert_error",
+                workspaceId=presence.workspace_id,
+                error=_describe(failure),
+            )
+
+        return self._post(UPSERT_PATH, body).addCallbacks(answered, failed)
+
+    def _refresh_presences(self) -> None:
+        """Re-send every connected presence, machine id included (never raises)."""
+        try:
+            for presence in list(self._presences.values()):
+                self._upsert(presence)
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="relay_presence_refresh_error")
+
+    # --- pull loop ---------------------------------------------------------------------------
+
+    def _sync_head(self) -> "Deferred[bool]":
+        """Pull once without waiting to learn ``headId``; its frames predate us and are dropped."""
+        body = {"relayId": self.relay_id, "sinceId": 0, "limit": self._limit_now, "waitMs": 0}
+        d = self._post(PULL_PATH, body, max_response_bytes=self._pull_max_response_bytes)
+        self._in_flight = d
+
+        def answered(answer: HttpAnswer) -> bool:
+            document = _ok_document(answer)
+            if document is None:
+                self._count("relay_bus_pull_failed")
+                self._log_failure(f"status {answer.status}")
+                return False
+            head = _as_integer(document.get("headId"))
+            if head is not None and head >= 0:
+                self._cursor = head
+            else:
+                # No head from this platform: start from what it offers; the skew check
+                # keeps frames older than our start from being delivered.
+                self._cursor = 0
+                self._accept_page(document)
+            return True
+
+        def failed(failure: Failure) -> bool:
+            if failure.check(CancelledError):
+                return False
+            self._count("relay_bus_pull_failed")
+            self._log_failure(_describe(failure))
+            return False
+
+        def settled(ok: bool) -> bool:
+            if self._in_flight is d:
+                self._in_flight = None
+            return ok
+
+        return d.addCallbacks(answered, failed).addCallback(settled)
+
+    def _maybe_loop(self) -> None:
+        if self._looping or self._syncing or self._stopped or not self._started or not self._watched:
+            return
+        self._looping = True
+        done: Deferred[None] = self._run_loop()
+        self._loop_done = done
+
+    @inlineCallbacks
+    def _run_loop(self) -> Generator[Any, Any, None]:
+        try:
+            while self._watched and not self._stopped:
+                if self._cursor is None:
+                    ok = yield self._sync_head()
+                else:
+                    ok = yield self._pull_once()
+                if self._stopped:
+                    break
+                if ok:
+                    if self._failures >= UNHEALTHY_AFTER_FAILURES:
+                        self._log.info("{relay_event}", relay_event="relay_bus_pull_recovered")
+                    self._failures = 0
+                    continue
+                self._failures += 1
+                yield self._sleep(min(PULL_RETRY_FIRST_S * 2 ** (self._failures - 1), PULL_RETRY_MAX_S))
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="relay_bus_pull_error")
+        finally:
+            self._looping = False
+        # Something may have been watched again while the last pull was finishing.
+        if not self._stopped and self._watched and not self._looping:
+            self._maybe_loop()
+
+    def _sleep(self, seconds: float) -> "Deferred[None]":
+        d: Deferred[None] = Deferred()
+        self._pause_d = d
+        self._pause = self._clock.callLater(seconds, self._wake)
+        return d
+
+    def _wake(self) -> None:
+        pause, self._pause = self._pause, None
+        if pause is not None and pause.active():
+            pause.cancel()
+        d, self._pause_d = self._pause_d, None
+        if d is not None and not d.called:
+            d.callback(None)
+
+    def _pull_once(self) -> "Deferred[bool]":
+        assert self._cursor is not None
+        body = {
+            "relayId": self.relay_id,
+            "sinceId": self._cursor,
+            "limit": self._limit_now,
+            "waitMs": self._pull_wait_ms,
+        }
+        d = self._post(
+            PULL_PATH, body, timeout_ms=self._pull_timeout_ms, max_response_bytes=self._pull_max_response_bytes
+        )
+        self._in_flight = d
+
+        def answered(answer: HttpAnswer) -> bool:
+            document = _ok_document(answer)
+            if document is None:
+                self._count("relay_bus_pull_failed")
+                self._log_failure(f"status {answer.status}")
+                return False
+            self._limit_now = self._pull_limit
+            accepted = self._accept_page(document)
+            if accepted:
+                self._count("relay_bus_pull_ok")
+            return True
+
+        def failed(failure: Failure) -> bool:
+            if failure.check(CancelledError):
+                return False
+            self._count("relay_bus_pull_failed")
+            if failure.check(HttpCallFailed) and failure.value.kind == "too_large":
+                # Fewer frames per answer until one fits again.
+                self._limit_now = max(1, self._limit_now // 4)
+            self._log_failure(_describe(failure))
+            return False
+
+        def settled(ok: bool) -> bool:
+            if self._in_flight is d:
+                self._in_flight = None
+            return ok
+
+        return d.addCallbacks(answered, failed).addCallback(settled)
+
+    def _log_failure(self, error: str) -> None:
+        if self._failures % _LOG_EVERY_FAILURES == 0:
+            self._log.warn(
+                "{relay_event}",
+                relay_event="relay_bus_pull_error",
+                error=error,
+                consecutiveFailures=self._failures + 1,
+            )
+
+    def _accept_page(self, document: dict[str, Any]) -> int:
+        """Check and deliver a pull's frames in order; returns how many were accepted."""
+        frames = document.get("frames")
+        if not isinstance(frames, list):
+            frames = []
+        accepted = 0
+        now_ms = self._clock.seconds() * 1000.0
+        for raw in frames:
+            if self._stopped:
+                break
+            if isinstance(raw, dict) and self._accept_frame(raw, now_ms):
+                accepted += 1
+        head = _as_integer(document.get("headId"))
+        if head is not None and 0 <= head < (self._cursor or 0):
+            # The bus holds nothing above our cursor (its frames expired, or it was reset).
+            self._cursor = head
+        elif document.get("more") is False and head is not None:
+            # Our bus says the answer was complete: nothing for us lies at or below its head.
+            self._cursor = max(self._cursor or 0, head)
+        return accepted
+
+    def _accept_frame(self, raw: dict[str, Any], now_ms: float) -> bool:
+        frame_id = _as_integer(raw.get("id"))
+        if frame_id is None or frame_id <= 0:
+            return False
+        self._cursor = max(self._cursor or 0, frame_id)
+        source = raw.get("sourceRelayId")
+        if source == self.relay_id:
+            return False
+        workspace_id = raw.get("workspaceId")
+        runtime_target_id = raw.get("runtimeTargetId")
+        payload = raw.get("payload")
+        if not (
+            isinstance(workspace_id, str)
+            and isinstance(runtime_target_id, str)
+            and runtime_target_id
+            and isinstance(source, str)
+            and isinstance(payload, str)
+        ):
+            return False
+        target = raw.get("targetRelayId")
+        if isinstance(target, str) and target and target != self.relay_id:
+            return False
+        if len(payload.encode("utf-8", "surrogatepass")) > self._max_payload_bytes:
+            self._count("relay_bus_pull_frame_too_large")
+            return False
+        direction = raw.get("direction")
+        if direction not in _DIRECTIONS:
+            return False
+        if (workspace_id, runtime_target_id, _SIDE_OF_DIRECTION[direction]) not in self._watched:
+            return False
+        machine_id = raw.get("machineId")
+        frame = BusFrame(
+            workspace_id=workspace_id,
+            runtime_target_id=runtime_target_id,
+            source_relay_id=source,
+            target_relay_id=target if isinstance(target, str) else None,
+            direction=_direction(direction),
+            payload=payload,
+            machine_id=machine_id if isinstance(machine_id, str) else None,
+        )
+        if self._verifier is not None:
+            verdict = self._verifier.check(
+                frame, raw.get("issuedAtMs"), raw.get("signature"), now_ms, replay_key=str(frame_id)
+            )
+            if verdict != Verdict.ACCEPTED:
+                self._count(f"relay_bus_pull_{verdict}_signature")
+                return False
+        deliver = self._deliver
+        if deliver is None:
+            return False
+        try:
+            deliver(frame)
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="bus_frame_delivery_error")
+            return False
+        return True
+
+
+def _direction(value: str) -> Direction:
+    return "client_to_daemon" if value == "client_to_daemon" else "daemon_to_clients"
+
+
+def _describe(failure: Failure) -> str:
+    error = failure.value
+    if isinstance(error, HttpCallFailed):
+        return error.detail
+    return (str(error).strip() or type(error).__name__)[:200]
