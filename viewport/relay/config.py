@@ -330,10 +330,19 @@ def _platform_url(name: str, value: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc}"
 
 
+_SENTINEL_HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
+
+
 def _redis_url(name: str, value: str) -> str:
+    accepted = "redis://host[:port][/db], rediss://..., redis+sentinel://host[:port][,host:port]/service, unix:///path"
+    if value.lower().startswith("redis+sentinel://"):
+        netloc, _, path = value[len("redis+sentinel://"):].partition("/")
+        hosts = netloc.rpartition("@")[2].split(",")
+        if not path.strip("/") or not all(_SENTINEL_HOST.fullmatch(host) for host in hosts):
+            raise _invalid(name, _mask_url(value), accepted)
+        return value
     parts = _split_url(name, value, _REDIS_SCHEMES, need_host=False)
     scheme = parts.scheme.lower()
-    accepted = "redis://host[:port][/db], rediss://..., redis+sentinel://host[:port]/service, unix:///path"
     if scheme == "unix" and not parts.path:
         raise _invalid(name, _mask_url(value), accepted)
     if scheme != "unix" and not parts.hostname:

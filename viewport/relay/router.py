@@ -309,6 +309,8 @@ class Router:
                 )
                 for client in scope.clients:
                     client.peer.send_text(notice)
+                if self._backplane.cross_relay and scope.runtime_target_id is not None:
+                    self._publish_to_clients(scope, None, notice.encode("utf-8"))
             self._event(
                 LogLevel.info,
                 "daemon_disconnected",
@@ -477,15 +479,9 @@ class Router:
                 m.relay_session_viewer_presence_rate_limited.inc()
                 conn.peer.close(CLOSE_POLICY, "presence rate limit exceeded")
                 return
-            delivered = 0
-            for member in scope.subscribers.get(channel, ()):
-                if member is not conn and member.peer.can_send():
-                    member.peer.send_payload(payload)
-                    delivered += 1
-            if delivered:
-                m.relay_session_viewer_presence_fanned.inc(delivered)
-            else:
-                m.relay_session_viewer_presence_no_peers.inc()
+            self._fan_out_viewer_presence(scope, channel, payload, exclude=conn)
+            if self._backplane.cross_relay and scope.runtime_target_id is not None:
+                self._publish_to_clients(scope, None, payload)
             return
         subscribe = kind is ClientKind.SESSION_SUBSCRIBE
         if channel not in conn.allowed_channels:
@@ -506,6 +502,21 @@ class Router:
                     del scope.subscribers[channel]
             m.relay_session_event_unsubscribed.inc()
             conn.peer.send_text(frames.unsubscribed(channel))
+
+    def _fan_out_viewer_presence(
+        self, scope: ScopeState, channel: str, payload: bytes, exclude: Optional[Connection]
+    ) -> None:
+        """Viewer presence goes to every subscriber of its channel except the sender."""
+        m = self._m
+        delivered = 0
+        for member in scope.subscribers.get(channel, ()):
+            if member is not exclude and member.peer.can_send():
+                member.peer.send_payload(payload)
+                delivered += 1
+        if delivered:
+            m.relay_session_viewer_presence_fanned.inc(delivered)
+        else:
+            m.relay_session_viewer_presence_no_peers.inc()
 
     def _no_local_daemon(self, conn: Connection, payload: bytes) -> None:
         """Contract §5.6.5: look for the daemon on another relay, else say it is unavailable."""
@@ -868,6 +879,8 @@ class Router:
             return
         dkind = frames.classify_daemon_frame(frame) if frame is not None else None
         if dkind is None or frame is None:
+            if frame is not None and self._relay_broadcast(scope, frame, payload):
+                return
             self._reject_bus(bus, "invalid_daemon_frame")
             return
         if not self._limiters.daemon.allow(bus.workspace_id, now_ms):
@@ -881,6 +894,22 @@ class Router:
             DaemonKind.PAIRING_REDEEM_RESPONSE,
         ):
             m.relay_bus_frames_to_clients.inc()
+
+    def _relay_broadcast(self, scope: ScopeState, frame: dict, payload: bytes) -> bool:
+        """
+        Frames relays share beyond the daemon's own: a client's viewer presence (fanned out to
+        this relay's subscribers) and the notice that the scope's daemon disconnected (sent to
+        this relay's clients of the scope). True when the frame was one of them.
+        """
+        if frames.classify_client_frame(frame) is ClientKind.VIEWER_PRESENCE:
+            self._fan_out_viewer_presence(scope, str(frame["channel"]).strip(), payload, exclude=None)
+            return True
+        if frame.get("type") == "relay_status" and frame.get("code") == "DAEMON_UNAVAILABLE":
+            if scope.daemon_open() is None:
+                for client in scope.clients:
+                    client.peer.send_payload(payload)
+            return True
+        return False
 
     def _reject_bus(self, bus: BusFrame, reason: str) -> None:
         self._m.relay_bus_frames_rejected.inc()

@@ -123,11 +123,51 @@ def build_admission(config: RelayConfig, reactor: Any) -> Any:
     )
 
 
-def build_backplane(config: RelayConfig, reactor: Any) -> IBackplane:
-    """The configured backplane (only ``single`` exists so far)."""
-    if config.backplane_mode != "single":
-        raise usage.UsageError(
-            f"RELAY_BACKPLANE_MODE: {config.backplane_mode!r} is not available in this build; accepted: single"
+def build_backplane(config: RelayConfig, reactor: Any, metrics: RelayMetrics) -> IBackplane:
+    """The configured backplane: nothing (single), Redis pub/sub, or the platform's HTTP bus."""
+    if config.backplane_mode == "redis":
+        from viewport.relay.backplane.redis import RedisBackplane
+
+        assert config.redis_url is not None and config.bus_hmac_key is not None
+        return RedisBackplane(
+            relay_id=config.relay_id,
+            redis_url=config.redis_url,
+            hmac_key=config.bus_hmac_key,
+            reactor=reactor,
+            key_prefix=config.redis_key_prefix,
+            presence_ttl_ms=config.redis_presence_ttl_ms,
+            connect_timeout_ms=config.redis_connect_timeout_ms,
+            max_skew_ms=config.bus_signature_max_skew_ms,
+            freshness_track_max=config.bus_freshness_track_max,
+            max_payload_bytes=config.max_frame_bytes,
+            resolve_cache_max=config.presence_resolve_cache_max,
+            metrics=metrics,
+        )
+    if config.backplane_mode == "server":
+        from twisted.web.client import HTTPConnectionPool
+
+        from viewport.relay.backplane.server import ServerBackplane
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 16
+        return ServerBackplane(
+            relay_id=config.relay_id,
+            public_ws_base_url=config.public_ws_base_url,
+            server_url=config.server_url,
+            internal_key=config.internal_key or "",
+            hmac_key=config.bus_hmac_key,
+            http_client=make_http_client(reactor, platform_policy(config), pool=pool),
+            clock=reactor,
+            timeout_ms=config.internal_api_timeout_ms,
+            max_response_bytes=config.internal_api_max_response_bytes,
+            pull_limit=config.bus_pull_limit,
+            pull_wait_ms=config.bus_pull_wait_ms,
+            max_skew_ms=config.bus_signature_max_skew_ms,
+            freshness_track_max=config.bus_freshness_track_max,
+            max_payload_bytes=config.max_frame_bytes,
+            resolve_cache_max=config.presence_resolve_cache_max,
+            presence_refresh_ms=config.presence_sync_interval_ms,
+            metrics=metrics,
         )
     return SingleBackplane(config.relay_id)
 
@@ -157,7 +197,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     relay = Relay(
         config=config,
         clock=reactor,
-        backplane=build_backplane(config, reactor),
+        backplane=build_backplane(config, reactor, metrics),
         admission=build_admission(config, reactor),
         metrics=metrics,
         log_observer=observer,
