@@ -382,22 +382,22 @@ class BackplaneTests(ConfigTestCase):
         )
 
     def test_server_feature_defaults(self) -> None:
-        """Server mode defaults to presence sync and redirects on, bus off, and each can be switched."""
+        """Cross-relay modes default to presence sync and bus forwarding on, redirects off; each can be switched."""
         base = {"RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC}
         config = self.load(base)
         self.assertEqual(
-            (config.presence_sync_enabled, config.bus_enabled, config.client_redirect_enabled), (True, False, True)
+            (config.presence_sync_enabled, config.bus_enabled, config.client_redirect_enabled), (True, True, False)
         )
         config = self.load(
             {
                 **base,
                 "RELAY_PRESENCE_SYNC_ENABLED": "0",
-                "RELAY_BUS_ENABLED": "1",
-                "RELAY_CLIENT_REDIRECT_ENABLED": "false",
+                "RELAY_BUS_ENABLED": "0",
+                "RELAY_CLIENT_REDIRECT_ENABLED": "1",
             }
         )
         self.assertEqual(
-            (config.presence_sync_enabled, config.bus_enabled, config.client_redirect_enabled), (False, True, False)
+            (config.presence_sync_enabled, config.bus_enabled, config.client_redirect_enabled), (False, False, True)
         )
 
     def test_server_mode_requirements(self) -> None:

@@ -26,9 +26,10 @@ OTHER_CHANNEL = "agent-session:two"
 PUBLIC_URL = "wss://relay-a.example/ws"
 B_URL = "wss://relay-b.example/ws"
 MINUTE = 60_000
-#: A configuration with a cross-relay backplane, where client redirects are on by default.
+#: A configuration with a cross-relay backplane and client redirects switched on.
 REDIS_ENV = {
     "RELAY_BACKPLANE_MODE": "redis",
+    "RELAY_CLIENT_REDIRECT_ENABLED": "1",
     "RELAY_REDIS_URL": "redis://127.0.0.1:6379",
     "RELAY_TOKEN_SECRET": "s" * 32,
     "RELAY_BUS_HMAC_KEY": "h" * 32,
@@ -563,12 +564,22 @@ class StatusFrameTests(SynchronousTestCase):
 
     def test_daemon_unavailable_when_publish_fails(self) -> None:
         """A remote daemon whose publish fails leads to DAEMON_UNAVAILABLE (redirect off)."""
-        self.h.backplane.presence[(WS, RT)] = Presence(WS, RT, "relay-b", B_URL, True)
-        self.h.backplane.publish_result = False
-        conn = self.h.client()
-        self.h.router.client_frame(conn, e2ee(), 0)
+        h = Harness({k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"})
+        h.backplane.presence[(WS, RT)] = Presence(WS, RT, "relay-b", B_URL, True)
+        h.backplane.publish_result = False
+        conn = h.client()
+        h.router.client_frame(conn, e2ee(), 0)
         self.assertEqual(peer(conn).texts, [frames.daemon_unavailable(WS, RT)])
-        self.assertEqual(len(self.h.backplane.published), 1)
+        self.assertEqual(len(h.backplane.published), 1)
+
+    def test_bus_disabled_means_unavailable_without_publishing(self) -> None:
+        """With RELAY_BUS_ENABLED=0 a frame for a remote daemon is not published: the client hears DAEMON_UNAVAILABLE."""
+        h = Harness({**REDIS_ENV, "RELAY_BUS_ENABLED": "0", "RELAY_CLIENT_REDIRECT_ENABLED": "0"})
+        h.backplane.presence[(WS, RT)] = Presence(WS, RT, "relay-b", B_URL, True)
+        conn = h.client()
+        h.router.client_frame(conn, e2ee(), 0)
+        self.assertEqual(peer(conn).texts, [frames.daemon_unavailable(WS, RT)])
+        self.assertEqual(h.backplane.published, [])
 
     def test_daemon_unavailable_pushed_on_disconnect(self) -> None:
         """When the daemon leaves, every client of its scope is told DAEMON_UNAVAILABLE at once; others are not."""

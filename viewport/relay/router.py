@@ -553,6 +553,9 @@ class Router:
             and self._redirect_allowed(presence.relay_ws_base_url)
         ):
             self.send_redirect(conn, presence.relay_ws_base_url, with_runtime_target=True)
+        if not self._config.bus_enabled:
+            self._daemon_unavailable(conn)
+            return None
         assert conn.runtime_target_id is not None
         frame = BusFrame(
             workspace_id=conn.workspace_id,
