@@ -84,6 +84,16 @@ def test_oversize_message_closes_1009(relays: Any) -> Any:
     assert info.code == 1009
 
 
+@pytest_twisted.inlineCallbacks
+def test_invalid_utf8_text_closes_1007(relays: Any) -> Any:
+    """A text message that is not valid UTF-8 closes the socket with 1007; binary messages are read with replacement."""
+    relay = relays["flood"]
+    client = yield open_peer(relay, "client", "utf8", "rt1")
+    client._protocol.sendMessage(b'{"type":"\xff"}', isBinary=False)
+    info = yield closed_within(client)
+    assert info.code == 1007
+
+
 # -- rate limits (each test its own workspace and clientId: limiter state is process-wide) ---------------
 
 

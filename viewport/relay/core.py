@@ -18,6 +18,7 @@ from viewport.relay.registry import Registry
 from viewport.relay.router import Limiters, Router, WorkerForward
 from viewport.relay.upgrade import TrustedProxies
 
+HEARTBEAT_SLICES = 10
 SHUTDOWN_CODE = 1001
 SHUTDOWN_REASON = "relay shutting down"
 
@@ -66,6 +67,9 @@ class Relay:
             worker_forward=worker_forward,
         )
         self.connections: Set[Any] = set()
+        self._heartbeat_slots: List[Set[Any]] = [set() for _ in range(HEARTBEAT_SLICES)]
+        self._next_slot = 0
+        self._tick = 0
         self.accepting = True
         if site_factory is None:
             from viewport.relay.web import make_site
@@ -84,18 +88,36 @@ class Relay:
         except Exception:
             self._log.failure("{relay_event}", relay_event="bus_frame_error")
 
+    def add_connection(self, protocol: Any) -> None:
+        """Track an open socket, in one of the heartbeat's slices (round robin)."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % HEARTBEAT_SLICES
+        protocol.heartbeat_slot = slot
+        self.connections.add(protocol)
+        self._heartbeat_slots[slot].add(protocol)
+
+    def remove_connection(self, protocol: Any) -> None:
+        """Forget a closed socket."""
+        self.connections.discard(protocol)
+        self._heartbeat_slots[getattr(protocol, "heartbeat_slot", 0)].discard(protocol)
+
     def heartbeat(self) -> None:
         """
-        Ping every registered socket; drop idle ones and those that missed the last pong.
+        One heartbeat tick: ping one slice of the registered sockets, drop idle ones and those
+        that missed their last pong.
 
-        A ping's pong deadline is checked ``pong_timeout_ms`` after it was sent (not at the next
+        The service ticks ``HEARTBEAT_SLICES`` times per ping interval, so every socket is pinged
+        once per interval but thousands of sockets are never pinged (and answer) in one burst.
+        A ping's pong deadline is checked ``pong_timeout_ms`` after it was sent (not at a later
         tick), so a dead peer is noticed within the configured timeout.
         """
         try:
             now = self.now_ms()
             config = self.config
+            slot = self._tick % HEARTBEAT_SLICES
+            self._tick += 1
             pinged: List[Any] = []
-            for protocol in list(self.connections):
+            for protocol in list(self._heartbeat_slots[slot]):
                 conn = protocol.conn
                 if conn is None or not conn.registered:
                     continue
@@ -118,8 +140,9 @@ class Relay:
                 self.clock.callLater(
                     config.pong_timeout_ms / 1000.0, self._check_pongs, pinged, now
                 )
-            self.limiters.sweep(now)
-            self.upgrade_limiter.sweep(now)
+            if slot == 0:
+                self.limiters.sweep(now)
+                self.upgrade_limiter.sweep(now)
         except Exception:
             self._log.failure("{relay_event}", relay_event="heartbeat_error")
 

@@ -316,7 +316,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             back_pressure = _BackPressure()
             self.transport.registerProducer(back_pressure, True)  # type: ignore[union-attr]
             self._back_pressure = back_pressure
-            relay.connections.add(self)
+            relay.add_connection(self)
             router = relay.router
             role = conn.role
             metrics = relay.metrics
@@ -336,14 +336,32 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         except Exception:
             self._internal_error()
 
+    def onMessageEnd(self) -> None:
+        """
+        A complete message: hand it over directly. (Autobahn would also fire a "message" event
+        through a Deferred per message that nobody listens to: about a fifth of our per-frame cost.)
+        """
+        if not self.failedByMe:
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None  # type: ignore[assignment]
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        """Hand one message to the router (binary frames are read as UTF-8 text)."""
+        """
+        Hand one message to the router. Text is checked to be UTF-8 here, once per message
+        (close 1007 otherwise); binary frames are read as UTF-8 text with replacement.
+        """
         conn = self.conn
         handler = self._handler
         if conn is None or handler is None or not conn.registered:
             return
         if isBinary:
             payload = payload.decode("utf-8", "replace").encode("utf-8")
+        else:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                self.close(1007, "invalid UTF-8 in text message")
+                return
         started = perf_counter()
         try:
             handler(conn, payload, self.factory.relay.now_ms())
@@ -364,7 +382,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         """Unregister; the router tells a scope's clients when their daemon left."""
         relay = self.factory.relay
-        relay.connections.discard(self)
+        relay.remove_connection(self)
         conn = self.conn
         if conn is not None:
             try:
@@ -385,7 +403,13 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         self.send_payload(text.encode("utf-8"))
 
     def send_payload(self, payload: bytes) -> None:
-        """Forward text unchanged, unless the peer stopped reading (then close 4008)."""
+        """
+        Forward text unchanged, unless the peer stopped reading (then close 4008).
+
+        The frame (unmasked, FIN, text opcode) is written straight to the transport: Autobahn's
+        generic send path costs several microseconds per frame for options the relay never uses.
+        Autobahn's own queue is respected when it holds anything.
+        """
         if self.state != STATE_OPEN:
             return
         back_pressure = self._back_pressure
@@ -397,7 +421,16 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 self.factory.relay.metrics.relay_ws_slow_client_terminated.inc()
                 self.close(4008, "buffer overflow")
                 return
-        self.sendMessage(payload, False)
+        if self.send_queue:
+            self.sendMessage(payload, False)
+            return
+        length = len(payload)
+        if length < 126:
+            self.transport.write(bytes((0x81, length)) + payload)  # type: ignore[union-attr]
+        elif length < 65536:
+            self.transport.write(b"\x81\x7e" + length.to_bytes(2, "big") + payload)  # type: ignore[union-attr]
+        else:
+            self.transport.writeSequence((b"\x81\x7f" + length.to_bytes(8, "big"), payload))  # type: ignore[union-attr]
 
     def close(self, code: int, reason: str) -> None:
         """
@@ -426,6 +459,9 @@ class RelayWebSocketFactory(WebSocketServerFactory):
         self.relay = relay
         size = relay.config.max_frame_bytes
         self.setProtocolOptions(
+            # Text is validated once per message in onMessage: Autobahn's incremental validator
+            # costs ~30 µs per 16 KiB, a strict bytes.decode under 1 µs.
+            utf8validateIncoming=False,
             maxFramePayloadSize=size,
             maxMessagePayloadSize=size,
             perMessageCompressionAccept=lambda offers: None,

@@ -129,11 +129,17 @@ class TrackedOwners(Generic[K]):
         self._entries.move_to_end(key)
 
     def prune(self, now_ms: float) -> None:
-        """Drop every expired entry."""
+        """
+        Drop every expired entry. Entries are kept in stamp order (``put`` and ``refresh`` move
+        an entry to the end), so the scan stops at the first live one.
+        """
         ttl = self._ttl_ms
-        expired = [k for k, o in self._entries.items() if now_ms - o.stamp_ms >= ttl]
-        for k in expired:
-            del self._entries[k]
+        entries = self._entries
+        while entries:
+            key, owner = next(iter(entries.items()))
+            if now_ms - owner.stamp_ms < ttl:
+                return
+            del entries[key]
 
     def drop_connection(self, connection: Connection) -> None:
         """Forget every entry owned by a connection that went away."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Optional
 
 from twisted.application.internet import TimerService
@@ -12,7 +13,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from viewport.relay.core import Relay
+from viewport.relay.core import HEARTBEAT_SLICES, Relay
 from viewport.relay.protocol import RelayPortFactory
 
 
@@ -32,7 +33,7 @@ class ListeningService(MultiService):
         self.port: Optional[IListeningPort] = None
         self.log_observer: Optional[ILogObserver] = None
         for interval_ms, work in (
-            (relay.config.ping_interval_ms, relay.heartbeat),
+            (relay.config.ping_interval_ms / HEARTBEAT_SLICES, relay.heartbeat),
             (relay.config.cleanup_interval_ms, relay.cleanup),
         ):
             timer = TimerService(interval_ms / 1000.0, work)
@@ -66,6 +67,9 @@ class ListeningService(MultiService):
         config = relay.config
         assert self.port is not None
         address = self.port.getHost()
+        # Everything imported and built so far lives as long as the process: keep it out of the
+        # cyclic collector's full scans, which otherwise stall traffic as connections pile up.
+        gc.freeze()
         d = relay.backplane.start(relay.deliver_bus_frame)
         d.addErrback(lambda f: self._log.failure("{relay_event}", f, relay_event="backplane_start_error"))  # type: ignore[attr-defined]
         super().startService()
