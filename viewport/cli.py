@@ -68,6 +68,25 @@ def _check_config_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--port", type=int, help="as twistd's --port")
 
 
+def _probe_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    parser = sub.add_parser(
+        "probe",
+        help="connect as a client and report admission, redirects and latency to the daemon",
+        description=(
+            "Connect to a relay's /ws URL as a browser-style client with the given token, follow "
+            "redirects, send one key-exchange init and report, as JSON: admission (or the HTTP status "
+            "of the refusal), redirects, connect time and the daemon's answer with its round trip. "
+            "Exits 0 when admitted, 1 otherwise."
+        ),
+    )
+    parser.add_argument("url", help="relay WebSocket URL, e.g. ws://127.0.0.1:7781/ws")
+    parser.add_argument("--token", required=True, help="client relay token (see 'token')")
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--runtime-target")
+    parser.add_argument("--http-redirect", action="store_true", help="ask for HTTP 307 redirects (redirect=http)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each step (default 5)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -77,7 +96,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _check_config_parser(sub)
     _token_parser(sub)
+    _probe_parser(sub)
     return parser
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """Run one probe on a fresh reactor and print its report."""
+    from twisted.internet import task
+
+    from viewport.probe import probe
+
+    outcome: dict[str, int] = {}
+
+    def go(reactor: object) -> object:
+        d = probe(
+            reactor, args.url, token=args.token, workspace_id=args.workspace,
+            runtime_target_id=args.runtime_target, http_redirect=args.http_redirect, timeout=args.timeout,
+        )
+
+        def show(report: object) -> None:
+            print(json.dumps(report.to_json(), indent=2))  # type: ignore[attr-defined]
+            outcome["code"] = 0 if report.ok else 1  # type: ignore[attr-defined]
+
+        return d.addCallback(show)
+
+    try:
+        task.react(go)  # type: ignore[arg-type]
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            return int(stop.code) if isinstance(stop.code, int) else 1
+    return outcome.get("code", 1)
 
 
 def run_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -149,6 +197,8 @@ def main(argv: Optional[Sequence[str]] = None, environ: Optional[Mapping[str, st
             return run_token(args, env)
         if args.command == "check-config":
             return run_check_config(args, env)
+        if args.command == "probe":
+            return run_probe(args)
     except (ConfigError, ValueError, OSError) as error:
         print(f"viewport-relay {args.command}: {error}", file=sys.stderr)
         return 2
