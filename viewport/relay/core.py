@@ -131,7 +131,7 @@ class Relay:
                 conn.awaiting_pong = True
                 conn.ping_sent_ms = now
                 try:
-                    protocol.sendPing()
+                    protocol.send_ping()
                 except Exception:
                     self._terminate(protocol, "ping failed")
                     continue

@@ -444,6 +444,13 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         """True while the WebSocket is open."""
         return self.state == STATE_OPEN  # type: ignore[no-any-return]
 
+    def send_ping(self) -> None:
+        """An empty ping frame, written directly (the heartbeat sends thousands per interval)."""
+        if self.state == STATE_OPEN and not self.send_queue:
+            self.transport.write(b"\x89\x00")  # type: ignore[union-attr]
+        else:
+            self.sendPing()
+
     def terminate(self) -> None:
         """Drop the TCP connection without a closing handshake (heartbeat and idle timeouts)."""
         self.transport.abortConnection()  # type: ignore[union-attr]
