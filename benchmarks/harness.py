@@ -1,6 +1,7 @@
 """
 The measuring side of the benchmarks: a relay child process, its /proc readings, a load generator
-child driven over pipes, and the printed table.
+child driven over pipes, and the printed table; for cross-relay runs also a viewport-bus child, a
+scratch PostgreSQL database, CPU meters over several processes and py-spy recording.
 
 This module imports no Twisted: the measuring process only reads ``/proc`` and forwards commands,
 so neither the relay nor the load generator shares a process (or a reactor) with it.
@@ -14,11 +15,14 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+import uuid
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
@@ -292,3 +296,186 @@ def _numeric(cell: str) -> bool:
     except ValueError:
         return cell == "-"
     return True
+
+
+# -- cross-relay helpers: the bus, its database, Redis, several processes, py-spy ----------------------
+
+
+class BusChild(RelayChild):
+    """``twistd -r asyncio -n viewport-bus --port 0`` in its own directory, on ``BUS_DATABASE_URL``."""
+
+    def start(self, timeout: float = 20.0) -> str:
+        """Spawn the bus and return its http URL once it logs ``bus_listening``."""
+        argv = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "-r", "asyncio", "-n", "--pidfile=", *self.args, "viewport-bus", "--port", "0",
+        ]
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(argv, env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bus exited with {self.process.returncode}: {self.tail()}")
+            for event in self.events("bus_listening"):
+                self.url = event["details"]["url"]
+                return self.url
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"bus did not listen within {timeout}s: {self.tail()}")
+
+
+class ScratchDatabase:
+    """A database of its own on the PostgreSQL server at ``server_url``; ``drop`` removes it."""
+
+    def __init__(self, server_url: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self.server_url = server_url.rstrip("/")
+        self.name = f"bench_{uuid.uuid4().hex[:16]}"
+        with psycopg.connect(f"{self.server_url}/postgres", autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{self.name}"')
+        self.url = f"{self.server_url}/{self.name}"
+
+    def backend_pids(self) -> List[int]:
+        """Server processes connected to this database (the bus's pool and LISTEN connections)."""
+        with self._psycopg.connect(f"{self.server_url}/postgres", autocommit=True, connect_timeout=5) as conn:
+            rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.name,)).fetchall()
+        return [int(row[0]) for row in rows]
+
+    def frame_count(self) -> int:
+        """Rows in relay_bus_frames (0 before the migration)."""
+        try:
+            with self._psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute("SELECT count(*) FROM relay_bus_frames").fetchone()
+        except self._psycopg.Error:
+            return 0
+        return int(row[0]) if row is not None else 0
+
+    def drop(self) -> None:
+        """Drop the database, terminating its connections (PostgreSQL 13+)."""
+        try:
+            with self._psycopg.connect(f"{self.server_url}/postgres", autocommit=True, connect_timeout=5) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        except self._psycopg.Error:
+            pass
+
+
+def redis_server_pid(url: str) -> Optional[int]:
+    """``process_id`` from INFO server (a bare RESP exchange), None when it cannot be read."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=3) as sock:
+            sock.sendall(b"INFO server\r\n")
+            data = b""
+            while not data.endswith(b"\r\n\r\n") and len(data) < 1 << 16:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if data.startswith(b"$"):
+                    length = int(data[1 : data.index(b"\r\n")])
+                    if len(data) >= data.index(b"\r\n") + 2 + length:
+                        break
+    except OSError:
+        return None
+    for line in data.decode("utf-8", "replace").splitlines():
+        if line.startswith("process_id:"):
+            return int(line.split(":", 1)[1])
+    return None
+
+
+class CpuMeter:
+    """
+    CPU seconds of named processes across one phase. ``extra`` is ``(name, pids())``: a group of
+    processes listed again at both ends and summed (a pid that appeared meanwhile counts in full).
+    """
+
+    def __init__(self, pids: Dict[str, int], extra: Optional[Tuple[str, Callable[[], List[int]]]] = None) -> None:
+        self.pids = pids
+        self.extra = extra
+        self.cpu: Dict[str, float] = {}
+
+    @staticmethod
+    def _read(pid: int) -> Optional[float]:
+        try:
+            return proc_cpu_seconds(pid)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _extra_now(self) -> Dict[int, float]:
+        if self.extra is None:
+            return {}
+        readings = {}
+        for pid in self.extra[1]():
+            value = self._read(pid)
+            if value is not None:
+                readings[pid] = value
+        return readings
+
+    def __enter__(self) -> "CpuMeter":
+        self.wall0 = time.perf_counter()
+        self._start = {name: self._read(pid) for name, pid in self.pids.items()}
+        self._extra0 = self._extra_now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall0
+        for name, pid in self.pids.items():
+            before, after = self._start[name], self._read(pid)
+            self.cpu[name] = after - before if before is not None and after is not None else float("nan")
+        if self.extra is not None:
+            extra1 = self._extra_now()
+            self.cpu[self.extra[0]] = sum(value - self._extra0.get(pid, 0.0) for pid, value in extra1.items())
+
+    def per(self, name: str, count: int) -> str:
+        """µs of ``name``'s CPU per unit of work, as a table cell."""
+        value = self.cpu.get(name)
+        if value is None or value != value or not count:
+            return "-"
+        return f"{value / count * 1e6:.0f}"
+
+    def busy(self, name: str) -> str:
+        """``name``'s CPU as a percentage of one core over the phase."""
+        value = self.cpu.get(name)
+        if value is None or value != value or not self.wall:
+            return "-"
+        return f"{100.0 * value / self.wall:.0f}"
+
+
+class PySpyRecorder:
+    """py-spy ``record`` of some processes during one phase (raw collapsed stacks, one file per process)."""
+
+    def __init__(self, directory: Optional[str], label: str, pids: Dict[str, int]) -> None:
+        self.directory = directory
+        self.label = label
+        self.pids = pids
+        self.children: List[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> "PySpyRecorder":
+        if not self.directory:
+            return self
+        spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        os.makedirs(self.directory, exist_ok=True)
+        for name, pid in self.pids.items():
+            out = os.path.join(self.directory, f"{self.label}-{name}.raw")
+            self.children.append(
+                subprocess.Popen(
+                    [spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "--idle",
+                     "--nonblocking", "-o", out],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for child in self.children:
+            child.send_signal(signal.SIGINT)
+        for child in self.children:
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()

@@ -570,14 +570,8 @@ class Router:
 
         def published(ok: bool) -> None:
             if ok:
+                # Counted, not logged: this is the per-frame path of cross-relay traffic.
                 self._m.relay_client_messages_routed_bus.inc()
-                self._event(
-                    LogLevel.info,
-                    "client_message_routed_bus",
-                    workspaceId=conn.workspace_id,
-                    clientId=conn.client_id,
-                    targetRelayId=presence.relay_id,
-                )
             else:
                 self._daemon_unavailable(conn)
 
