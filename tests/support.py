@@ -60,15 +60,19 @@ class _RelayOutput(ProcessProtocol):
 
 
 class RelayProcess:
-    """One relay started with ``twistd -n viewport-relay --port 0`` in its own working directory."""
+    """One relay started with ``twistd -n viewport-relay --port <port>`` (default 0) in its own working directory."""
 
     def __init__(
         self,
         env: Optional[Mapping[str, str]] = None,
         args: Optional[List[str]] = None,
         unset: Iterable[str] = (),
+        port: int = 0,
     ) -> None:
-        """``env`` adds to the defaults; ``unset`` removes default variables (e.g. RELAY_TOKEN_SECRET)."""
+        """
+        ``env`` adds to the defaults; ``unset`` removes default variables (e.g. RELAY_TOKEN_SECRET);
+        ``port`` is the port to listen on (0: any free port).
+        """
         self.workdir = tempfile.mkdtemp(prefix="relay-")
         self.env: Dict[str, str] = {
             "PATH": os.environ.get("PATH", ""),
@@ -81,6 +85,7 @@ class RelayProcess:
         for name in unset:
             self.env.pop(name, None)
         self.args = args or []
+        self.port = port
         self.output = _RelayOutput()
         self.url = ""
         self.http_url = ""
@@ -88,7 +93,7 @@ class RelayProcess:
 
     def start(self) -> "Deferred[RelayProcess]":
         """Spawn the relay; fire once it listens (with ``url`` set)."""
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "viewport-relay", "--port", "0", *self.args]
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "viewport-relay", "--port", str(self.port), *self.args]
         self.transport = reactor.spawnProcess(  # type: ignore[attr-defined]
             self.output, sys.executable, argv, env=self.env, path=self.workdir
         )

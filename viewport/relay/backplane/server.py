@@ -179,6 +179,7 @@ class ServerBackplane:
         self._syncing = False
         self._loop_done: Optional[Deferred[None]] = None
         self._in_flight: Optional[Deferred[Any]] = None
+        self._publishing: set[Deferred[bool]] = set()
         self._pause: Optional[IDelayedCall] = None
         self._pause_d: Optional[Deferred[None]] = None
         self._failures = 0
@@ -207,7 +208,7 @@ class ServerBackplane:
         return self._sync_head().addCallback(synced)
 
     def stop(self) -> "Deferred[None]":
-        """Withdraw this relay's presences, stop the pull loop and the refresh timer."""
+        """Withdraw presences, let publishes under way finish, stop the pull loop and the refresh timer."""
         if self._stopped:
             return succeed(None)
         if self._refresh is not None and self._refresh.running:
@@ -223,7 +224,9 @@ class ServerBackplane:
         if self._in_flight is not None:
             self._in_flight.cancel()
         self._wake()
-        waits: list[Deferred[Any]] = list(withdrawals)
+        # Publishes already under way (e.g. the notice that a daemon left, sent as the relay
+        # closes its sockets) still reach the platform before the process exits.
+        waits: list[Deferred[Any]] = list(withdrawals) + list(self._publishing)
         if self._loop_done is not None:
             waits.append(self._loop_done)
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
@@ -360,7 +363,16 @@ class ServerBackplane:
             )
             return False
 
-        return self._post(PUBLISH_PATH, body).addCallbacks(answered, failed)
+        published = self._post(PUBLISH_PATH, body).addCallbacks(answered, failed)
+        if not published.called:
+            self._publishing.add(published)
+
+            def settled(ok: bool) -> bool:
+                self._publishing.discard(published)
+                return ok
+
+            published.addCallback(settled)
+        return published
 
     def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """Deliver that side's frames of the scope; the pull loop runs while anything is watched."""
@@ -569,6 +581,16 @@ class ServerBackplane:
 
         return d.addCallbacks(answered, failed).addCallback(settled)
 
+    def _forget_resolved(self, workspace_id: str, runtime_target_id: str, relay_id: str) -> None:
+        """
+        Drop a cached presence naming ``relay_id``: that relay said the daemon left, and a publish
+        to it would still be accepted by the platform and then dropped without telling the client.
+        """
+        key = (workspace_id, runtime_target_id or None)
+        cached = self._resolved.get(key)
+        if cached is not None and cached.presence.relay_id == relay_id:
+            del self._resolved[key]
+
     def _log_failure(self, error: str) -> None:
         if self._failures % _LOG_EVERY_FAILURES == 0:
             self._log.warn(
@@ -649,12 +671,29 @@ class ServerBackplane:
         deliver = self._deliver
         if deliver is None:
             return False
+        if frame.direction == "daemon_to_clients" and _announces_daemon_gone(payload):
+            self._forget_resolved(workspace_id, runtime_target_id, source)
         try:
             deliver(frame)
         except Exception:
             self._log.failure("{relay_event}", relay_event="bus_frame_delivery_error")
             return False
         return True
+
+
+def _announces_daemon_gone(payload: str) -> bool:
+    """Whether a daemon→clients payload is the relay's notice that the scope's daemon disconnected."""
+    if '"DAEMON_UNAVAILABLE"' not in payload:
+        return False
+    try:
+        document = json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return False
+    return (
+        isinstance(document, dict)
+        and document.get("type") == "relay_status"
+        and document.get("code") == "DAEMON_UNAVAILABLE"
+    )
 
 
 def _direction(value: str) -> Direction:
