@@ -95,6 +95,21 @@ def test_frames_arrive_in_publish_order(harness: BackplaneHarness) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_pipelined_frames_arrive_in_publish_order(harness: BackplaneHarness) -> Any:
+    """Frames published without waiting for each other (one scope, one direction) still arrive in order."""
+    if not harness.cross_relay:
+        return
+    harness.b.watch_scope("w:1", "rt:1", "daemon")
+    yield harness.ready()
+    published = [harness.a.publish(_frame("relay-a", "relay-b", payload=f'{{"n":{i}}}')) for i in range(40)]
+    from twisted.internet.defer import gatherResults
+
+    yield gatherResults(published)
+    yield _wait_for(harness.received_b, 40)
+    assert [f.payload for f in harness.received_b] == [f'{{"n":{i}}}' for i in range(40)]
+
+
+@pytest_twisted.inlineCallbacks
 def test_reply_reaches_only_its_target_relay(harness: BackplaneHarness) -> Any:
     """A daemon→clients frame targeted at A reaches A even when B also watches the clients side."""
     if not harness.cross_relay:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Generator, Optional
+from typing import Any, Callable, Generator, Optional, Tuple
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
@@ -180,6 +180,7 @@ class ServerBackplane:
         self._loop_done: Optional[Deferred[None]] = None
         self._in_flight: Optional[Deferred[Any]] = None
         self._publishing: set[Deferred[bool]] = set()
+        self._publish_tails: dict[Tuple[str, str, str], Deferred[None]] = {}
         self._pause: Optional[IDelayedCall] = None
         self._pause_d: Optional[Deferred[None]] = None
         self._failures = 0
@@ -363,7 +364,8 @@ class ServerBackplane:
             )
             return False
 
-        published = self._post(PUBLISH_PATH, body).addCallbacks(answered, failed)
+        key = (frame.workspace_id, frame.runtime_target_id, frame.direction)
+        published = self._in_order(key, lambda: self._post(PUBLISH_PATH, body).addCallbacks(answered, failed))
         if not published.called:
             self._publishing.add(published)
 
@@ -373,6 +375,34 @@ class ServerBackplane:
 
             published.addCallback(settled)
         return published
+
+    def _in_order(self, key: Tuple[str, str, str], send: Callable[[], "Deferred[bool]"]) -> "Deferred[bool]":
+        """
+        Run ``send`` once the previous publish with the same key has been answered.
+
+        Concurrent HTTP requests reach the platform in any order, and the bus numbers frames in
+        arrival order: without this, pipelined frames of one scope and direction were delivered
+        out of order (40–50 % of them in the cross-relay benchmark).
+        """
+        previous = self._publish_tails.get(key)
+        result: Deferred[bool] = Deferred()
+        settled: Deferred[None] = Deferred()
+        self._publish_tails[key] = settled
+
+        def run(_: object = None) -> None:
+            def finish(ok: bool) -> None:
+                if self._publish_tails.get(key) is settled:
+                    del self._publish_tails[key]
+                settled.callback(None)
+                result.callback(ok)
+
+            send().addCallback(finish)
+
+        if previous is None:
+            run()
+        else:
+            previous.addCallback(run)
+        return result
 
     def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """Deliver that side's frames of the scope; the pull loop runs while anything is watched."""
