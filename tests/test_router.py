@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
+from twisted.internet.defer import Deferred
+
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -1425,3 +1427,29 @@ class MetricsTests(SynchronousTestCase):
                      "relay_session_frame_dropped_total 1.0", "relay_ws_connections_opened_total 2.0",
                      "relay_connections_total 2.0"):
             self.assertIn(line + "\n", text)
+
+
+class RemoteOrderingTests(SynchronousTestCase):
+    """A client's frames for a daemon on another relay are published in the order they arrived."""
+
+    def test_slow_presence_lookup_does_not_reorder(self) -> None:
+        """The second frame waits for the first one's presence lookup and publish, even if its own lookup is faster."""
+        h = Harness({k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"})
+        remote = Presence(WS, RT, "relay-b", B_URL, True)
+        lookups: List[Deferred] = []
+
+        def slow_resolve(workspace_id: str, runtime_target_id: Optional[str]) -> Deferred:
+            d: Deferred = Deferred()
+            lookups.append(d)
+            return d
+
+        h.backplane.resolve_presence = slow_resolve  # type: ignore[method-assign]
+        conn = h.client()
+        h.router.client_frame(conn, e2ee(seq=1), 0)
+        h.router.client_frame(conn, e2ee(seq=2), 0)
+        self.assertEqual(len(lookups), 1)
+        lookups[0].callback(remote)
+        self.assertEqual(len(lookups), 2)
+        lookups[1].callback(remote)
+        self.assertEqual([json.loads(f.payload)["seq"] for f in h.backplane.published], [1, 2])
+        self.assertIsNone(conn.bus_queue)

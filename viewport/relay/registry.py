@@ -34,6 +34,7 @@ class Connection:
         "awaiting_pong",
         "allowed_channels",
         "redirect_sent",
+        "bus_queue",
     )
 
     def __init__(
@@ -61,6 +62,7 @@ class Connection:
         self.awaiting_pong = False
         self.allowed_channels: frozenset[str] = frozenset()
         self.redirect_sent = False
+        self.bus_queue: Optional[List[bytes]] = None
 
 
 class Owner:

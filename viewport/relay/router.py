@@ -535,11 +535,37 @@ class Router:
         if not self._backplane.cross_relay:
             self._daemon_unavailable(conn)
             return
+        waiting = conn.bus_queue
+        if waiting is not None:
+            waiting.append(payload)
+            if sum(len(p) for p in waiting) > self._config.max_pending_bytes:
+                waiting.clear()
+                self._m.relay_ws_slow_client_terminated.inc()
+                conn.peer.close(CLOSE_POLICY, "buffer overflow")
+            return
+        conn.bus_queue = []
+        self._route_remote_next(conn, payload)
+
+    def _route_remote_next(self, conn: Connection, payload: bytes) -> None:
+        """
+        Resolve and publish one frame; the connection's next frames wait for it.
+
+        Presence lookups and publishes are asynchronous: started side by side, a client's frames
+        could reach the other relay out of order.
+        """
         d: Deferred = self._backplane.resolve_presence(  # type: ignore[assignment]
             conn.workspace_id, conn.runtime_target_id
         )
         d.addCallback(self._route_to_remote, conn, payload)
         d.addErrback(self._log_failure, "client_route_error")
+        d.addCallback(self._route_remote_done, conn)
+
+    def _route_remote_done(self, _: object, conn: Connection) -> None:
+        waiting = conn.bus_queue
+        if waiting:
+            self._route_remote_next(conn, waiting.pop(0))
+        else:
+            conn.bus_queue = None
 
     def _route_to_remote(
         self, presence: Optional[Presence], conn: Connection, payload: bytes
