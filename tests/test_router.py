@@ -16,7 +16,9 @@ from viewport.relay.config import load_config
 from viewport.relay.interfaces import BusFrame, IBackplane, IPeer, Presence
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.registry import Connection, Registry
-from viewport.relay.router import Limiters, Router, check_connection_claims
+from viewport.relay.claims_check import check_connection_claims
+from viewport.relay.limits import Limiters
+from viewport.relay.router import Router
 from viewport.testing import FakePeer, RecordingBackplane
 from viewport.tokens import Claims
 

@@ -15,7 +15,8 @@ from viewport.relay.limits import FixedWindowLimiter
 from viewport.relay.logs import JsonLineObserver
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.registry import Registry
-from viewport.relay.router import Limiters, Router, WorkerForward
+from viewport.relay.limits import Limiters
+from viewport.relay.router import Router, WorkerForward
 from viewport.relay.upgrade import TrustedProxies
 
 HEARTBEAT_SLICES = 10

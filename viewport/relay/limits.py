@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -104,3 +105,40 @@ class TokenBucketLimiter:
     def __len__(self) -> int:
         """Return the number of tracked keys."""
         return len(self._entries)
+
+
+WINDOW_MS = 60_000
+
+
+class Limiters:
+    """The process-wide rate limiters of the frame pipelines (state survives reconnects)."""
+
+    def __init__(self, config: Any) -> None:
+        self.kex = FixedWindowLimiter(
+            config.kex_init_rate_per_minute, WINDOW_MS, config.kex_rate_limiter_max_keys
+        )
+        self.pairing = FixedWindowLimiter(
+            config.pairing_rate_per_minute, WINDOW_MS, config.pairing_rate_limiter_max_keys
+        )
+        self.runtime_client = TokenBucketLimiter(
+            config.runtime_rate_per_minute, WINDOW_MS, config.runtime_rate_limiter_max_keys
+        )
+        self.runtime_workspace = TokenBucketLimiter(
+            config.runtime_rate_per_minute_workspace,
+            WINDOW_MS,
+            config.runtime_workspace_rate_limiter_max_keys,
+        )
+        self.daemon = TokenBucketLimiter(
+            config.daemon_runtime_rate_per_minute, WINDOW_MS, config.daemon_rate_limiter_max_keys
+        )
+
+    def sweep(self, now_ms: float) -> None:
+        """Forget keys idle for two windows."""
+        for limiter in (
+            self.kex,
+            self.pairing,
+            self.runtime_client,
+            self.runtime_workspace,
+            self.daemon,
+        ):
+            limiter.sweep(now_ms)

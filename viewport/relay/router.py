@@ -1,8 +1,7 @@
-"""Routing decisions: admission of an open socket, the client/daemon/worker/bus pipelines."""
+"""Routing decisions: registration of an admitted socket and the client, daemon and worker pipelines."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -11,109 +10,19 @@ from twisted.logger import Logger, LogLevel
 from viewport.relay import frames
 from viewport.relay.frames import ClientKind, DaemonKind
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence
-from viewport.relay.limits import FixedWindowLimiter, TokenBucketLimiter
-from viewport.relay.redirects import redirect_url_allowed
+from viewport.relay.bus_routing import BusRouting
+from viewport.relay.claims_check import check_connection_claims
+from viewport.relay.limits import Limiters
 from viewport.relay.registry import Connection, Owner, Registry, ScopeState
-from viewport.tokens import Claims
+from viewport.relay.remote_routing import RemoteRouting
 
 CLOSE_POLICY = 4008
-CLIENT_SCOPES = ("runtime", "pairing", "session-events")
-WINDOW_MS = 60_000
-
-
-@dataclass(frozen=True)
-class ConnectionRejection:
-    """Why an upgraded socket is refused after admission: 4008 reason, log fields, status first."""
-
-    close_reason: str
-    log_event: str
-    log_reason: str
-    send_runtime_target_required: bool = False
-
-
-def check_connection_claims(
-    role: str,
-    query_workspace_id: str,
-    query_runtime_target_id: Optional[str],
-    claims: Claims,
-) -> tuple[Optional[str], Optional[ConnectionRejection]]:
-    """
-    The claims-versus-query checks of an upgraded socket, in contract order.
-
-    Returns the effective runtime target (claim, else query) and no rejection, or the rejection.
-    """
-    claimed_workspace = (claims.workspace_id or "").strip()
-    if not claimed_workspace:
-        return None, ConnectionRejection(
-            "missing workspace claim", "connection_rejected", "missing_workspace_claim"
-        )
-    if claimed_workspace != query_workspace_id:
-        return None, ConnectionRejection(
-            "workspace claim mismatch", "connection_rejected", "workspace_claim_mismatch"
-        )
-    claimed_target = (claims.runtime_target_id or "").strip() or None
-    if query_runtime_target_id is not None and claimed_target != query_runtime_target_id:
-        return None, ConnectionRejection(
-            "runtime target claim mismatch",
-            "connection_rejected",
-            "runtime_target_claim_mismatch",
-        )
-    if role == "client" and claims.scope not in CLIENT_SCOPES:
-        return None, ConnectionRejection(
-            "invalid scope claim", "client_connection_rejected", "invalid_scope_claim"
-        )
-    runtime_target = claimed_target or query_runtime_target_id
-    needs_target = role == "workspace-daemon" or (
-        role == "client" and claims.scope in ("runtime", "session-events")
-    )
-    if needs_target and runtime_target is None:
-        return None, ConnectionRejection(
-            "missing runtime target claim",
-            "connection_rejected",
-            "missing_runtime_target_claim",
-            send_runtime_target_required=True,
-        )
-    return runtime_target, None
-
-
-class Limiters:
-    """The process-wide rate limiters of the frame pipelines (state survives reconnects)."""
-
-    def __init__(self, config: Any) -> None:
-        self.kex = FixedWindowLimiter(
-            config.kex_init_rate_per_minute, WINDOW_MS, config.kex_rate_limiter_max_keys
-        )
-        self.pairing = FixedWindowLimiter(
-            config.pairing_rate_per_minute, WINDOW_MS, config.pairing_rate_limiter_max_keys
-        )
-        self.runtime_client = TokenBucketLimiter(
-            config.runtime_rate_per_minute, WINDOW_MS, config.runtime_rate_limiter_max_keys
-        )
-        self.runtime_workspace = TokenBucketLimiter(
-            config.runtime_rate_per_minute_workspace,
-            WINDOW_MS,
-            config.runtime_workspace_rate_limiter_max_keys,
-        )
-        self.daemon = TokenBucketLimiter(
-            config.daemon_runtime_rate_per_minute, WINDOW_MS, config.daemon_rate_limiter_max_keys
-        )
-
-    def sweep(self, now_ms: float) -> None:
-        """Forget keys idle for two windows."""
-        for limiter in (
-            self.kex,
-            self.pairing,
-            self.runtime_client,
-            self.runtime_workspace,
-            self.daemon,
-        ):
-            limiter.sweep(now_ms)
 
 
 WorkerForward = Callable[[Connection, dict, str], None]
 
 
-class Router:
+class Router(RemoteRouting, BusRouting):
     """
     Everything a relay decides about frames, independent of sockets and timers.
 
@@ -143,6 +52,14 @@ class Router:
 
     def _event(self, level: LogLevel, name: str, **details: object) -> None:
         self._log.emit(level, "{relay_event}", relay_event=name, **details)
+
+    def _too_large(self, conn: Connection, payload: bytes) -> bool:
+        """The relay's own size check (Autobahn already closes 1009 on oversize messages)."""
+        if len(payload) <= self._config.max_frame_bytes:
+            return False
+        self._m.relay_ws_frame_too_large.inc()
+        conn.peer.close(1009, "frame too large")
+        return True
 
     # -- connection lifecycle -------------------------------------------------------------------
 
@@ -368,9 +285,7 @@ class Router:
         """Handle one frame from a browser client (contract §5.4)."""
         conn.last_activity_ms = now_ms
         m = self._m
-        if len(payload) > self._config.max_frame_bytes:
-            m.relay_ws_frame_too_large.inc()
-            conn.peer.close(1009, "frame too large")
+        if self._too_large(conn, payload):
             return
         frame = frames.parse_frame(payload)
         kind = frames.classify_client_frame(frame) if frame is not None else None
@@ -518,130 +433,6 @@ class Router:
         else:
             m.relay_session_viewer_presence_no_peers.inc()
 
-    def _no_local_daemon(self, conn: Connection, payload: bytes) -> None:
-        """Contract §5.6.5: look for the daemon on another relay, else say it is unavailable."""
-        m = self._m
-        if conn.runtime_target_id is None:
-            m.relay_client_messages_dropped.inc()
-            self._event(
-                LogLevel.warn,
-                "client_message_dropped",
-                workspaceId=conn.workspace_id,
-                clientId=conn.client_id,
-                reason="missing_runtime_target",
-            )
-            conn.peer.send_text(frames.runtime_target_required(conn.workspace_id))
-            return
-        if not self._backplane.cross_relay:
-            self._daemon_unavailable(conn)
-            return
-        waiting = conn.bus_queue
-        if waiting is not None:
-            waiting.append(payload)
-            if sum(len(p) for p in waiting) > self._config.max_pending_bytes:
-                waiting.clear()
-                self._m.relay_ws_slow_client_terminated.inc()
-                conn.peer.close(CLOSE_POLICY, "buffer overflow")
-            return
-        conn.bus_queue = []
-        self._route_remote_next(conn, payload)
-
-    def _route_remote_next(self, conn: Connection, payload: bytes) -> None:
-        """
-        Resolve and publish one frame; the connection's next frames wait for it.
-
-        Presence lookups and publishes are asynchronous: started side by side, a client's frames
-        could reach the other relay out of order.
-        """
-        d: Deferred = self._backplane.resolve_presence(  # type: ignore[assignment]
-            conn.workspace_id, conn.runtime_target_id
-        )
-        d.addCallback(self._route_to_remote, conn, payload)
-        d.addErrback(self._log_failure, "client_route_error")
-        d.addCallback(self._route_remote_done, conn)
-
-    def _route_remote_done(self, _: object, conn: Connection) -> None:
-        waiting = conn.bus_queue
-        if waiting:
-            self._route_remote_next(conn, waiting.pop(0))
-        else:
-            conn.bus_queue = None
-
-    def _route_to_remote(
-        self, presence: Optional[Presence], conn: Connection, payload: bytes
-    ) -> Optional[Deferred]:
-        if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
-            self._daemon_unavailable(conn)
-            return None
-        if (
-            self._config.client_redirect_enabled
-            and not conn.redirect_sent
-            and self._redirect_allowed(presence.relay_ws_base_url)
-        ):
-            self.send_redirect(conn, presence.relay_ws_base_url, with_runtime_target=True)
-        if not self._config.bus_enabled:
-            self._daemon_unavailable(conn)
-            return None
-        assert conn.runtime_target_id is not None
-        frame = BusFrame(
-            workspace_id=conn.workspace_id,
-            runtime_target_id=conn.runtime_target_id,
-            source_relay_id=self._relay_id,
-            target_relay_id=presence.relay_id,
-            direction="client_to_daemon",
-            payload=payload.decode("utf-8"),
-            machine_id=conn.machine_id,
-        )
-        d: Deferred = self._backplane.publish(frame)  # type: ignore[assignment]
-
-        def published(ok: bool) -> None:
-            if ok:
-                # Counted, not logged: this is the per-frame path of cross-relay traffic.
-                self._m.relay_client_messages_routed_bus.inc()
-            else:
-                self._daemon_unavailable(conn)
-
-        d.addCallback(published)
-        return d
-
-    def _redirect_allowed(self, url: str) -> bool:
-        config = self._config
-        return url != config.public_ws_base_url and redirect_url_allowed(
-            url,
-            relay_mode=config.relay_mode,
-            allowed_hosts=config.redirect_allowed_hosts,
-            own_public_url=config.public_ws_base_url,
-            tls_host=config.tls_host,
-        )
-
-    def redirect_target(self, workspace_id: str, runtime_target_id: str) -> "Deferred[Optional[str]]":
-        """The public URL of the relay holding this scope's daemon, when a client should move there."""
-        d: Deferred = self._backplane.resolve_presence(workspace_id, runtime_target_id)  # type: ignore[assignment]
-
-        def decide(presence: Optional[Presence]) -> Optional[str]:
-            if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
-                return None
-            url = presence.relay_ws_base_url
-            return url if self._redirect_allowed(url) else None
-
-        def failed(failure: Any) -> None:
-            self._log_failure(failure, "relay_presence_resolve_error")
-            return None
-
-        d.addCallbacks(decide, failed)
-        return d
-
-    def send_redirect(self, conn: Connection, url: str, with_runtime_target: bool) -> None:
-        """Tell a client, once per connection, that its daemon is on the relay at ``url``."""
-        if conn.redirect_sent:
-            return
-        conn.redirect_sent = True
-        conn.peer.send_text(
-            frames.relay_redirect(
-                conn.workspace_id, url, conn.runtime_target_id if with_runtime_target else None
-            )
-        )
-
     def _daemon_unavailable(self, conn: Connection) -> None:
         self._m.relay_client_messages_dropped.inc()
         self._event(
@@ -671,9 +462,7 @@ class Router:
             )
             conn.peer.close(CLOSE_POLICY, "daemon rate limit exceeded")
             return
-        if len(payload) > self._config.max_frame_bytes:
-            m.relay_ws_frame_too_large.inc()
-            conn.peer.close(1009, "frame too large")
+        if self._too_large(conn, payload):
             return
         frame = frames.parse_frame(payload)
         kind = frames.classify_daemon_frame(frame) if frame is not None else None
@@ -833,9 +622,7 @@ class Router:
             self._event(LogLevel.warn, "worker_frame_rate_limited", workspaceId=conn.workspace_id)
             conn.peer.close(CLOSE_POLICY, "worker rate limit exceeded")
             return
-        if len(payload) > self._config.max_frame_bytes:
-            m.relay_ws_frame_too_large.inc()
-            conn.peer.close(1009, "frame too large")
+        if self._too_large(conn, payload):
             return
         frame = frames.parse_frame(payload)
         if frame is None or not frames.is_worker_request(frame):
@@ -865,81 +652,3 @@ class Router:
         self._worker_forward(conn, frame, path)
 
     # -- bus pipeline -----------------------------------------------------------------------------
-
-    def bus_frame(self, bus: BusFrame, now_ms: float) -> None:
-        """Route a frame another relay published to us (contract §6.8, reply path fixed)."""
-        m = self._m
-        if not bus.runtime_target_id:
-            self._reject_bus(bus, "missing_runtime_target")
-            return
-        payload = bus.payload.encode("utf-8")
-        frame = frames.parse_frame(payload)
-        scope = self._registry.get_or_create(bus.workspace_id, bus.runtime_target_id, now_ms)
-        scope.touch(now_ms)
-        scope.prune(now_ms)
-        if bus.direction == "client_to_daemon":
-            ckind = frames.classify_client_frame(frame) if frame is not None else None
-            if ckind is None or frame is None:
-                self._reject_bus(bus, "invalid_client_frame")
-                return
-            request_id = str(frame.get("requestId", "")).strip()
-            owner = Owner(None, bus.source_relay_id, now_ms)
-            if ckind is ClientKind.E2EE:
-                session_id = frame.get("sessionId")
-                current = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
-                if current is not None and current.source_relay_id == bus.source_relay_id:
-                    scope.session_owners.refresh(session_id, current, now_ms)  # type: ignore[arg-type]
-            elif ckind is ClientKind.KEX_INIT and request_id:
-                scope.kex_requests.put(request_id, owner)
-            elif ckind in (ClientKind.PAIRING_OFFER_REQUEST, ClientKind.PAIRING_REDEEM_REQUEST):
-                scope.pairing_requests.put(request_id, owner)
-            daemon = scope.daemon_open()
-            if daemon is None:
-                m.relay_bus_frames_dropped.inc()
-                return
-            daemon.peer.send_payload(payload)
-            m.relay_bus_frames_to_daemon.inc()
-            return
-        dkind = frames.classify_daemon_frame(frame) if frame is not None else None
-        if dkind is None or frame is None:
-            if frame is not None and self._relay_broadcast(scope, frame, payload):
-                return
-            self._reject_bus(bus, "invalid_daemon_frame")
-            return
-        if not self._limiters.daemon.allow(bus.workspace_id, now_ms):
-            m.relay_bus_frames_daemon_rate_limited.inc()
-            self._reject_bus(bus, "daemon_rate_limit")
-            return
-        routed = self._route_daemon_frame(scope, dkind, frame, payload, now_ms, from_bus=True)
-        if routed or dkind in (
-            DaemonKind.KEX_RESPONSE,
-            DaemonKind.PAIRING_OFFER_RESPONSE,
-            DaemonKind.PAIRING_REDEEM_RESPONSE,
-        ):
-            m.relay_bus_frames_to_clients.inc()
-
-    def _relay_broadcast(self, scope: ScopeState, frame: dict, payload: bytes) -> bool:
-        """
-        Frames relays share beyond the daemon's own: a client's viewer presence (fanned out to
-        this relay's subscribers) and the notice that the scope's daemon disconnected (sent to
-        this relay's clients of the scope). True when the frame was one of them.
-        """
-        if frames.classify_client_frame(frame) is ClientKind.VIEWER_PRESENCE:
-            self._fan_out_viewer_presence(scope, str(frame["channel"]).strip(), payload, exclude=None)
-            return True
-        if frame.get("type") == "relay_status" and frame.get("code") == "DAEMON_UNAVAILABLE":
-            if scope.daemon_open() is None:
-                for client in scope.clients:
-                    client.peer.send_payload(payload)
-            return True
-        return False
-
-    def _reject_bus(self, bus: BusFrame, reason: str) -> None:
-        self._m.relay_bus_frames_rejected.inc()
-        self._event(
-            LogLevel.warn,
-            "bus_frame_rejected",
-            workspaceId=bus.workspace_id,
-            direction=bus.direction,
-            reason=reason,
-        )

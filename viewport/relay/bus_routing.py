@@ -1,0 +1,106 @@
+"""Frames other relays published to this one (contract §6.8, with replies and broadcasts fixed)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.logger import LogLevel
+
+from viewport.relay import frames
+from viewport.relay.frames import ClientKind, DaemonKind
+from viewport.relay.interfaces import BusFrame
+from viewport.relay.limits import Limiters
+from viewport.relay.registry import Owner, Registry, ScopeState
+
+
+class BusRouting:
+    """
+    The part of the router that routes frames received over the backplane.
+
+    A mixin of ``Router``: it shares the router's registry, limiters, metrics and daemon-frame routing.
+    """
+
+    _registry: Registry
+    _limiters: Limiters
+    _m: Any
+    _event: Callable[..., None]
+    _route_daemon_frame: Callable[..., bool]
+    _fan_out_viewer_presence: Callable[..., None]
+
+    def bus_frame(self, bus: BusFrame, now_ms: float) -> None:
+        """Route a frame another relay published to us (contract §6.8, reply path fixed)."""
+        m = self._m
+        if not bus.runtime_target_id:
+            self._reject_bus(bus, "missing_runtime_target")
+            return
+        payload = bus.payload.encode("utf-8")
+        frame = frames.parse_frame(payload)
+        scope = self._registry.get_or_create(bus.workspace_id, bus.runtime_target_id, now_ms)
+        scope.touch(now_ms)
+        scope.prune(now_ms)
+        if bus.direction == "client_to_daemon":
+            ckind = frames.classify_client_frame(frame) if frame is not None else None
+            if ckind is None or frame is None:
+                self._reject_bus(bus, "invalid_client_frame")
+                return
+            request_id = str(frame.get("requestId", "")).strip()
+            owner = Owner(None, bus.source_relay_id, now_ms)
+            if ckind is ClientKind.E2EE:
+                session_id = frame.get("sessionId")
+                current = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
+                if current is not None and current.source_relay_id == bus.source_relay_id:
+                    scope.session_owners.refresh(session_id, current, now_ms)  # type: ignore[arg-type]
+            elif ckind is ClientKind.KEX_INIT and request_id:
+                scope.kex_requests.put(request_id, owner)
+            elif ckind in (ClientKind.PAIRING_OFFER_REQUEST, ClientKind.PAIRING_REDEEM_REQUEST):
+                scope.pairing_requests.put(request_id, owner)
+            daemon = scope.daemon_open()
+            if daemon is None:
+                m.relay_bus_frames_dropped.inc()
+                return
+            daemon.peer.send_payload(payload)
+            m.relay_bus_frames_to_daemon.inc()
+            return
+        dkind = frames.classify_daemon_frame(frame) if frame is not None else None
+        if dkind is None or frame is None:
+            if frame is not None and self._relay_broadcast(scope, frame, payload):
+                return
+            self._reject_bus(bus, "invalid_daemon_frame")
+            return
+        if not self._limiters.daemon.allow(bus.workspace_id, now_ms):
+            m.relay_bus_frames_daemon_rate_limited.inc()
+            self._reject_bus(bus, "daemon_rate_limit")
+            return
+        routed = self._route_daemon_frame(scope, dkind, frame, payload, now_ms, from_bus=True)
+        if routed or dkind in (
+            DaemonKind.KEX_RESPONSE,
+            DaemonKind.PAIRING_OFFER_RESPONSE,
+            DaemonKind.PAIRING_REDEEM_RESPONSE,
+        ):
+            m.relay_bus_frames_to_clients.inc()
+
+    def _relay_broadcast(self, scope: ScopeState, frame: dict, payload: bytes) -> bool:
+        """
+        Frames relays share beyond the daemon's own: a client's viewer presence (fanned out to
+        this relay's subscribers) and the notice that the scope's daemon disconnected (sent to
+        this relay's clients of the scope). True when the frame was one of them.
+        """
+        if frames.classify_client_frame(frame) is ClientKind.VIEWER_PRESENCE:
+            self._fan_out_viewer_presence(scope, str(frame["channel"]).strip(), payload, exclude=None)
+            return True
+        if frame.get("type") == "relay_status" and frame.get("code") == "DAEMON_UNAVAILABLE":
+            if scope.daemon_open() is None:
+                for client in scope.clients:
+                    client.peer.send_payload(payload)
+            return True
+        return False
+
+    def _reject_bus(self, bus: BusFrame, reason: str) -> None:
+        self._m.relay_bus_frames_rejected.inc()
+        self._event(
+            LogLevel.warn,
+            "bus_frame_rejected",
+            workspaceId=bus.workspace_id,
+            direction=bus.direction,
+            reason=reason,
+        )

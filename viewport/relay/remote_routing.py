@@ -1,0 +1,155 @@
+"""Client frames whose daemon is not on this relay: presence lookup, redirect, bus forwarding."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel
+
+from viewport.relay import frames
+from viewport.relay.interfaces import BusFrame, IBackplane, Presence
+from viewport.relay.redirects import redirect_url_allowed
+from viewport.relay.registry import Connection
+
+CLOSE_POLICY = 4008
+
+
+class RemoteRouting:
+    """
+    The part of the router that sends a client's frames to a daemon on another relay.
+
+    A mixin of ``Router``: it uses the router's configuration, backplane and metrics.
+    """
+
+    _config: Any
+    _backplane: IBackplane
+    _m: Any
+    _relay_id: str
+    _event: Callable[..., None]
+    _log_failure: Callable[[Any, str], None]
+    _daemon_unavailable: Callable[[Connection], None]
+
+    def _no_local_daemon(self, conn: Connection, payload: bytes) -> None:
+        """Contract §5.6.5: look for the daemon on another relay, else say it is unavailable."""
+        m = self._m
+        if conn.runtime_target_id is None:
+            m.relay_client_messages_dropped.inc()
+            self._event(
+                LogLevel.warn,
+                "client_message_dropped",
+                workspaceId=conn.workspace_id,
+                clientId=conn.client_id,
+                reason="missing_runtime_target",
+            )
+            conn.peer.send_text(frames.runtime_target_required(conn.workspace_id))
+            return
+        if not self._backplane.cross_relay:
+            self._daemon_unavailable(conn)
+            return
+        waiting = conn.bus_queue
+        if waiting is not None:
+            waiting.append(payload)
+            if sum(len(p) for p in waiting) > self._config.max_pending_bytes:
+                waiting.clear()
+                self._m.relay_ws_slow_client_terminated.inc()
+                conn.peer.close(CLOSE_POLICY, "buffer overflow")
+            return
+        conn.bus_queue = []
+        self._route_remote_next(conn, payload)
+
+    def _route_remote_next(self, conn: Connection, payload: bytes) -> None:
+        """
+        Resolve and publish one frame; the connection's next frames wait for it.
+
+        Presence lookups and publishes are asynchronous: started side by side, a client's frames
+        could reach the other relay out of order.
+        """
+        d: Deferred = self._backplane.resolve_presence(  # type: ignore[assignment]
+            conn.workspace_id, conn.runtime_target_id
+        )
+        d.addCallback(self._route_to_remote, conn, payload)
+        d.addErrback(self._log_failure, "client_route_error")
+        d.addCallback(self._route_remote_done, conn)
+
+    def _route_remote_done(self, _: object, conn: Connection) -> None:
+        waiting = conn.bus_queue
+        if waiting:
+            self._route_remote_next(conn, waiting.pop(0))
+        else:
+            conn.bus_queue = None
+
+    def _route_to_remote(
+        self, presence: Optional[Presence], conn: Connection, payload: bytes
+    ) -> Optional[Deferred]:
+        if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
+            self._daemon_unavailable(conn)
+            return None
+        if (
+            self._config.client_redirect_enabled
+            and not conn.redirect_sent
+            and self._redirect_allowed(presence.relay_ws_base_url)
+        ):
+            self.send_redirect(conn, presence.relay_ws_base_url, with_runtime_target=True)
+        if not self._config.bus_enabled:
+            self._daemon_unavailable(conn)
+            return None
+        assert conn.runtime_target_id is not None
+        frame = BusFrame(
+            workspace_id=conn.workspace_id,
+            runtime_target_id=conn.runtime_target_id,
+            source_relay_id=self._relay_id,
+            target_relay_id=presence.relay_id,
+            direction="client_to_daemon",
+            payload=payload.decode("utf-8"),
+            machine_id=conn.machine_id,
+        )
+        d: Deferred = self._backplane.publish(frame)  # type: ignore[assignment]
+
+        def published(ok: bool) -> None:
+            if ok:
+                # Counted, not logged: this is the per-frame path of cross-relay traffic.
+                self._m.relay_client_messages_routed_bus.inc()
+            else:
+                self._daemon_unavailable(conn)
+
+        d.addCallback(published)
+        return d
+
+    def _redirect_allowed(self, url: str) -> bool:
+        config = self._config
+        return url != config.public_ws_base_url and redirect_url_allowed(
+            url,
+            relay_mode=config.relay_mode,
+            allowed_hosts=config.redirect_allowed_hosts,
+            own_public_url=config.public_ws_base_url,
+            tls_host=config.tls_host,
+        )
+
+    def redirect_target(self, workspace_id: str, runtime_target_id: str) -> "Deferred[Optional[str]]":
+        """The public URL of the relay holding this scope's daemon, when a client should move there."""
+        d: Deferred = self._backplane.resolve_presence(workspace_id, runtime_target_id)  # type: ignore[assignment]
+
+        def decide(presence: Optional[Presence]) -> Optional[str]:
+            if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
+                return None
+            url = presence.relay_ws_base_url
+            return url if self._redirect_allowed(url) else None
+
+        def failed(failure: Any) -> None:
+            self._log_failure(failure, "relay_presence_resolve_error")
+            return None
+
+        d.addCallbacks(decide, failed)
+        return d
+
+    def send_redirect(self, conn: Connection, url: str, with_runtime_target: bool) -> None:
+        """Tell a client, once per connection, that its daemon is on the relay at ``url``."""
+        if conn.redirect_sent:
+            return
+        conn.redirect_sent = True
+        conn.peer.send_text(
+            frames.relay_redirect(
+                conn.workspace_id, url, conn.runtime_target_id if with_runtime_target else None
+            )
+        )
