@@ -165,6 +165,23 @@ def key_exchange(client: RelayConnection, daemon: RelayConnection, request_id: s
     assert received == kex_response(request_id, session_id), received
 
 
+def successor(relay: RelayProcess) -> RelayProcess:
+    """
+    A fresh, not yet started process for a relay that stopped: the same environment, arguments
+    and port (start it with a fixed port so it comes back where the balancer expects it).
+    """
+    env = {name: value for name, value in relay.env.items() if name != "HOME"}
+    return RelayProcess(env, args=list(relay.args), port=relay.port)
+
+
+def stopped_counters(relay: RelayProcess) -> Dict[str, int]:
+    """The counters a stopped relay logged in its ``relay_stopped`` line (name → value; {} if it has none)."""
+    entries = relay.events("relay_stopped")
+    if not entries:
+        return {}
+    return {str(name): int(value) for name, value in entries[-1]["details"]["counters"]}
+
+
 __all__ = [
     "HMAC_KEY",
     "MODES",
@@ -176,5 +193,7 @@ __all__ = [
     "key_exchange",
     "ready_status",
     "relay_id_of",
+    "stopped_counters",
+    "successor",
     "ws_url",
 ]

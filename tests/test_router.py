@@ -1455,3 +1455,44 @@ class RemoteOrderingTests(SynchronousTestCase):
         lookups[1].callback(remote)
         self.assertEqual([json.loads(f.payload)["seq"] for f in h.backplane.published], [1, 2])
         self.assertIsNone(conn.bus_queue)
+
+    def _stalled_first_lookup(self, h: Harness) -> List[Deferred]:
+        """The first presence lookup waits for the test; later ones answer at once from ``h.backplane.presence``."""
+        lookups: List[Deferred] = []
+        original = h.backplane.resolve_presence
+
+        def resolve(workspace_id: str, runtime_target_id: Optional[str]) -> Deferred:
+            if not lookups:
+                d: Deferred = Deferred()
+                lookups.append(d)
+                return d
+            return original(workspace_id, runtime_target_id)
+
+        h.backplane.resolve_presence = resolve  # type: ignore[method-assign]
+        return lookups
+
+    def test_long_queue_answered_without_recursion(self) -> None:
+        """Thousands of frames queued behind a slow lookup are each answered when lookups then answer at once."""
+        env = {k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"}
+        h = Harness({**env, "RELAY_RUNTIME_RATE_PER_MINUTE": "100000", "RELAY_RUNTIME_RATE_PER_MINUTE_WORKSPACE": "100000"})
+        lookups = self._stalled_first_lookup(h)
+        conn = h.client()
+        for seq in range(1, 3002):
+            h.router.client_frame(conn, e2ee(seq=seq), 0)
+        lookups[0].callback(None)
+        self.assertEqual(len(peer(conn).texts), 3001)
+        self.assertIsNone(conn.bus_queue)
+
+    def test_waiting_frames_go_to_a_daemon_that_connected_meanwhile(self) -> None:
+        """Frames waiting for a remote route are delivered, in order, to a daemon that connected here meanwhile."""
+        h = Harness({k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"})
+        lookups = self._stalled_first_lookup(h)
+        conn = h.client()
+        h.router.client_frame(conn, e2ee(seq=1), 0)
+        h.router.client_frame(conn, e2ee(seq=2), 0)
+        daemon = h.daemon()
+        h.router.client_frame(conn, e2ee(seq=3), 0)
+        self.assertEqual(peer(daemon).payloads, [])
+        lookups[0].callback(None)
+        self.assertEqual([json.loads(p)["seq"] for p in peer(daemon).payloads], [1, 2, 3])
+        self.assertEqual(peer(conn).texts, [])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
+from typing import Deque, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
 
 from viewport.relay.interfaces import IPeer
 from viewport.tokens import Claims
@@ -62,7 +62,7 @@ class Connection:
         self.awaiting_pong = False
         self.allowed_channels: frozenset[str] = frozenset()
         self.redirect_sent = False
-        self.bus_queue: Optional[List[bytes]] = None
+        self.bus_queue: Optional[Deque[bytes]] = None
 
 
 class Owner:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -47,41 +48,66 @@ class RemoteRouting:
         if not self._backplane.cross_relay:
             self._daemon_unavailable(conn)
             return
-        waiting = conn.bus_queue
-        if waiting is not None:
-            waiting.append(payload)
-            if sum(len(p) for p in waiting) > self._config.max_pending_bytes:
-                waiting.clear()
-                self._m.relay_ws_slow_client_terminated.inc()
-                conn.peer.close(CLOSE_POLICY, "buffer overflow")
+        if conn.bus_queue is not None:
+            self.queue_behind_remote(conn, payload)
             return
-        conn.bus_queue = []
+        conn.bus_queue = deque()
         self._route_remote_next(conn, payload)
+
+    def queue_behind_remote(self, conn: Connection, payload: bytes) -> None:
+        """Keep a frame behind the ones still on their way to another relay (bounded by max pending bytes)."""
+        waiting = conn.bus_queue
+        assert waiting is not None
+        waiting.append(payload)
+        if sum(len(p) for p in waiting) > self._config.max_pending_bytes:
+            waiting.clear()
+            self._m.relay_ws_slow_client_terminated.inc()
+            conn.peer.close(CLOSE_POLICY, "buffer overflow")
 
     def _route_remote_next(self, conn: Connection, payload: bytes) -> None:
         """
-        Resolve and publish one frame; the connection's next frames wait for it.
+        Resolve and publish the connection's waiting frames, one after another.
 
         Presence lookups and publishes are asynchronous: started side by side, a client's frames
-        could reach the other relay out of order.
+        could reach the other relay out of order. The loop continues synchronously while lookups
+        and publishes answer at once (a cached presence), and resumes from a callback only when
+        one is really pending, so a long queue never nests calls.
         """
-        d: Deferred = self._backplane.resolve_presence(  # type: ignore[assignment]
-            conn.workspace_id, conn.runtime_target_id
-        )
-        d.addCallback(self._route_to_remote, conn, payload)
-        d.addErrback(self._log_failure, "client_route_error")
-        d.addCallback(self._route_remote_done, conn)
+        while True:
+            d: Deferred = self._backplane.resolve_presence(  # type: ignore[assignment]
+                conn.workspace_id, conn.runtime_target_id
+            )
+            d.addCallback(self._route_to_remote, conn, payload)
+            d.addErrback(self._log_failure, "client_route_error")
+            finished: list[object] = []
+            d.addBoth(finished.append)
+            if not finished:
+                d.addCallback(self._route_remote_done, conn)
+                return
+            waiting = conn.bus_queue
+            if not waiting:
+                conn.bus_queue = None
+                return
+            payload = waiting.popleft()
 
     def _route_remote_done(self, _: object, conn: Connection) -> None:
         waiting = conn.bus_queue
         if waiting:
-            self._route_remote_next(conn, waiting.pop(0))
+            self._route_remote_next(conn, waiting.popleft())
         else:
             conn.bus_queue = None
 
     def _route_to_remote(
         self, presence: Optional[Presence], conn: Connection, payload: bytes
     ) -> Optional[Deferred]:
+        scope = conn.scope
+        local = scope.daemon_open() if scope is not None else None
+        if local is not None:
+            # The daemon connected here while this frame waited: deliver it locally, in order.
+            local.peer.send_payload(payload)
+            self._m.relay_frames_client_to_daemon.inc()
+            self._m.relay_bytes_client_to_daemon.inc(len(payload))
+            return None
         if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
             self._daemon_unavailable(conn)
             return None

@@ -364,6 +364,10 @@ class Router(RemoteRouting, BusRouting):
         if daemon is None or not daemon.peer.can_send():
             self._no_local_daemon(conn, payload)
             return
+        if conn.bus_queue is not None:
+            # Earlier frames are still on their way elsewhere: this one must not overtake them.
+            self.queue_behind_remote(conn, payload)
+            return
         daemon.peer.send_payload(payload)
         m.relay_frames_client_to_daemon.inc()
         m.relay_bytes_client_to_daemon.inc(len(payload))
