@@ -224,7 +224,7 @@ class _Transport(StringTransport):
     protocol: Any = None
 
 
-class FakeRedisTests(SynchronousTestCase):
+class ConnectionHandlingClockTests(SynchronousTestCase):
     """Connection handling driven over _Transport with a Clock (the links connect over unix://)."""
 
     def setUp(self) -> None:
