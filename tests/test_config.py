@@ -545,12 +545,14 @@ class RelayModeTests(ConfigTestCase):
         self.assertEqual((config.health_verbose, config.state_include_client_ids), (False, False))
         self.assertEqual(self.load({}, {"host": "0.0.0.0"}).relay_mode, "staging")
 
-    def test_any_address_with_url_is_prod(self) -> None:
-        """HOST=0.0.0.0 with SERVER_URL or the public URL set is prod."""
-        base = {"HOST": "0.0.0.0", "RELAY_TOKEN_SECRET": SECRET, "RELAY_TLS_TERMINATION": "platform"}
-        self.assertEqual(self.load({**base, "SERVER_URL": "https://api.example.com"}).relay_mode, "prod")
+    def test_any_address_with_url_is_staging_with_a_warning(self) -> None:
+        """HOST=0.0.0.0 with SERVER_URL or the public URL set is staging (prod only when asked), with a warning."""
+        base = {"HOST": "0.0.0.0", "RELAY_TOKEN_SECRET": SECRET}
+        config = self.load({**base, "SERVER_URL": "https://api.example.com"})
+        self.assertEqual(config.relay_mode, "staging")
+        self.assertEqual([w.split(":")[0] for w in config.warnings], ["RELAY_MODE"])
         public = {**base, "RELAY_PUBLIC_WS_BASE_URL": "wss://relay.example.com/ws"}
-        self.assertEqual(self.load(public).relay_mode, "prod")
+        self.assertEqual(self.load(public).relay_mode, "staging")
 
     def test_explicit_mode_wins(self) -> None:
         """RELAY_MODE overrides inference, and verbose flags can still be set explicitly."""
@@ -578,6 +580,7 @@ class ProdTests(ConfigTestCase):
         """An environment that passes every prod hardening check."""
         return {
             "HOST": "0.0.0.0",
+            "RELAY_MODE": "prod",
             "SERVER_URL": "https://api.example.com",
             "RELAY_TLS": "1",
             "RELAY_TLS_CERT_PATH": self.make_file("relay.crt"),
@@ -641,6 +644,7 @@ class ProdTests(ConfigTestCase):
         """A prod relay with local token admission and no platform link needs only TLS."""
         environ = {
             "HOST": "0.0.0.0",
+            "RELAY_MODE": "prod",
             "RELAY_PUBLIC_WS_BASE_URL": "wss://relay.example.com/ws",
             "RELAY_TLS_TERMINATION": "platform",
             "RELAY_TOKEN_SECRET": SECRET,

@@ -76,30 +76,47 @@ def image_venv() -> str:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_image_command_serves_with_safe_defaults(image_venv: str) -> None:
-    """The image's CMD and ENV start a relay on 0.0.0.0 in staging mode: healthy, query tokens refused, healthcheck passes."""
-    bin_dir = os.path.join(image_venv, "bin")
-    port = _free_port()
-    home = tempfile.mkdtemp()
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": home, **_image_env(), "PORT": str(port),
-           "RELAY_BACKPLANE_MODE": "single"}
-    command = _json_array("CMD")
-    process = subprocess.Popen(command, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        health_url = f"http://127.0.0.1:{port}/health"
+class Served:
+    """A process started from the image venv, healthy on ``port``."""
+
+    def __init__(self, image_venv: str, command: List[str], extra_env: Dict[str, str]) -> None:
+        bin_dir = os.path.join(image_venv, "bin")
+        self.port = _free_port()
+        self.home = tempfile.mkdtemp()
+        self.env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": self.home, **_image_env(), "PORT": str(self.port),
+                    **extra_env}
+        self.process = subprocess.Popen(command, env=self.env, cwd=self.home, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT)
+        self.output = ""
+
+    def health(self) -> Dict[str, object]:
+        """Poll /health until it answers (30 s deadline); its JSON body."""
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(health_url, timeout=2) as answer:
-                    body = json.loads(answer.read())
-                break
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as answer:
+                    return json.loads(answer.read())  # type: ignore[no-any-return]
             except (urllib.error.URLError, ConnectionError):
-                assert process.poll() is None, process.stdout.read().decode()  # type: ignore[union-attr]
-                assert time.monotonic() < deadline, "relay did not become healthy"
+                assert self.process.poll() is None, self.process.stdout.read().decode()  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "did not become healthy"
                 time.sleep(0.1)
+
+    def stop(self) -> int:
+        """SIGTERM; the exit status (twistd re-raises the signal after a clean shutdown: -15)."""
+        self.process.terminate()
+        self.output = self.process.communicate(timeout=30)[0].decode()
+        return int(self.process.returncode)
+
+
+def test_image_command_serves_with_safe_defaults(image_venv: str) -> None:
+    """The image's CMD and ENV start a relay on 0.0.0.0 in staging mode: healthy, query tokens refused, healthcheck passes."""
+    served = Served(image_venv, _json_array("CMD"), {"RELAY_BACKPLANE_MODE": "single"})
+    port = served.port
+    try:
+        body = served.health()
         assert body["ok"] is True and "relayMode" not in body
         healthcheck = _json_array("HEALTHCHECK")
-        checked = subprocess.run(healthcheck, env=env, timeout=10)
+        checked = subprocess.run(healthcheck, env=served.env, timeout=10)
         assert checked.returncode == 0
         with socket.create_connection(("127.0.0.1", port)) as raw:
             raw.sendall(
@@ -109,9 +126,45 @@ def test_image_command_serves_with_safe_defaults(image_venv: str) -> None:
             )
             assert raw.recv(64).startswith(b"HTTP/1.1 401")
     finally:
-        process.terminate()
-        output = process.communicate(timeout=30)[0].decode()
-    # twistd ends by re-raising the signal it stopped on (status 143 in a shell), after a clean shutdown.
-    assert process.returncode in (0, -15), output
-    assert '"Server Shut Down."' in output or "Server Shut Down." in output
-    assert '"relayMode":"staging"' in output
+        code = served.stop()
+    assert code in (0, -15), served.output
+    assert "Server Shut Down." in served.output
+    assert '"relayMode":"staging"' in served.output
+
+
+@pytest.mark.parametrize(
+    "documented_env",
+    [
+        {"RELAY_BACKPLANE_MODE": "server", "RELAY_BACKPLANE_URL": "https://api.example.com"},
+        {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BACKPLANE_URL": "redis://redis:6379/0"},
+        {"RELAY_CLIENT_REDIRECT_ENABLED": "1"},
+    ],
+    ids=["server", "redis", "redirect"],
+)
+def test_documented_docker_run_lines_start(image_venv: str, documented_env: Dict[str, str]) -> None:
+    """Each documented ``docker run -e ...`` line starts a healthy relay (a backplane it cannot reach is reported, not fatal)."""
+    served = Served(image_venv, _json_array("CMD"), documented_env)
+    try:
+        assert served.health()["ok"] is True
+    finally:
+        code = served.stop()
+    assert code in (0, -15), served.output
+    mode = documented_env.get("RELAY_BACKPLANE_MODE", "single")
+    assert f'"backplaneMode":"{mode}"' in served.output
+    assert "Traceback" not in served.output
+
+
+def test_image_runs_viewport_bus(image_venv: str) -> None:
+    """The same image runs viewport-bus with another command, on PostgreSQL."""
+    from tests.pg_server import ScratchDatabase
+
+    database = ScratchDatabase()
+    command = ["twistd", "--reactor=asyncio", "--nodaemon", "--pidfile=", "viewport-bus"]
+    served = Served(image_venv, command, {"BUS_DATABASE_URL": database.url,
+                                          "RELAY_INTERNAL_KEY": "image-test-internal-key-0123456789"})
+    try:
+        assert served.health()["ok"] is True
+    finally:
+        code = served.stop()
+        database.drop()
+    assert code in (0, -15), served.output

@@ -538,11 +538,18 @@ def _check_local_urls(host: str, named_urls: tuple[tuple[str, str], ...]) -> Non
 def _infer_relay_mode(
     setting: RelayMode | None, host: str, server_url: str, public_url: str, any_url_explicit: bool
 ) -> RelayMode:
+    """
+    ``RELAY_MODE`` when set; else ``dev`` on a loopback host or with local-looking URLs; else
+    ``staging`` (no query-string tokens, terse state) — never dev behaviour on a public address.
+    Prod hardening (TLS, keys, mTLS checks) applies only when ``RELAY_MODE=prod`` is set: the
+    reference relay inferred prod from explicit URLs, which made the documented
+    ``docker run -e RELAY_BACKPLANE_MODE=server -e RELAY_BACKPLANE_URL=…`` refuse to start.
+    """
     if setting is not None:
         return setting
     if is_loopback_host(host) or looks_local(server_url) or looks_local(public_url):
         return "dev"
-    return "prod" if any_url_explicit else "staging"
+    return "staging"
 
 
 def _check_prod(
@@ -666,6 +673,8 @@ def load_config(
     warnings = _check_backplane_requirements(
         backplane_mode, admission, internal_key, urls.redis_url, bus_hmac_key, relay_mode
     )
+    if relay_mode_setting is None and relay_mode == "staging" and any_url_explicit:
+        warnings += ("RELAY_MODE: not set; running as staging (set RELAY_MODE=prod for production hardening)",)
     if bus_hmac_key is None and backplane_mode != "single":
         bus_hmac_key = DEVELOPMENT_BUS_HMAC_KEY
     if relay_mode == "prod":

@@ -154,7 +154,7 @@ def build_backplane(config: RelayConfig, reactor: Any, metrics: RelayMetrics) ->
             relay_id=config.relay_id,
             public_ws_base_url=config.public_ws_base_url,
             server_url=config.server_url,
-            internal_key=config.internal_key or "",
+            internal_key=config.internal_key,
             hmac_key=config.bus_hmac_key,
             http_client=make_http_client(reactor, platform_policy(config), pool=pool),
             clock=reactor,

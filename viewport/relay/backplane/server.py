@@ -100,7 +100,7 @@ class ServerBackplane:
         relay_id: str,
         public_ws_base_url: str,
         server_url: str,
-        internal_key: str,
+        internal_key: Optional[str],
         hmac_key: Optional[str],
         http_client: HTTPClient,
         clock: IReactorTime,
@@ -129,8 +129,6 @@ class ServerBackplane:
             raise ValueError("server_url must be an absolute http(s) URL")
         if not relay_id:
             raise ValueError("relay_id must not be empty")
-        if not internal_key:
-            raise ValueError("internal_key must not be empty")
         for name, value in (
             ("timeout_ms", timeout_ms),
             ("max_response_bytes", max_response_bytes),
@@ -145,7 +143,10 @@ class ServerBackplane:
         self.relay_id = relay_id
         self._public_ws_base_url = public_ws_base_url
         self._origin = f"{parts.scheme}://{host}"
-        self._internal_key = internal_key
+        # Without a key (allowed outside prod, with a startup warning) calls carry no key header.
+        self._headers: dict[str | bytes, str | bytes] = {"content-type": "application/json"}
+        if internal_key:
+            self._headers["x-relay-internal-key"] = internal_key
         self._hmac_key = hmac_key or None
         self._http = http_client
         self._clock = clock
@@ -431,7 +432,7 @@ class ServerBackplane:
             "POST",
             self._origin + path,
             data=data,
-            headers={"content-type": "application/json", "x-relay-internal-key": self._internal_key},
+            headers=self._headers,
             timeout_ms=timeout_ms if timeout_ms is not None else self._timeout_ms,
             max_response_bytes=max_response_bytes if max_response_bytes is not None else self._max_response_bytes,
         )
