@@ -1496,3 +1496,29 @@ class RemoteOrderingTests(SynchronousTestCase):
         lookups[0].callback(None)
         self.assertEqual([json.loads(p)["seq"] for p in peer(daemon).payloads], [1, 2, 3])
         self.assertEqual(peer(conn).texts, [])
+
+
+class WarningBudgetTests(SynchronousTestCase):
+    """A peer sending garbage cannot flood the log: warnings are budgeted per event name per heartbeat tick."""
+
+    def test_warnings_beyond_budget_are_counted_not_logged(self) -> None:
+        """Past the budget, invalid frames are still answered but logged once as a suppressed count."""
+        from twisted.logger import globalLogPublisher
+
+        from viewport.relay.router import WARNINGS_PER_TICK
+
+        h = Harness({"RELAY_RUNTIME_RATE_PER_MINUTE": "100000"})
+        conn = h.client()
+        seen: List[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        try:
+            for _ in range(WARNINGS_PER_TICK + 7):
+                h.router.client_frame(conn, b"garbage", 0)
+            h.router.reset_log_budget()
+        finally:
+            globalLogPublisher.removeObserver(seen.append)
+        events = [e.get("relay_event") for e in seen]
+        self.assertEqual(events.count("client_frame_rejected"), WARNINGS_PER_TICK)
+        suppressed = [e for e in seen if e.get("relay_event") == "log_events_suppressed"]
+        self.assertEqual(suppressed[0]["counts"], [("client_frame_rejected", 7)])
+        self.assertEqual(len(peer(conn).texts), WARNINGS_PER_TICK + 7)

@@ -144,6 +144,7 @@ class Relay:
             if slot == 0:
                 self.limiters.sweep(now)
                 self.upgrade_limiter.sweep(now)
+            self.router.reset_log_budget()
         except Exception:
             self._log.failure("{relay_event}", relay_event="heartbeat_error")
 

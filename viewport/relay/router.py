@@ -17,6 +17,7 @@ from viewport.relay.registry import Connection, Owner, Registry, ScopeState
 from viewport.relay.remote_routing import RemoteRouting
 
 CLOSE_POLICY = 4008
+WARNINGS_PER_TICK = 50
 
 
 WorkerForward = Callable[[Connection, dict, str], None]
@@ -49,9 +50,28 @@ class Router(RemoteRouting, BusRouting):
         self._limiters = limiters
         self._worker_forward = worker_forward
         self._relay_id: str = backplane.relay_id
+        self._log_budget: dict[str, int] = {}
 
     def _event(self, level: LogLevel, name: str, **details: object) -> None:
+        """
+        Log one routing event. Warnings are budgeted per event name between heartbeat ticks, so a
+        peer sending garbage cannot flood the log; ``reset_log_budget`` reports what was held back.
+        """
+        if level is LogLevel.warn:
+            used = self._log_budget.get(name, 0)
+            self._log_budget[name] = used + 1
+            if used >= WARNINGS_PER_TICK:
+                return
         self._log.emit(level, "{relay_event}", relay_event=name, **details)
+
+    def reset_log_budget(self) -> None:
+        """Start a new warning budget; log how many warnings of each kind were held back."""
+        held = sorted((name, used - WARNINGS_PER_TICK) for name, used in self._log_budget.items()
+                      if used > WARNINGS_PER_TICK)
+        self._log_budget.clear()
+        if held:
+            # Pairs, not an object: key names such as client_frame_rejected would be redacted.
+            self._log.warn("{relay_event}", relay_event="log_events_suppressed", counts=held)
 
     def _too_large(self, conn: Connection, payload: bytes) -> bool:
         """The relay's own size check (Autobahn already closes 1009 on oversize messages)."""
