@@ -1319,9 +1319,11 @@ class BusTests(SynchronousTestCase):
         self.assertEqual(self.h.count("relay_bus_frames_to_daemon"), 1)
 
     def test_client_to_daemon_without_daemon(self) -> None:
-        """A client frame from the bus with no local daemon is dropped and counted."""
-        self.h.bus(kex_init())
+        """A client frame from the bus with no local daemon is dropped, counted, and the sender's relay is told."""
+        self.h.bus(kex_init(), source="relay-b")
         self.assertEqual(self.h.count("relay_bus_frames_dropped"), 1)
+        self.assertEqual(self.h.backplane.published, [
+            BusFrame(WS, RT, "relay-a", "relay-b", "daemon_to_clients", frames.daemon_unavailable(WS, RT))])
 
     def test_kex_response_published_to_source_relay(self) -> None:
         """The daemon's answer to a remote key exchange is published back to the asking relay."""

@@ -26,6 +26,7 @@ class BusRouting:
     _event: Callable[..., None]
     _route_daemon_frame: Callable[..., bool]
     _fan_out_viewer_presence: Callable[..., None]
+    _publish_to_clients: Callable[..., None]
 
     def bus_frame(self, bus: BusFrame, now_ms: float) -> None:
         """Route a frame another relay published to us (contract §6.8, reply path fixed)."""
@@ -57,6 +58,10 @@ class BusRouting:
             daemon = scope.daemon_open()
             if daemon is None:
                 m.relay_bus_frames_dropped.inc()
+                # The sender's relay still believed the daemon was here (its presence answer was
+                # cached): tell that relay's clients of the scope instead of dropping in silence.
+                notice = frames.daemon_unavailable(scope.workspace_id, scope.runtime_target_id, bus.machine_id)
+                self._publish_to_clients(scope, bus.source_relay_id, notice.encode("utf-8"))
                 return
             daemon.peer.send_payload(payload)
             m.relay_bus_frames_to_daemon.inc()
