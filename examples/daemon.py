@@ -1,4 +1,5 @@
-"""Example Viewport daemon: answers key exchanges and echoes every e2ee envelope back to its session.
+"""Example Viewport daemon: stays connected (reconnecting with backoff), answers key exchanges and
+echoes every e2ee envelope back to its session.
 
 Real daemons encrypt; this one only shows the frame flow through the relay.
 
@@ -14,22 +15,18 @@ from typing import Any
 
 from twisted.internet import defer, task
 
-from viewport.client import connect
+from viewport.client import RelayConnection, ReconnectingConnection
 
 
-@defer.inlineCallbacks
-def run(reactor: Any, args: argparse.Namespace) -> Any:
-    """Connect as the workspace daemon, then serve until the relay closes the socket."""
-    daemon = yield connect(
-        reactor, args.url, token=args.token, role="workspace-daemon",
-        workspace_id=args.workspace, runtime_target_id=args.runtime_target,
-    )
-    print(f"daemon connected to {args.url}", flush=True)
-    while daemon.is_open:
-        try:
-            frame = json.loads((yield daemon.next_message(timeout=None)))
-        except Exception:
-            break
+def run(reactor: Any, args: argparse.Namespace) -> "defer.Deferred[None]":
+    """Keep a daemon connection alive until stopped (or, with --once, until one envelope was echoed)."""
+    done: defer.Deferred[None] = defer.Deferred()
+
+    def connected(conn: RelayConnection) -> None:
+        print(f"daemon connected to {conn.url}", flush=True)
+
+    def message(text: str) -> None:
+        frame = json.loads(text)
         if frame.get("type") == "relay_key_exchange_init":
             session_id = "s-" + secrets.token_hex(4)
             daemon.send_json({
@@ -39,15 +36,27 @@ def run(reactor: Any, args: argparse.Namespace) -> Any:
             })
             print(f"key exchange {frame['requestId']} -> session {session_id}", flush=True)
         elif frame.get("type") == "e2ee":
-            daemon.send_json(frame)
+            daemon.send_text(text)
             print(f"echoed envelope seq={frame['seq']} of session {frame['sessionId']}", flush=True)
-        if args.once and frame.get("type") == "e2ee":
-            break
-    yield daemon.close()
+            if args.once:
+                daemon.stop().chainDeferred(done)
+
+    def gave_up(error: Exception) -> None:
+        print(f"not retrying: {error}", flush=True)
+        if not done.called:
+            done.errback(error)
+
+    daemon = ReconnectingConnection(
+        reactor, args.url, token_factory=lambda: args.token, role="workspace-daemon",
+        workspace_id=args.workspace, runtime_target_id=args.runtime_target,
+        on_connected=connected, on_message=message, on_gave_up=gave_up,
+    )
+    daemon.start()
+    return done
 
 
 def main() -> None:
-    """Parse the command line and run until done."""
+    """Parse the command line and run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="ws://127.0.0.1:7781/ws")
     parser.add_argument("--token", required=True)
