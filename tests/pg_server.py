@@ -16,11 +16,10 @@ from typing import Any, Dict, List, Mapping, Optional
 import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.support import REPO_ROOT, ServiceOutput
+
 #: The machine's PostgreSQL (trust auth); override with VIEWPORT_TEST_PG_URL.
 SHARED_SERVER_URL = os.environ.get("VIEWPORT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
 INTERNAL_KEY = "bus-test-internal-key-0123456789abcdef"
@@ -116,37 +115,6 @@ class PrivateCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class _BusOutput(ProcessProtocol):
-    """Collects the bus's JSON log lines; ``listening`` fires with its base URL."""
-
-    def __init__(self) -> None:
-        self.lines: List[str] = []
-        self.listening: Deferred[str] = Deferred()
-        self.ended: Deferred[int] = Deferred()
-        self._partial = b""
-        self.stderr = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self._partial += data
-        *complete, self._partial = self._partial.split(b"\n")
-        for raw in complete:
-            line = raw.decode("utf-8", "replace")
-            self.lines.append(line)
-            if not self.listening.called and '"bus_listening"' in line:
-                self.listening.callback(json.loads(line)["details"]["url"])
-
-    def errReceived(self, data: bytes) -> None:
-        self.stderr += data
-
-    def processEnded(self, reason: Failure) -> None:
-        code = reason.value.exitCode if isinstance(reason.value, (ProcessDone, ProcessTerminated)) else None
-        if not self.listening.called:
-            self.listening.errback(
-                RuntimeError(f"bus exited ({code}) before listening: {self.stderr.decode()[-2000:]} {self.lines[-5:]}")
-            )
-        self.ended.callback(code if code is not None else -1)
-
-
 class BusProcess:
     """``twistd -r asyncio -n viewport-bus --port N`` on a database, in its own working directory."""
 
@@ -163,13 +131,13 @@ class BusProcess:
         if env:
             self.env.update(env)
         self.port = port
-        self.output = _BusOutput()
+        self.output = ServiceOutput("bus_listening")
         self.url = ""
         self.transport: Any = None
 
     def start(self) -> "Deferred[BusProcess]":
         """Spawn the bus; fire once it listens (``url`` is then its http://host:port)."""
-        self.output = _BusOutput()
+        self.output = ServiceOutput("bus_listening")
         os.makedirs(self.workdir, exist_ok=True)
         self.output.ended.addBoth(self._remove_workdir)
         argv = [

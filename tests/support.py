@@ -26,10 +26,11 @@ TEST_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 STARTUP_DEADLINE_SECONDS = 20.0
 
 
-class _RelayOutput(ProcessProtocol):
-    """Collects the relay's JSON log lines and fires when it announces its listening URL."""
+class ServiceOutput(ProcessProtocol):
+    """Collects a twistd service's JSON log lines; ``listening`` fires with the URL of ``listening_event``."""
 
-    def __init__(self) -> None:
+    def __init__(self, listening_event: str = "relay_listening") -> None:
+        self._listening_event = f'"{listening_event}"'
         self.lines: List[str] = []
         self.listening: Deferred[str] = Deferred()
         self.ended: Deferred[int] = Deferred()
@@ -43,7 +44,7 @@ class _RelayOutput(ProcessProtocol):
         for raw in complete:
             line = raw.decode("utf-8", "replace")
             self.lines.append(line)
-            if not self.listening.called and '"relay_listening"' in line:
+            if not self.listening.called and self._listening_event in line:
                 self.listening.callback(json.loads(line)["details"]["url"])
 
     def errReceived(self, data: bytes) -> None:
@@ -54,7 +55,7 @@ class _RelayOutput(ProcessProtocol):
         self.exit_signal = getattr(reason.value, "signal", None)
         if not self.listening.called:
             self.listening.errback(
-                RuntimeError(f"relay exited ({code}) before listening: {self.stderr.decode()[-2000:]} {self.lines[-5:]}")
+                RuntimeError(f"exited ({code}) before listening: {self.stderr.decode()[-2000:]} {self.lines[-5:]}")
             )
         self.ended.callback(code if code is not None else -1)
 
@@ -86,7 +87,7 @@ class RelayProcess:
             self.env.pop(name, None)
         self.args = args or []
         self.port = port
-        self.output = _RelayOutput()
+        self.output = ServiceOutput()
         self.url = ""
         self.http_url = ""
         self.transport: Any = None

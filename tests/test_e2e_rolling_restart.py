@@ -33,8 +33,6 @@ Needs Debian's ``haproxy`` and the machine's Redis on 127.0.0.1:6379.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
@@ -48,7 +46,7 @@ from twisted.internet.task import LoopingCall
 from tests.redis_server import free_port
 from tests.relay_cluster import Backplane, ready_status, relay_id_of, stopped_counters, successor
 from tests.support import RelayProcess, fetch_metrics, http_request, kex_init, poll_until, start_relays, token
-from tests.test_e2e_balancer import Balancer
+from tests.test_e2e_balancer import Balancer, needs_haproxy
 from viewport.client import CloseInfo, ReconnectingConnection, RelayConnection, is_status
 
 RUNTIME_TARGET = "rt1"
@@ -277,8 +275,7 @@ def daemon_gets_frames(daemon: SequenceDaemon, more: int) -> "Deferred[Any]":
     return poll_until(lambda: len(daemon.seqs) >= wanted, 10, f"{more} more envelopes at the daemon")
 
 
-@pytest.mark.skipif(not (shutil.which("haproxy") or os.path.exists("/usr/sbin/haproxy")),
-                    reason="HAProxy is not installed (apt-get install haproxy); .ci/run installs it")
+@needs_haproxy
 @pytest.mark.parametrize("failover", [False, True], ids=["restart-at-once", "restart-after-failover"])
 @pytest_twisted.inlineCallbacks
 def test_rolling_restart_loses_no_accepted_frame(failover: bool) -> Any:

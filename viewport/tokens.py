@@ -119,7 +119,7 @@ def _enum(allowed: frozenset[str]) -> Callable[[str, object], object]:
     return check
 
 
-def _as_integer(value: object) -> Optional[int]:
+def as_json_integer(value: object) -> Optional[int]:
     """A JSON integer the way JavaScript sees one: a number (not a bool) without a fraction."""
     if isinstance(value, bool):
         return None
@@ -132,7 +132,7 @@ def _as_integer(value: object) -> Optional[int]:
 
 def _integer(minimum: Optional[int] = None) -> Callable[[str, object], object]:
     def check(key: str, value: object) -> object:
-        number = _as_integer(value)
+        number = as_json_integer(value)
         if number is None or (minimum is not None and number < minimum):
             raise _Invalid(key)
         return number

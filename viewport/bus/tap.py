@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from typing import Any, Mapping, Optional
 
 from twisted.application.internet import TimerService
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import ILogObserver, Logger
-from twisted.python import usage
-from twisted.python.components import Componentized
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from viewport.bus.api import BusApi, BusSite, PullWaiters, max_body_bytes_for
-from viewport.bus.config import BusConfig, ConfigError, load_bus_config
+from viewport.bus.config import BusConfig, load_bus_config
 from viewport.bus.store import BusStore, DatabaseUnavailable, NotificationListener
 from viewport.relay.logs import JsonLineObserver
+from viewport.service_support import EnvironmentOptions, JsonLoggingService, listen_now, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
 #: Log entries kept in memory by the JSON observer (the bus has no /logs endpoint).
@@ -30,10 +27,9 @@ _NOT_ASYNCIO = "viewport-bus needs the asyncio reactor: run `twistd -r asyncio -
 _log = Logger()
 
 
-class Options(usage.Options):
+class Options(EnvironmentOptions):
     """Options override the environment; every other setting is an environment variable."""
 
-    synopsis = "[--host HOST] [--port PORT]"
     longdesc = (
         "Runs viewport-bus, the platform side of the relay's server backplane mode (validate, presence, "
         "frame bus) on PostgreSQL. Needs the asyncio reactor (twistd -r asyncio). Environment: "
@@ -45,23 +41,11 @@ class Options(usage.Options):
         ["host", None, None, "Listen address (overrides HOST; default 127.0.0.1)."],
         ["port", "p", None, "Listen port, 0 for any free port (overrides PORT; default 7790).", int],
     ]
+    config: Optional[BusConfig]
 
-    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
-        super().__init__()
-        self._environ = environ if environ is not None else os.environ
-        self.config: Optional[BusConfig] = None
-
-    def postOptions(self) -> None:
-        """Build the configuration now, so a bad value is a usage error naming the variable."""
-        overrides: dict[str, object] = {}
-        if self["host"] is not None:
-            overrides["host"] = self["host"]
-        if self["port"] is not None:
-            overrides["port"] = self["port"]
-        try:
-            self.config = load_bus_config(self._environ, overrides)
-        except ConfigError as error:
-            raise usage.UsageError(str(error)) from None
+    def load(self, environ: Mapping[str, str], overrides: Mapping[str, object]) -> BusConfig:
+        """The bus's configuration."""
+        return load_bus_config(environ, overrides)
 
 
 def asyncio_loop_of(reactor: Any) -> asyncio.AbstractEventLoop:
@@ -96,7 +80,7 @@ def retention_interval_seconds(retention_seconds: float) -> float:
     return min(30.0, max(0.1, retention_seconds / 5.0))
 
 
-class BusService(MultiService):
+class BusService(JsonLoggingService):
     """
     Listens at privileged start (a port it cannot bind stops startup), then migrates the database
     and opens the LISTEN connection in the background: requests answer 503 while PostgreSQL is
@@ -122,27 +106,13 @@ class BusService(MultiService):
         self.site = site
         self._endpoint = endpoint
         self.port: Optional[IListeningPort] = None
-        self.log_observer: Optional[ILogObserver] = None
         retention = TimerService(retention_interval_seconds(config.retention_seconds), self.expire)
         retention.clock = clock
         retention.setServiceParent(self)
 
-    def setServiceParent(self, parent: Any) -> Any:
-        """Under twistd the parent is the application: make our JSON observer its log observer."""
-        observer = getattr(self, "log_observer", None)
-        if observer is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, observer)
-        return super().setServiceParent(parent)
-
     def privilegedStartService(self) -> None:
         """Listen now; raise if the port cannot be bound."""
-        outcome: list[Any] = []
-        self._endpoint.listen(self.site).addBoth(outcome.append)
-        if not outcome:
-            raise RuntimeError("listening did not complete synchronously")
-        if isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        self.port = outcome[0]
+        self.port = listen_now(self._endpoint, self.site)
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -218,11 +188,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_payload_bytes=config.max_payload_bytes,
         presence_ttl_seconds=config.presence_ttl_seconds,
     )
-    endpoint: IStreamServerEndpoint
-    if ":" in config.host:
-        endpoint = TCP6ServerEndpoint(reactor, config.port, interface=config.host)
-    else:
-        endpoint = TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+    endpoint = tcp_endpoint(reactor, config.host, config.port)
     service = BusService(
         config=config,
         clock=reactor,

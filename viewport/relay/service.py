@@ -6,18 +6,16 @@ import gc
 from typing import Any, Optional
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.logger import ILogObserver, Logger
-from twisted.python.components import Componentized
-from twisted.python.failure import Failure
+from twisted.logger import Logger
 
 from viewport.relay.core import HEARTBEAT_SLICES, Relay
 from viewport.relay.protocol import RelayPortFactory
+from viewport.service_support import JsonLoggingService, listen_now
 
 
-class ListeningService(MultiService):
+class ListeningService(JsonLoggingService):
     """
     Binds the relay's port at privileged start (so a port it cannot bind stops startup), and on
     stop refuses new sockets before closing the open ones with 1001.
@@ -31,7 +29,6 @@ class ListeningService(MultiService):
         self._endpoint = endpoint
         self._grace_seconds = grace_seconds
         self.port: Optional[IListeningPort] = None
-        self.log_observer: Optional[ILogObserver] = None
         for interval_ms, work in (
             (relay.config.ping_interval_ms / HEARTBEAT_SLICES, relay.heartbeat),
             (relay.config.cleanup_interval_ms, relay.cleanup),
@@ -40,23 +37,9 @@ class ListeningService(MultiService):
             timer.clock = relay.clock
             timer.setServiceParent(self)
 
-    def setServiceParent(self, parent: Any) -> Any:
-        """Under twistd the parent is the application: make our JSON observer its log observer."""
-        observer = getattr(self, "log_observer", None)
-        if observer is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, observer)
-        return super().setServiceParent(parent)
-
     def privilegedStartService(self) -> None:
         """Listen now; raise if the port cannot be bound."""
-        d = self._endpoint.listen(RelayPortFactory(self.relay))
-        outcome: list[Any] = []
-        d.addBoth(outcome.append)
-        if not outcome:
-            raise RuntimeError("listening did not complete synchronously")
-        if isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
-        self.port = outcome[0]
+        self.port = listen_now(self._endpoint, RelayPortFactory(self.relay))
         super().privilegedStartService()
 
     def startService(self) -> None:

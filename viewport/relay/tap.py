@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Mapping, Optional
 
 from twisted.application.service import IService
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import Logger
-from twisted.python import usage
 
 from viewport.relay.admission import (
     LocalAdmission,
@@ -20,22 +18,22 @@ from viewport.relay.admission import (
     platform_tls_policy,
 )
 from viewport.relay.backplane.single import SingleBackplane
-from viewport.relay.config import ConfigError, RelayConfig, load_config
+from viewport.relay.config import RelayConfig, load_config
 from viewport.relay.core import Relay
 from viewport.relay.interfaces import IBackplane
 from viewport.relay.logs import JsonLineObserver
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.service import ListeningService
 from viewport.relay.worker import WorkerForwarder
+from viewport.service_support import EnvironmentOptions, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
 _log = Logger()
 
 
-class Options(usage.Options):
+class Options(EnvironmentOptions):
     """Options override the environment; every other setting is an environment variable."""
 
-    synopsis = "[--host HOST] [--port PORT]"
     longdesc = (
         "Runs the Viewport relay. Configuration comes from environment variables (see README.md: "
         "RELAY_BACKPLANE_MODE, RELAY_BACKPLANE_URL, RELAY_TOKEN_SECRET, RELAY_ENABLE_ADMIN_HTTP, "
@@ -46,23 +44,11 @@ class Options(usage.Options):
         ["host", None, None, "Listen address (overrides HOST; default 127.0.0.1)."],
         ["port", "p", None, "Listen port, 0 for any free port (overrides PORT; default 7781).", int],
     ]
+    config: Optional[RelayConfig]
 
-    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
-        super().__init__()
-        self._environ = environ if environ is not None else os.environ
-        self.config: Optional[RelayConfig] = None
-
-    def postOptions(self) -> None:
-        """Build the configuration now, so a bad value is a usage error naming the variable."""
-        overrides: dict[str, object] = {}
-        if self["host"] is not None:
-            overrides["host"] = self["host"]
-        if self["port"] is not None:
-            overrides["port"] = self["port"]
-        try:
-            self.config = load_config(self._environ, overrides, home=self._environ.get("HOME"))
-        except ConfigError as error:
-            raise usage.UsageError(str(error)) from None
+    def load(self, environ: Mapping[str, str], overrides: Mapping[str, object]) -> RelayConfig:
+        """The relay's configuration."""
+        return load_config(environ, overrides, home=environ.get("HOME"))
 
 
 def listening_endpoint(reactor: Any, config: RelayConfig) -> IStreamServerEndpoint:
@@ -72,9 +58,7 @@ def listening_endpoint(reactor: Any, config: RelayConfig) -> IStreamServerEndpoi
             pem = cert.read() + b"\n" + key.read()
         options = PrivateCertificate.loadPEM(pem).options()
         return SSL4ServerEndpoint(reactor, config.port, options, interface=config.host)
-    if ":" in config.host:
-        return TCP6ServerEndpoint(reactor, config.port, interface=config.host)
-    return TCP4ServerEndpoint(reactor, config.port, interface=config.host)
+    return tcp_endpoint(reactor, config.host, config.port)
 
 
 def platform_policy(config: RelayConfig) -> Any:

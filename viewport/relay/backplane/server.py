@@ -19,6 +19,7 @@ from zope.interface import implementer
 from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
 from viewport.relay.interfaces import BusFrame, Direction, IBackplane, Presence, Side
+from viewport.tokens import as_json_integer
 
 __all__ = ["ServerBackplane"]
 
@@ -46,17 +47,6 @@ _SIDE_OF_DIRECTION: dict[str, Side] = {"client_to_daemon": "daemon", "daemon_to_
 class _Cached:
     presence: Presence
     expires_at: float
-
-
-def _as_integer(value: object) -> Optional[int]:
-    """A JSON integer the way JavaScript sees one: a number (not a bool) without a fraction."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
 
 
 def _reject_constant(name: str) -> object:
@@ -500,7 +490,7 @@ class ServerBackplane:
                 self._count("relay_bus_pull_failed")
                 self._log_failure(f"status {answer.status}")
                 return False
-            head = _as_integer(document.get("headId"))
+            head = as_json_integer(document.get("headId"))
             if head is not None and head >= 0:
                 self._cursor = head
             else:
@@ -643,7 +633,7 @@ class ServerBackplane:
                 break
             if isinstance(raw, dict) and self._accept_frame(raw, now_ms):
                 accepted += 1
-        head = _as_integer(document.get("headId"))
+        head = as_json_integer(document.get("headId"))
         if head is not None and 0 <= head < (self._cursor or 0):
             # The bus holds nothing above our cursor (its frames expired, or it was reset).
             self._cursor = head
@@ -653,7 +643,7 @@ class ServerBackplane:
         return accepted
 
     def _accept_frame(self, raw: dict[str, Any], now_ms: float) -> bool:
-        frame_id = _as_integer(raw.get("id"))
+        frame_id = as_json_integer(raw.get("id"))
         if frame_id is None or frame_id <= 0:
             return False
         self._cursor = max(self._cursor or 0, frame_id)
