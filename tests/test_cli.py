@@ -75,3 +75,17 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(code, 2)
         self.assertIn("RELAY_MAX_FRAME_BYTES", err)
         self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+class HelpTests(SynchronousTestCase):
+    """Every operator subcommand documents itself."""
+
+    def test_each_subcommand_has_help(self) -> None:
+        """check-config, token and probe answer --help with a usage text and exit 0."""
+        for command, expected in (("check-config", "--port"), ("token", "--role"), ("probe", "--token")):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                with self.assertRaises(SystemExit) as stop:
+                    main([command, "--help"], {})
+            self.assertEqual(stop.exception.code, 0, command)
+            self.assertIn(expected, out.getvalue(), command)
