@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from viewport.bus.store import BusStore, DatabaseUnavailable, NewFrame, PullPage
+from viewport.sockets import set_no_delay
 from viewport.tokens import LocalTokenVerifier, TokenRejected
 
 __all__ = ["BusApi", "BusSite", "PullWaiters", "max_body_bytes_for"]
@@ -86,8 +87,19 @@ class CappedRequest(Request):
         super().handleContentChunk(data)
 
 
+class _NoDelayChannel(http.HTTPChannel):
+    """HTTP/1.1 with TCP_NODELAY: a long-poll answer must not wait for the ACK of the previous one."""
+
+    def connectionMade(self) -> None:
+        """Set the option, then start reading requests."""
+        set_no_delay(self.transport)
+        super().connectionMade()
+
+
 class BusSite(Site):
     """A Site with the body cap and without per-request access log lines (pulls arrive constantly)."""
+
+    protocol = _NoDelayChannel  # type: ignore[assignment]  # HTTP/1.1 only, which is all relays speak
 
     def __init__(self, resource: Resource, max_body_bytes: int) -> None:
         super().__init__(resource)

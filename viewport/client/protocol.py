@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from viewport.client.connection import CloseInfo, RelayConnection
 from viewport.client.errors import HandshakeFailed, OpenTimeout, TooManyRedirects, UpgradeRefused
 from viewport.client.url import DEFAULT_SUBPROTOCOL, TokenVia, handshake_for, redirect_url
+from viewport.sockets import set_no_delay
 
 _STATUS_LINE = re.compile(rb"HTTP/\d(?:\.\d)?[ \t]+(\d{3})(?:[ \t]|$)")
 _INTERNAL_ERROR = 1011
@@ -148,6 +149,14 @@ class _RelayClientProtocol(WebSocketClientProtocol):
     factory: _RelayClientFactory
     connection: RelayConnection | None = None
     http_status: int | None = None
+
+    def connectionMade(self) -> None:
+        """
+        Turn Nagle off ourselves: Autobahn tries, but reads the option before copying it from the
+        factory and hides the error, so its own attempt never takes effect.
+        """
+        set_no_delay(self.transport)
+        super().connectionMade()
 
     def processHandshake(self) -> None:
         """Turn a non-101 response into a recorded status before Autobahn rejects it with text only."""

@@ -31,6 +31,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import Interface, implementer
 
+from viewport.sockets import NoDelayAgentEndpoints
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
 from viewport.tokens import Claims, LocalTokenVerifier, TokenRejected, validate_claims
 
@@ -392,10 +393,10 @@ def platform_tls_policy(
 def make_http_client(
     reactor: Any, tls_policy: IPolicyForHTTPS, *, pool: Optional[HTTPConnectionPool] = None
 ) -> HTTPClient:
-    """A treq client over an ``Agent`` with persistent connections; it never stores cookies."""
+    """A treq client over an ``Agent`` with persistent TCP_NODELAY connections; it never stores cookies."""
     if pool is None:
         pool = HTTPConnectionPool(reactor, persistent=True)
-    agent = Agent(reactor, contextFactory=tls_policy, pool=pool)
+    agent = Agent.usingEndpointFactory(reactor, NoDelayAgentEndpoints(reactor, tls_policy), pool=pool)
     no_cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     return HTTPClient(agent, cookiejar=no_cookies)
 

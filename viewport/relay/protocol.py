@@ -22,6 +22,7 @@ from viewport.relay.interfaces import IPeer
 from viewport.relay.metrics import LatencyHistogram
 from viewport.relay.redirects import redirect_location
 from viewport.relay.registry import Connection
+from viewport.sockets import set_no_delay
 from viewport.relay.upgrade import (
     UpgradeAccepted,
     UpgradeRefused,
@@ -95,7 +96,11 @@ class HandshakeDispatcher(Protocol):
         self._timeout: Any = None
 
     def connectionMade(self) -> None:
-        """Give the client a bounded time to send its request head."""
+        """
+        Turn Nagle off (every protocol this socket is handed to writes small frames in bursts) and
+        give the client a bounded time to send its request head.
+        """
+        set_no_delay(self.transport)
         self._timeout = self._relay.clock.callLater(HEAD_TIMEOUT_SECONDS, self._head_timed_out)
 
     def _head_timed_out(self) -> None:

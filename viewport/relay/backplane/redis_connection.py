@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from viewport.sockets import set_no_delay
+
 DEFAULT_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
 _SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
@@ -277,6 +279,7 @@ class RedisLink:
         transport = proto.transport
         if hasattr(transport, "setTcpKeepAlive"):
             transport.setTcpKeepAlive(1)
+        set_no_delay(transport)
         d = ensureDeferred(self._setup(proto))
         d.addCallbacks(self._ready, self._refused, callbackArgs=(proto,), errbackArgs=(proto,))
 
