@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import pytest
 import pytest_twisted
@@ -29,8 +30,10 @@ from tests.support import (
     stop_relays,
     with_timeout,
 )
-from viewport.client import RelayConnection, is_status
+from viewport.client import Frame, RelayConnection, is_status
 
+FANOUT_CLIENTS = 5
+FANOUT_EVENTS = 20
 PING_INTERVAL_MS = 200
 PONG_TIMEOUT_MS = 300
 
@@ -50,6 +53,7 @@ def relays() -> Any:
             RELAY_MAX_PENDING_BYTES="65536",
             RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE="10000000",
         )),
+        "fanout": RelayProcess(e2e_env(RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE="120")),
         "heartbeat": RelayProcess(e2e_env(
             RELAY_PING_INTERVAL_MS=str(PING_INTERVAL_MS),
             RELAY_PONG_TIMEOUT_MS=str(PONG_TIMEOUT_MS),
@@ -154,14 +158,70 @@ def test_presence_rate_limit_closes_4008(relays: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_daemon_rate_limit_closes_4008(relays: Any) -> Any:
-    """Daemon frames beyond the per-workspace bucket (invalid ones included) close the daemon 4008."""
+def test_daemon_rate_limit_drops_the_excess_and_keeps_the_daemon(relays: Any) -> Any:
+    """Daemon frames to a live client beyond the per-workspace bucket are dropped and counted; the daemon stays."""
     relay = relays["rates"]
     daemon = yield open_peer(relay, "workspace-daemon", "daemonrate", "rt1")
-    daemon.send_text("not a frame")
-    daemon.send_text(envelope("s1"))
-    daemon.send_text(envelope("s1", 2))
-    yield expect_close(daemon, 4008, "daemon rate limit exceeded")
+    client = yield open_peer(relay, "client", "daemonrate", "rt1", clientId="daemonrate-client")
+    before = yield fetch_metrics(relay)
+    client.send_text(kex_init("r1"))
+    yield daemon.next_json()
+    daemon.send_text(kex_response("r1", "s1"))
+    yield client.next_json()
+    for seq in (1, 2, 3):
+        daemon.send_text(envelope("s1", seq))
+    delivered = yield client.next_json()
+    assert delivered["seq"] == 1
+    yield metric_reaches(relay, "relay_frames_daemon_rate_limited_total",
+                         before["relay_frames_daemon_rate_limited_total"] + 2)
+    client.send_text(envelope("s1", 9))
+    assert (yield daemon.next_json())["seq"] == 9
+    assert client.pending_messages() == [] and daemon.is_open
+    yield stop_all(client, daemon)
+
+
+@pytest_twisted.inlineCallbacks
+def test_daemon_fan_out_to_departed_sessions_spares_the_live_one(relays: Any) -> Any:
+    """
+    A daemon that keeps encrypting every event to every session it ever had (as the real one does for 15
+    minutes) while clients come and go: frames for departed sessions are dropped without using up the
+    workspace's budget, so the live client gets every frame and the daemon is never closed.
+    """
+    relay = relays["fanout"]
+    daemon = yield open_peer(relay, "workspace-daemon", "fanout", "rt1")
+    sessions: List[str] = []
+
+    def answer(frame: Frame) -> None:
+        request_id = json.loads(frame.text)["requestId"]
+        sessions.append(f"s-{request_id}")
+        daemon.send_text(kex_response(request_id, sessions[-1]))
+
+    daemon.set_message_handler(answer)
+    before = yield fetch_metrics(relay)
+    event = 0
+    for n in range(FANOUT_CLIENTS):
+        client = yield open_peer(relay, "client", "fanout", "rt1", clientId=f"fanout-{n}")
+        client.send_text(kex_init(f"r{n}"))
+        assert (yield client.next_json())["sessionId"] == f"s-r{n}"
+        for _ in range(FANOUT_EVENTS):
+            event += 1
+            for session in sessions:
+                daemon.send_text(envelope(session, event))
+        received = []
+        for _ in range(FANOUT_EVENTS):
+            received.append((yield client.next_json()))
+        assert [(f["sessionId"], f["seq"]) for f in received] == [
+            (f"s-r{n}", e) for e in range(event - FANOUT_EVENTS + 1, event + 1)
+        ]
+        if n < FANOUT_CLIENTS - 1:
+            yield client.close()
+            yield settled(relay, open_sockets=1)
+    after = yield fetch_metrics(relay)
+    assert daemon.is_open
+    assert after["relay_frames_daemon_rate_limited_total"] == before["relay_frames_daemon_rate_limited_total"]
+    dropped = after["relay_session_frame_dropped_total"] - before["relay_session_frame_dropped_total"]
+    assert dropped == sum(FANOUT_EVENTS * n for n in range(FANOUT_CLIENTS))
+    yield stop_all(client, daemon)
 
 
 @pytest_twisted.inlineCallbacks

@@ -744,14 +744,32 @@ class CloseCodeTests(SynchronousTestCase):
         self.assertClosed(conn, 4008, "presence rate limit exceeded")
         self.assertEqual(h.count("relay_session_viewer_presence_rate_limited"), 1)
 
-    def test_daemon_rate_limit(self) -> None:
-        """Daemon frames beyond the workspace bucket close 4008 ``daemon rate limit exceeded``."""
-        h = self.harness(daemon_runtime_rate_per_minute="1")
-        daemon = h.daemon()
-        h.router.daemon_frame(daemon, e2ee(), 0)
+    def test_daemon_rate_limit_drops_the_excess(self) -> None:
+        """Daemon frames to live owners beyond the workspace bucket are dropped and counted; the daemon stays."""
+        h = self.harness(daemon_runtime_rate_per_minute="2")
+        daemon, client = h.daemon(), h.client()
+        h.key_exchange(client, daemon)
         h.router.daemon_frame(daemon, e2ee(), 1)
-        self.assertClosed(daemon, 4008, "daemon rate limit exceeded")
+        h.router.daemon_frame(daemon, e2ee(), 2)
+        self.assertEqual(peer(daemon).closes, [])
+        self.assertEqual(len(peer(client).frames), 2)
         self.assertEqual(h.count("relay_frames_daemon_rate_limited"), 1)
+
+    def test_frames_without_a_live_owner_do_not_consume_the_daemon_budget(self) -> None:
+        """Frames for sessions whose client left (and invalid frames) are dropped without charging the bucket."""
+        h = self.harness(daemon_runtime_rate_per_minute="3")
+        daemon, live, gone = h.daemon(), h.client(client_id="live"), h.client(client_id="gone")
+        h.key_exchange(live, daemon, "k1", "s-live")
+        h.key_exchange(gone, daemon, "k2", "s-gone")
+        h.close(gone)
+        for now in range(1, 50):
+            h.router.daemon_frame(daemon, e2ee("s-gone"), now)
+            h.router.daemon_frame(daemon, e2ee("s-never-keyed"), now)
+            h.router.daemon_frame(daemon, b"not json", now)
+        h.router.daemon_frame(daemon, e2ee("s-live"), 50)
+        self.assertEqual([json.loads(f)["sessionId"] for f in peer(live).frames[1:]], ["s-live"])
+        self.assertEqual(h.count("relay_frames_daemon_rate_limited"), 0)
+        self.assertEqual(peer(daemon).closes, [])
 
     def test_daemon_frame_profile_mismatch(self) -> None:
         """A daemon frame weaker than the claimed profile closes 4008 ``daemon frame profile mismatch``."""
@@ -1225,9 +1243,9 @@ class RateLimitTests(SynchronousTestCase):
     def test_daemon_bucket_shared_with_worker(self) -> None:
         """Daemon and worker frames of one workspace share the daemon bucket."""
         h = Harness({"RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE": "2"})
-        daemon = h.daemon()
+        daemon, client = h.daemon(), h.client()
+        h.key_exchange(client, daemon)
         h.router.daemon_frame(daemon, e2ee(), 0)
-        h.router.daemon_frame(daemon, b"not json", 0)
         worker = h.connect("worker", rt=None, managed_executor_id="e1")
         h.router.worker_frame(worker, worker_request("/api/runtime/workspaces/ws1/managed-executors/e1"), 0)
         self.assertEqual((peer(daemon).closes, peer(worker).closes), ([], [(4008, "worker rate limit exceeded")]))
@@ -1235,12 +1253,13 @@ class RateLimitTests(SynchronousTestCase):
     def test_daemon_bucket_survives_reconnect(self) -> None:
         """A reconnecting daemon finds the workspace bucket as its predecessor left it."""
         h = Harness({"RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE": "1"})
-        first = h.daemon()
-        h.router.daemon_frame(first, e2ee(), 0)
+        first, client = h.daemon(), h.client()
+        h.key_exchange(client, first)
         h.close(first)
         second = h.daemon()
-        h.router.daemon_frame(second, e2ee(), 1)
-        self.assertEqual(peer(second).closes, [(4008, "daemon rate limit exceeded")])
+        h.key_exchange(client, second, "k2", "s2", now=1)
+        self.assertEqual(h.count("relay_frames_daemon_rate_limited"), 1)
+        self.assertEqual(len(peer(client).frames), 2)  # the first response and the first daemon's notice
 
 
 class WorkerTests(SynchronousTestCase):
@@ -1412,8 +1431,10 @@ class BusTests(SynchronousTestCase):
     def test_bus_daemon_limiter_shared_with_local_daemon(self) -> None:
         """A local daemon's frames use up the bucket bus daemon frames of the workspace draw from."""
         h = Harness({"RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE": "1"})
-        h.router.daemon_frame(h.daemon(), e2ee(), 0)
-        h.bus(e2ee(), "daemon_to_clients", rt="rt2", now=1)
+        h.key_exchange(h.client(), h.daemon())
+        viewer = h.client("session-events", rt="rt2", client_id="v1")
+        h.router.client_frame(viewer, subscribe(), 0)
+        h.bus(session_event(), "daemon_to_clients", rt="rt2", now=1)
         self.assertEqual(h.count("relay_bus_frames_daemon_rate_limited"), 1)
 
 

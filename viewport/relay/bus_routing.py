@@ -25,6 +25,7 @@ class BusRouting:
     _m: Any
     _event: Callable[..., None]
     _route_daemon_frame: Callable[..., bool]
+    _has_destination: Callable[..., bool]
     _fan_out_viewer_presence: Callable[..., None]
     _publish_to_clients: Callable[..., None]
 
@@ -72,7 +73,9 @@ class BusRouting:
                 return
             self._reject_bus(bus, "invalid_daemon_frame")
             return
-        if not self._limiters.daemon.allow(bus.workspace_id, now_ms):
+        if self._has_destination(scope, dkind, frame, now_ms, from_bus=True) and not self._limiters.daemon.allow(
+            bus.workspace_id, now_ms
+        ):
             m.relay_bus_frames_daemon_rate_limited.inc()
             self._reject_bus(bus, "daemon_rate_limit")
             return

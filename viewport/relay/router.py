@@ -476,16 +476,16 @@ class Router(RemoteRouting, BusRouting):
     # -- daemon pipeline --------------------------------------------------------------------------
 
     def daemon_frame(self, conn: Connection, payload: bytes, now_ms: float) -> None:
-        """Handle one frame from a daemon (contract §5.5, with local session events delivered)."""
+        """
+        Handle one frame from a daemon (docs/protocol.md §4.5).
+
+        Only frames that have somewhere to go are charged to the workspace's daemon bucket: a
+        daemon encrypts every event to every session it still keeps, including sessions whose
+        client left, and those frames are dropped here anyway. Over the limit the frame is
+        dropped and counted; the daemon, which the whole workspace depends on, stays connected.
+        """
         conn.last_activity_ms = now_ms
         m = self._m
-        if not self._limiters.daemon.allow(conn.workspace_id, now_ms):
-            m.relay_frames_daemon_rate_limited.inc()
-            self._event(
-                LogLevel.warn, "daemon_frame_rate_limited", workspaceId=conn.workspace_id, ip=conn.ip
-            )
-            conn.peer.close(CLOSE_POLICY, "daemon rate limit exceeded")
-            return
         if self._too_large(conn, payload):
             return
         frame = frames.parse_frame(payload)
@@ -509,9 +509,39 @@ class Router(RemoteRouting, BusRouting):
                 return
         scope = conn.scope
         assert scope is not None
+        if self._has_destination(scope, kind, frame, now_ms, from_bus=False) and not self._limiters.daemon.allow(
+            conn.workspace_id, now_ms
+        ):
+            m.relay_frames_daemon_rate_limited.inc()
+            self._event(LogLevel.warn, "daemon_frame_rate_limited", workspaceId=conn.workspace_id, ip=conn.ip)
+            return
         m.relay_frames_daemon_to_clients.inc()
         m.relay_bytes_daemon_to_clients.inc(len(payload))
         self._route_daemon_frame(scope, kind, frame, payload, now_ms, from_bus=False)
+
+    def _has_destination(
+        self, scope: ScopeState, kind: DaemonKind, frame: dict, now_ms: float, from_bus: bool
+    ) -> bool:
+        """
+        Whether a daemon frame has a live owner to go to (an open local client or another relay),
+        without changing any table: only such frames count against the daemon rate limit.
+        """
+        if kind is DaemonKind.E2EE or kind is DaemonKind.KEY_UPDATE_REQUIRED:
+            owner = scope.session_owners.get(frame.get("sessionId"), now_ms)  # type: ignore[arg-type]
+        elif kind is DaemonKind.KEX_RESPONSE:
+            owner = scope.kex_requests.get(str(frame.get("requestId", "")).strip(), now_ms)
+        elif kind is DaemonKind.PAIRING_OFFER_RESPONSE or kind is DaemonKind.PAIRING_REDEEM_RESPONSE:
+            owner = scope.pairing_requests.get(str(frame.get("requestId", "")).strip(), now_ms)
+        else:
+            channel = str(frame.get("channel", "")).strip()
+            if any(member.peer.can_send() for member in scope.subscribers.get(channel, ())):
+                return True
+            return self._backplane.cross_relay and scope.runtime_target_id is not None
+        if owner is None:
+            return False
+        if owner.connection is not None:
+            return owner.connection.peer.can_send()
+        return owner.source_relay_id is not None and scope.runtime_target_id is not None
 
     def _route_daemon_frame(
         self,
