@@ -355,3 +355,26 @@ def test_second_daemon_is_rejected_and_first_kept(relays: Any) -> Any:
         assert (yield daemon.next_message()) == envelope
     finally:
         yield stop_all(daemon, client)
+
+
+@pytest_twisted.inlineCallbacks
+def test_tokens_with_every_registered_jwt_claim_are_admitted(relays: Any) -> Any:
+    """A daemon token from an identity provider, carrying sub, iss, aud, nbf, iat and jti, is admitted locally."""
+    import jwt
+
+    from tests.support import TEST_SECRET
+
+    now = time.time()
+    bearer = jwt.encode(
+        {"role": "workspace-daemon", "workspaceId": "registered", "runtimeTargetId": "rt1", "machineId": "m1",
+         "iss": "https://idp.example.com/", "sub": "machine|m1", "aud": ["viewport-relay"], "exp": now + 600,
+         "nbf": now - 5, "iat": now - 5, "jti": "a-token-id"},
+        TEST_SECRET,
+        algorithm="HS256",
+    )
+    daemon = yield open_with(relays["main"], bearer, "workspace-daemon", "registered", "rt1")
+    client = yield open_peer(relays["main"], "client", "registered", "rt1")
+    client.send_text(json.dumps({"type": "relay_key_exchange_init", "version": 3, "profile": "noise-ik",
+                                 "requestId": "r1", "clientEphemeralPublicKey": "e", "encryptedClientStatic": "s"}))
+    assert (yield daemon.next_json())["requestId"] == "r1"
+    yield stop_all(client, daemon)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import stat
 import tempfile
@@ -264,6 +266,44 @@ class LocalTokenTests(SynchronousTestCase):
         """A correctly signed token whose claims break the schema is refused."""
         token = jwt.encode({"exp": int(NOW) + 60, "admin": True}, SECRET, algorithm="HS256")
         self.assertEqual(self._rejected(LocalTokenVerifier(SECRET, ["HS256"]), token), "INVALID_CLAIMS")
+
+    def test_registered_claims_are_accepted(self) -> None:
+        """Every registered claim of RFC 7519 (sub included, NumericDates with fractions) is accepted in local tokens."""
+        payload = dict(
+            DAEMON_CLAIMS,
+            iss="https://idp.example.com/tenant/" + "x" * 300,
+            sub="auth0|5f7c8ec7c33c6c004bbafe82",
+            aud=["viewport-relay", "https://api.example.com"],
+            exp=NOW + 60.5,
+            nbf=NOW - 10.25,
+            iat=NOW - 10.25,
+            jti="j" * 400,
+        )
+        token = jwt.encode(payload, SECRET, algorithm="HS256")
+        claims = LocalTokenVerifier(
+            SECRET, ["HS256"], issuer=payload["iss"], audience="viewport-relay"  # type: ignore[arg-type]
+        ).verify(token, NOW)
+        self.assertEqual(
+            (claims.workspace_id, claims.exp, claims.nbf, claims.aud, claims.jti),
+            ("ws_1", NOW + 60.5, NOW - 10.25, ("viewport-relay", "https://api.example.com"), "j" * 400),
+        )
+        self.assertEqual(self._rejected(LocalTokenVerifier(SECRET, ["HS256"]), token, NOW + 91), "TOKEN_EXPIRED")
+
+    def test_registered_claims_keep_their_types(self) -> None:
+        """A registered claim of the wrong type (or a non-finite date) is still INVALID_CLAIMS."""
+        verifier = LocalTokenVerifier(SECRET, ["HS256"])
+        for bad in ({"sub": 7}, {"exp": "soon"}, {"exp": True}, {"nbf": float("nan")}, {"aud": [1]}, {"iss": None}):
+            body = dict(DAEMON_CLAIMS, exp=int(NOW) + 60)
+            body.update(bad)
+            # Signed as raw JSON: PyJWT's encoder refuses some of these wrong types itself.
+            token = jwt.api_jws.PyJWS().encode(json.dumps(body).encode(), SECRET, algorithm="HS256")
+            self.assertEqual(self._rejected(verifier, token), "INVALID_CLAIMS", bad)
+
+    def test_contract_schema_stays_strict(self) -> None:
+        """Unknown non-registered claims are refused in local tokens; the platform's claims schema refuses sub."""
+        token = jwt.encode(dict(DAEMON_CLAIMS, exp=int(NOW) + 60, email="a@b.c"), SECRET, algorithm="HS256")
+        self.assertEqual(self._rejected(LocalTokenVerifier(SECRET, ["HS256"]), token), "INVALID_CLAIMS")
+        self.assertIsNone(validate_claims(dict(DAEMON_CLAIMS, sub="user-1")))
 
     def test_mint_refuses_invalid_claims(self) -> None:
         """Minting claims outside the schema raises ValueError naming the claim."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal, Optional, Union
 
 import jwt
@@ -61,9 +62,9 @@ class Claims:
     iss: Optional[str] = None
     jti: Optional[str] = None
     aud: Optional[Union[str, tuple[str, ...]]] = None
-    iat: Optional[int] = None
-    exp: Optional[int] = None
-    nbf: Optional[int] = None
+    iat: Optional[float] = None
+    exp: Optional[float] = None
+    nbf: Optional[float] = None
     ver: Optional[int] = None
 
     def to_json(self) -> dict[str, object]:
@@ -206,6 +207,58 @@ def _parse_claims(obj: object) -> Claims:
     return Claims(**values)  # type: ignore[arg-type]
 
 
+def _registered_string(key: str, value: object) -> object:
+    if not isinstance(value, str):
+        raise _Invalid(key)
+    return value
+
+
+def _registered_audience(key: str, value: object) -> object:
+    if isinstance(value, list):
+        return tuple(_registered_string(key, item) for item in value)
+    return _registered_string(key, value)
+
+
+def _numeric_date(key: str, value: object) -> object:
+    # RFC 7519 §2: seconds since the epoch, "non-integer values can be represented".
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Invalid(key)
+    return value
+
+
+#: The registered claims of RFC 7519 §4.1, with the types the RFC gives them. Identity providers put
+#: them in tokens as they see fit (``sub`` above all), so local tokens accept them all; ``sub`` is
+#: checked for its type and not kept.
+_REGISTERED_CLAIMS: dict[str, Callable[[str, object], object]] = {
+    "iss": _registered_string,
+    "sub": _registered_string,
+    "aud": _registered_audience,
+    "exp": _numeric_date,
+    "nbf": _numeric_date,
+    "iat": _numeric_date,
+    "jti": _registered_string,
+}
+
+
+def _parse_local_claims(obj: object) -> Claims:
+    """
+    The payload of a locally verified token: RFC 7519's registered claims with the RFC's types,
+    every other key against the strict relay schema. Raises ``_Invalid(key)``.
+    """
+    if not isinstance(obj, dict):
+        raise _Invalid("<claims>")
+    registered: dict[str, object] = {}
+    contract: dict[object, object] = {}
+    for key, raw in obj.items():
+        check = _REGISTERED_CLAIMS.get(key) if isinstance(key, str) else None
+        if check is None:
+            contract[key] = raw
+        else:
+            registered[key] = check(key, raw)
+    registered.pop("sub", None)
+    return replace(_parse_claims(contract), **registered)  # type: ignore[arg-type]
+
+
 def validate_claims(obj: object) -> Optional[Claims]:
     """
     Check a decoded JSON value against the strict relay claims schema.
@@ -320,9 +373,10 @@ class LocalTokenVerifier:
             raise TokenRejected("MALFORMED_TOKEN") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise TokenRejected("INVALID_TOKEN") from None
-        claims = validate_claims(payload)
-        if claims is None:
-            raise TokenRejected("INVALID_CLAIMS")
+        try:
+            claims = _parse_local_claims(payload)
+        except _Invalid:
+            raise TokenRejected("INVALID_CLAIMS") from None
         if claims.exp is None:
             raise TokenRejected("TOKEN_EXP_REQUIRED")
         if claims.exp <= now - self._leeway:
