@@ -229,28 +229,31 @@ def test_three_token_sources_are_admitted(relays: Any) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
-def test_subprotocol_echo_never_returns_the_token(relays: Any) -> Any:
-    """Offering viewport-relay-v1 then auth.<t> selects viewport-relay-v1; offering only auth.<t> selects nothing."""
+def test_subprotocol_echo_prefers_a_plain_name_and_else_echoes_the_only_offer(relays: Any) -> Any:
+    """
+    Offering viewport-relay-v1 then auth.<t> selects viewport-relay-v1; offering only auth.<t> echoes it, as
+    browsers require an echo of one of their offers; a Bearer header without subprotocols selects nothing.
+    """
     relay = relays["main"]
     bearer = token("client", "echo", "rt1")
     both = yield open_with(relay, bearer, "client", "echo", "rt1", token_via="subprotocol")
     only_auth = yield open_with(relay, bearer, "client", "echo", "rt1", token_via="subprotocol", subprotocol=None)
-    header = yield open_with(relay, bearer, "client", "echo", "rt1", token_via="header")
+    header = yield open_with(relay, bearer, "client", "echo", "rt1", token_via="header", subprotocol=None)
     try:
         assert both.subprotocol == "viewport-relay-v1"
-        assert only_auth.subprotocol is None
+        assert only_auth.subprotocol == f"auth.{bearer}"
         assert header.subprotocol is None
     finally:
         yield stop_all(both, only_auth, header)
     answer = yield raw_exchange(
         relay,
-        upgrade_request(ws_target(workspace="echo"), {"Sec-WebSocket-Protocol": f"auth.{bearer}"}),
+        upgrade_request(ws_target(workspace="echo"), {"Sec-WebSocket-Protocol": f"viewport-relay-v1, auth.{bearer}"}),
         head_only=True,
     )
     head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1")
     assert head.startswith("HTTP/1.1 101")
     assert bearer not in head
-    assert "sec-websocket-protocol" not in head.lower()
+    assert "sec-websocket-protocol: viewport-relay-v1" in head.lower()
 
 
 @pytest_twisted.inlineCallbacks

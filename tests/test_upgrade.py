@@ -225,11 +225,12 @@ class SelectSubprotocolTests(SynchronousTestCase):
         offered = ["", f"auth.{TOKEN}", " viewport-relay-v1 ", "other"]
         self.assertEqual(select_subprotocol(offered), "viewport-relay-v1")
 
-    def test_never_echoes_token(self) -> None:
-        """When only ``auth.`` entries are offered nothing is selected."""
-        self.assertIsNone(select_subprotocol([f"auth.{TOKEN}"]))
-        self.assertIsNone(select_subprotocol([" ", f" auth.{TOKEN}"]))
+    def test_only_auth_offers_echo_the_first(self) -> None:
+        """When only ``auth.`` entries are offered the first is echoed (browsers need an echo); none offered: none."""
+        self.assertEqual(select_subprotocol([f"auth.{TOKEN}"]), f"auth.{TOKEN}")
+        self.assertEqual(select_subprotocol([" ", f" auth.{TOKEN}", "auth.other-token"]), f"auth.{TOKEN}")
         self.assertIsNone(select_subprotocol([]))
+        self.assertIsNone(select_subprotocol(["", " "]))
 
 
 class RoleClaimTests(SynchronousTestCase):

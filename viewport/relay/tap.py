@@ -8,7 +8,10 @@ from typing import Any, Mapping, Optional
 from twisted.application.service import IService
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.ssl import PrivateCertificate
+from cryptography import x509
+from OpenSSL import crypto
+from OpenSSL.crypto import FILETYPE_PEM
+from twisted.internet.ssl import CertificateOptions, KeyPair
 from twisted.logger import Logger
 
 from viewport.relay.admission import (
@@ -51,12 +54,34 @@ class Options(EnvironmentOptions):
         return load_config(environ, overrides, home=environ.get("HOME"))
 
 
+#: ALPN protocols the TLS listener offers. A browser offers ``h2`` and ``http/1.1``; without a list,
+#: the installed Twisted answers the offer with an empty selection, which OpenSSL turns into a fatal
+#: alert (``net::ERR_SSL_PROTOCOL_ERROR``). The relay speaks HTTP/1.1, the only protocol WebSockets
+#: upgrade from.
+TLS_ALPN_PROTOCOLS = (b"http/1.1",)
+
+
+def tls_options(cert_path: str, key_path: str) -> CertificateOptions:
+    """
+    TLS server options from a PEM certificate file (the leaf first, then any intermediates, as in a
+    ``fullchain.pem``) and a PEM key, offering HTTP/1.1 over ALPN.
+    """
+    with open(cert_path, "rb") as cert_file, open(key_path, "rb") as key_file:
+        certificates = x509.load_pem_x509_certificates(cert_file.read())
+        key = KeyPair.load(key_file.read(), FILETYPE_PEM)
+    leaf, *chain = (crypto.X509.from_cryptography(certificate) for certificate in certificates)
+    return CertificateOptions(
+        privateKey=key.original,
+        certificate=leaf,
+        extraCertChain=chain,
+        acceptableProtocols=list(TLS_ALPN_PROTOCOLS),
+    )
+
+
 def listening_endpoint(reactor: Any, config: RelayConfig) -> IStreamServerEndpoint:
     """TCP (IPv4 or IPv6 by the host's form) or TLS with the configured certificate and key."""
     if config.tls_enabled:
-        with open(config.tls_cert_path, "rb") as cert, open(config.tls_key_path, "rb") as key:
-            pem = cert.read() + b"\n" + key.read()
-        options = PrivateCertificate.loadPEM(pem).options()
+        options = tls_options(config.tls_cert_path, config.tls_key_path)
         return SSL4ServerEndpoint(reactor, config.port, options, interface=config.host)
     return tcp_endpoint(reactor, config.host, config.port)
 

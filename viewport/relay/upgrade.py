@@ -163,12 +163,24 @@ def extract_token(
 
 
 def select_subprotocol(offered: Sequence[str]) -> str | None:
-    """Pick the first offered subprotocol that is not an ``auth.`` token carrier, so a token is never echoed."""
+    """
+    The subprotocol to echo: the first offer that is not an ``auth.`` token carrier, else the first
+    ``auth.`` offer itself.
+
+    A browser fails the handshake when it offered subprotocols and none is echoed, so a browser that
+    offers only ``auth.<token>`` gets its own offer back (as from the original relay); the token then
+    travels back in the response header to the peer that sent it, and nowhere else.
+    """
+    first_auth: str | None = None
     for raw in offered:
         entry = raw.strip()
-        if entry and not entry.startswith(_AUTH_PREFIX):
+        if not entry:
+            continue
+        if not entry.startswith(_AUTH_PREFIX):
             return entry
-    return None
+        if first_auth is None:
+            first_auth = entry
+    return first_auth
 
 
 class UpgradeRefusal(enum.Enum):
