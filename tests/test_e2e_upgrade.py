@@ -13,6 +13,8 @@ from twisted.internet.defer import inlineCallbacks
 
 from tests.support import (
     RelayProcess,
+    http_request,
+    poll_until,
     closed_within,
     e2e_env,
     fetch_metrics,
@@ -381,3 +383,33 @@ def test_tokens_with_every_registered_jwt_claim_are_admitted(relays: Any) -> Any
                                  "requestId": "r1", "clientEphemeralPublicKey": "e", "encryptedClientStatic": "s"}))
     assert (yield daemon.next_json())["requestId"] == "r1"
     yield stop_all(client, daemon)
+
+
+@pytest_twisted.inlineCallbacks
+def test_duplicated_token_offer_is_refused_without_quoting_it(relays: Any) -> Any:
+    """Two identical auth.<token> offers get a bare 400 Bad Request; the token is in neither the answer nor the log."""
+    relay = relays["main"]
+    bearer = token("client", "dup", "rt1")
+    answer = yield raw_exchange(
+        relay, upgrade_request(ws_target(workspace="dup"), {"Sec-WebSocket-Protocol": f"auth.{bearer}, auth.{bearer}"})
+    )
+    assert answer == b"HTTP/1.1 400 Bad Request\r\n\r\n"
+    yield poll_until(lambda: relay.events("handshake_refused"), what="the refusal logged")
+    signature = bearer.rsplit(".", 1)[1]
+    assert not [line for line in relay.output.lines if signature in line]
+    assert signature not in relay.output.stderr.decode("utf-8", "replace")
+
+
+@pytest_twisted.inlineCallbacks
+def test_responses_name_no_library_in_their_server_header(relays: Any) -> Any:
+    """Plain HTTP answers and the 101 both send Server: viewport-relay, never AutobahnPython or TwistedWeb."""
+    relay = relays["main"]
+    _, headers, _ = yield http_request("GET", relay.http_url + "/health")
+    assert headers["server"] == "viewport-relay"
+    answer = yield raw_exchange(
+        relay,
+        upgrade_request(ws_target(workspace="server"), {"Authorization": "Bearer " + token("client", "server", "rt1")}),
+        head_only=True,
+    )
+    lines = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 101") and "server: viewport-relay" in lines

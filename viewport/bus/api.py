@@ -243,6 +243,7 @@ class BusApi(Resource):
 
     def render(self, request: Request) -> Union[bytes, int]:
         """Route, authenticate, parse, and answer asynchronously."""
+        request.setHeader(b"server", b"viewport-bus")
         path = request.path.decode("latin-1")
         if path == HEALTH:
             if request.method not in (b"GET", b"HEAD"):

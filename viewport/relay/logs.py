@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections import deque
 from typing import Any, Callable, Optional, TextIO
@@ -71,6 +72,27 @@ _LEVELS: dict[LogLevel, str] = {
 _MAX_DEPTH = 16
 
 
+# Credentials as they appear inside text (a library's message, a traceback, a header value): the
+# token of an ``auth.`` subprotocol, a bearer token, a ``token=`` query parameter, and any JWT.
+_CREDENTIALS_IN_TEXT = re.compile(
+    r"(?P<auth>auth\.)[^\s,;\"'\\]+"
+    r"|(?P<bearer>\bbearer\s+)[^\s,;\"'\\]+"
+    r"|(?P<query>\btoken=)[^\s&,;\"'\\]+"
+    r"|\beyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*",
+    re.IGNORECASE,
+)
+
+
+def _hide_credential(match: "re.Match[str]") -> str:
+    prefix = match.group("auth") or match.group("bearer") or match.group("query") or ""
+    return prefix + REDACTED
+
+
+def scrub_text(text: str) -> str:
+    """Replace credentials found inside free text (``auth.<t>``, ``Bearer <t>``, ``token=<t>``, JWTs)."""
+    return _CREDENTIALS_IN_TEXT.sub(_hide_credential, text)
+
+
 def is_sensitive_key(key: str) -> bool:
     """Return True when a detail key names a secret or a payload and its value must be hidden."""
     lowered = key.lower()
@@ -79,26 +101,33 @@ def is_sensitive_key(key: str) -> bool:
 
 def redact(value: object, depth: int = 0) -> Any:
     """
-    Return a JSON-ready copy of ``value`` with sensitive keys redacted at every depth.
+    Return a JSON-ready copy of ``value`` with sensitive keys redacted at every depth and
+    credentials scrubbed out of every string.
 
     Dicts and lists/tuples are walked; values JSON cannot represent (including non-finite
-    floats and bytes) become ``str(value)``.
+    floats and bytes) become ``str(value)``. A sensitive key holding a number, a boolean or
+    null keeps it: a count or a size (``maxFrameBytes``) is neither a secret nor a payload.
     """
-    if value is None or isinstance(value, (str, bool, int)):
+    if value is None or isinstance(value, (bool, int)):
         return value
+    if isinstance(value, str):
+        return scrub_text(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if depth >= _MAX_DEPTH:
-        return str(value)
+        return scrub_text(str(value))
     if isinstance(value, dict):
         cleaned: dict[str, Any] = {}
         for key, item in value.items():
             name = key if isinstance(key, str) else str(key)
-            cleaned[name] = REDACTED if is_sensitive_key(name) else redact(item, depth + 1)
+            if is_sensitive_key(name) and not (item is None or isinstance(item, (bool, int, float))):
+                cleaned[name] = REDACTED
+            else:
+                cleaned[name] = redact(item, depth + 1)
         return cleaned
     if isinstance(value, (list, tuple)):
         return [redact(item, depth + 1) for item in value]
-    return str(value)
+    return scrub_text(str(value))
 
 
 def format_timestamp(seconds: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, cast
 from urllib.parse import parse_qs, urlsplit
@@ -9,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -24,6 +25,7 @@ from viewport.relay.redirects import redirect_location
 from viewport.relay.registry import Connection
 from viewport.sockets import set_no_delay
 from viewport.relay.upgrade import (
+    SERVER_HEADER,
     UpgradeAccepted,
     UpgradeRefused,
     bare_refusal_bytes,
@@ -36,10 +38,18 @@ if TYPE_CHECKING:
     from viewport.relay.core import Relay
 
 MAX_HEAD_BYTES = 16 * 1024
+MAX_LOGGED_REASON_CHARS = 200
 HEAD_TIMEOUT_SECONDS = 10.0
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
 
 Handler = Callable[[Connection, bytes, float], None]
+
+
+def _status_phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Error"
 
 
 def parse_head(head: bytes) -> Optional[Tuple[str, str, Dict[str, str]]]:
@@ -94,6 +104,7 @@ class HandshakeDispatcher(Protocol):
         self._addr = addr
         self._buffer = b""
         self._timeout: Any = None
+        self._handed_over = False
 
     def connectionMade(self) -> None:
         """
@@ -125,13 +136,19 @@ class HandshakeDispatcher(Protocol):
                 self._refuse(431)
             return
         self._cancel_timeout()
+        if end + 4 > MAX_HEAD_BYTES:
+            self._refuse(431)
+            return
         try:
             self._dispatch(self._buffer[: end + 4])
         except Exception:
             relay = self._relay
             relay.metrics.relay_upgrade_errors.inc()
             self._log.failure("{relay_event}", relay_event="upgrade_error")
-            self.transport.abortConnection()
+            if self._handed_over:
+                self.transport.abortConnection()
+            else:
+                self._refuse(500)
 
     def _refuse(self, status: int) -> None:
         self._cancel_timeout()
@@ -147,6 +164,7 @@ class HandshakeDispatcher(Protocol):
         method, target, headers = parsed
         transport = self.transport
         if "upgrade" not in headers:
+            self._handed_over = True
             hand_over(transport, relay.site.buildProtocol(self._addr), self._buffer)  # type: ignore[arg-type]
             return
         if not relay.accepting:
@@ -182,6 +200,7 @@ class HandshakeDispatcher(Protocol):
         protocol = cast(RelayWebSocketProtocol, self._ws_factory.buildProtocol(self._addr))
         protocol.upgrade = decision
         protocol.ip = ip
+        self._handed_over = True
         hand_over(transport, protocol, self._buffer)
 
 
@@ -253,14 +272,31 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         self._dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> Any:
-        """The handshake is valid: ask the platform (or the local verifier) about the token."""
-        relay = self.factory.relay
-        query = self.upgrade.query
-        d = relay.admission.admit(
-            self.upgrade.token, query.role, query.workspace_id, query.runtime_target_id
-        )
-        d.addCallback(self._admitted, request)
+        """
+        The handshake is valid: ask the platform (or the local verifier) about the token.
+
+        A bug anywhere in admission or in the decisions after it is logged with its traceback,
+        counted, and answered with a bare 500: Autobahn would put the exception's text in the
+        response.
+        """
+        try:
+            relay = self.factory.relay
+            query = self.upgrade.query
+            d = relay.admission.admit(
+                self.upgrade.token, query.role, query.workspace_id, query.runtime_target_id
+            )
+            d.addCallback(self._admitted, request)
+        except Exception:
+            d = fail()
+        d.addErrback(self._upgrade_failed)
         return d
+
+    def _upgrade_failed(self, failure: Failure) -> Failure:
+        if failure.check(ConnectionDeny):
+            return failure
+        self.factory.relay.metrics.relay_upgrade_errors.inc()
+        self._log.failure("{relay_event}", failure, relay_event="upgrade_error", ip=self.ip)
+        return Failure(ConnectionDeny(500, "Internal Server Error"))
 
     def _admitted(self, result: AdmissionResult, request: ConnectionRequest) -> Any:
         relay = self.factory.relay
@@ -307,10 +343,23 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         return select_subprotocol(request.protocols)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
-        """Autobahn's refusal, with the ``Location`` of an HTTP redirect added."""
+        """
+        Refuse the handshake with a fixed reason phrase (``400 Bad Request``) and the ``Location``
+        of an HTTP redirect. Autobahn's own reason texts quote header values (``duplicate protocol
+        "auth.<token>"``), so they go neither into the response nor, unscrubbed, into the log.
+        """
         if code == 307 and self._redirect_location is not None:
             responseHeaders = [("Location", self._redirect_location)]
-        super().failHandshake(reason, code, responseHeaders)
+        self.wasNotCleanReason = "opening handshake refused"
+        self._log.info(
+            "{relay_event}",
+            relay_event="handshake_refused",
+            status=code,
+            reason=reason[:MAX_LOGGED_REASON_CHARS],
+            ip=getattr(self, "ip", None),
+        )
+        self.sendHttpErrorResponse(code, _status_phrase(code), responseHeaders)
+        self.dropConnection(abort=False)
 
     def onOpen(self) -> None:
         """Register with the router; from here on frames flow."""
@@ -467,7 +516,7 @@ class RelayWebSocketFactory(WebSocketServerFactory):
     protocol = RelayWebSocketProtocol  # type: ignore[assignment]
 
     def __init__(self, relay: "Relay") -> None:
-        super().__init__(reactor=relay.clock)
+        super().__init__(reactor=relay.clock, server=SERVER_HEADER)
         self.relay = relay
         size = relay.config.max_frame_bytes
         self.setProtocolOptions(
@@ -479,6 +528,9 @@ class RelayWebSocketFactory(WebSocketServerFactory):
             perMessageCompressionAccept=lambda offers: None,
             autoPingInterval=0,
             failByDrop=False,
+            # Origins are the relay's own check (RELAY_ALLOWED_ORIGINS, before admission); Autobahn's
+            # default here refuses ``Origin: null`` (a file:// page) with a 400.
+            allowNullOrigin=True,
             openHandshakeTimeout=10 + relay.config.admission_timeout_ms / 1000.0,
             closeHandshakeTimeout=5,
         )

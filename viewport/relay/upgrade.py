@@ -11,6 +11,9 @@ from typing import Iterable, Literal, Mapping, Sequence, Union
 
 from viewport.relay.limits import FixedWindowLimiter
 
+#: The ``Server`` header of every response (upgrades and plain HTTP): no library names or versions.
+SERVER_HEADER = "viewport-relay"
+
 ROLES = frozenset({"workspace-daemon", "client", "worker"})
 WS_PATH = "/ws"
 MIN_TOKEN_LENGTH = 10

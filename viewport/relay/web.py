@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from viewport.relay.upgrade import SERVER_HEADER
+
 if TYPE_CHECKING:
     from viewport.relay.core import Relay
 
@@ -60,6 +62,7 @@ class RelayRoot(Resource):
 
     def render(self, request: Request) -> bytes:  # type: ignore[override]
         """Dispatch one request."""
+        request.setHeader(b"server", SERVER_HEADER.encode("ascii"))
         path = request.path
         if request.method == b"GET":
             if path == b"/health":
