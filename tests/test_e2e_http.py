@@ -471,3 +471,10 @@ def test_worker_request_is_forwarded_with_filtered_headers(env: Any) -> Any:
         assert metrics["relay_worker_transport_forwarded_total"] == 2
     finally:
         yield stop_all(worker)
+
+
+def test_startup_log_shows_sizes_and_hides_nothing_that_is_not_secret(env: Any) -> None:
+    """relay_started carries maxFrameBytes as a number: a size is not redacted for its key's name."""
+    started = env["admin"].events("relay_started")[0]["details"]
+    assert started["maxFrameBytes"] == 1048576
+    assert "[redacted]" not in json.dumps(started)

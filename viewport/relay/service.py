@@ -75,7 +75,7 @@ class ListeningService(JsonLoggingService):
             tlsEnabled=config.tls_enabled,
             maxTotalConnections=config.max_total_connections,
             maxConnectionsPerIp=config.max_connections_per_ip,
-            maxMessageBytes=config.max_frame_bytes,
+            maxFrameBytes=config.max_frame_bytes,
             adminHttpEnabled=config.enable_admin_http,
         )
         scheme = "wss" if config.tls_enabled else "ws"
