@@ -416,8 +416,22 @@ class BackplaneTests(ConfigTestCase):
             "SERVER_URL": "https://api.example.com", "RELAY_PUBLIC_WS_BASE_URL": "wss://relay.example.com/ws",
             "HOST": "0.0.0.0", "RELAY_BACKPLANE_MODE": "server",
         }
-        self.assertRejected(prod, "RELAY_INTERNAL_KEY")
+        self.assertRejected({**prod, "RELAY_BUS_HMAC_KEY": HMAC}, "RELAY_INTERNAL_KEY")
         self.assertRejected({**prod, "RELAY_INTERNAL_KEY": INTERNAL}, "RELAY_BUS_HMAC_KEY")
+
+    def test_staging_backplane_requires_keys(self) -> None:
+        """Outside dev, bus frames need a real HMAC key (the development key is public) and server mode its internal key."""
+        staging = {"HOST": "0.0.0.0", "RELAY_TOKEN_SECRET": SECRET}
+        redis = {**staging, "RELAY_BACKPLANE_MODE": "redis", "RELAY_BACKPLANE_URL": "redis://redis:6379/0"}
+        server = {**staging, "RELAY_BACKPLANE_MODE": "server", "RELAY_BACKPLANE_URL": "https://api.example.com"}
+        self.assertRejected(redis, "RELAY_BUS_HMAC_KEY")
+        self.assertRejected({**redis, "RELAY_MODE": "staging", "HOST": "127.0.0.1"}, "RELAY_BUS_HMAC_KEY")
+        self.assertEqual(self.load({**redis, "RELAY_BUS_HMAC_KEY": HMAC}).warnings, ())
+        self.assertRejected({**server, "RELAY_BUS_HMAC_KEY": HMAC}, "RELAY_INTERNAL_KEY")
+        self.assertRejected({**server, "RELAY_INTERNAL_KEY": INTERNAL}, "RELAY_BUS_HMAC_KEY")
+        config = self.load({**server, "RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC})
+        self.assertEqual((config.relay_mode, config.backplane_mode), ("staging", "server"))
+        self.assertEqual([w.split(":")[0] for w in config.warnings], ["RELAY_MODE"])
 
     def test_redis_mode_requirements(self) -> None:
         """Redis mode needs a Redis URL and the HMAC key, and the internal key only with platform admission."""

@@ -135,9 +135,13 @@ def test_image_command_serves_with_safe_defaults(image_venv: str) -> None:
 @pytest.mark.parametrize(
     "documented_env",
     [
-        {"RELAY_BACKPLANE_MODE": "server", "RELAY_BACKPLANE_URL": "https://api.example.com"},
-        {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BACKPLANE_URL": "redis://redis:6379/0"},
-        {"RELAY_CLIENT_REDIRECT_ENABLED": "1"},
+        {"RELAY_BACKPLANE_MODE": "server", "RELAY_BACKPLANE_URL": "https://api.example.com",
+         "RELAY_INTERNAL_KEY": "image-test-internal-key-0123456789", "RELAY_BUS_HMAC_KEY": "b" * 64},
+        {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BACKPLANE_URL": "redis://redis:6379/0",
+         "RELAY_INTERNAL_KEY": "image-test-internal-key-0123456789", "RELAY_BUS_HMAC_KEY": "b" * 64},
+        {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BACKPLANE_URL": "redis://redis:6379/0",
+         "RELAY_INTERNAL_KEY": "image-test-internal-key-0123456789", "RELAY_BUS_HMAC_KEY": "b" * 64,
+         "RELAY_CLIENT_REDIRECT_ENABLED": "1", "RELAY_PUBLIC_WS_BASE_URL": "ws://relay-a.example.com:7781/ws"},
     ],
     ids=["server", "redis", "redirect"],
 )
@@ -152,6 +156,19 @@ def test_documented_docker_run_lines_start(image_venv: str, documented_env: Dict
     mode = documented_env.get("RELAY_BACKPLANE_MODE", "single")
     assert f'"backplaneMode":"{mode}"' in served.output
     assert "Traceback" not in served.output
+
+
+@pytest.mark.parametrize("mode,missing", [("redis", "RELAY_BUS_HMAC_KEY"), ("server", "RELAY_INTERNAL_KEY")])
+def test_cross_relay_image_refuses_to_start_without_its_keys(image_venv: str, mode: str, missing: str) -> None:
+    """Outside dev (the image's 0.0.0.0 is staging) a cross-relay mode without its keys exits naming the variable."""
+    documented = {"RELAY_BACKPLANE_MODE": mode, "RELAY_INTERNAL_KEY": "image-test-internal-key-0123456789",
+                  "RELAY_BUS_HMAC_KEY": "b" * 64,
+                  "RELAY_BACKPLANE_URL": "redis://redis:6379/0" if mode == "redis" else "https://api.example.com"}
+    del documented[missing]
+    served = Served(image_venv, _json_array("CMD"), documented)
+    output = served.process.communicate(timeout=30)[0].decode()
+    assert served.process.returncode != 0
+    assert missing in output and "Traceback" not in output
 
 
 def test_image_runs_viewport_bus(image_venv: str) -> None:

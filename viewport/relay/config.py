@@ -495,12 +495,13 @@ def _check_backplane_requirements(
     relay_mode: RelayMode,
 ) -> tuple[str, ...]:
     """
-    Refuse what a backplane cannot run without; return warnings for what only prod requires.
+    Refuse what a backplane cannot run without; return warnings for what only a dev relay may lack.
 
-    Outside prod a cross-relay relay may start without ``RELAY_INTERNAL_KEY`` (platform calls then
-    carry no key) and without ``RELAY_BUS_HMAC_KEY`` (bus frames are signed with a fixed,
-    public development key), so ``docker run -e RELAY_BACKPLANE_MODE=redis ...`` works as
-    documented; both are logged as warnings at startup.
+    Outside dev a cross-relay relay refuses to start without ``RELAY_BUS_HMAC_KEY``: with the public
+    development key anyone who can publish to Redis (or the bus) could inject frames into any
+    workspace, key exchanges included. Server mode outside dev also needs ``RELAY_INTERNAL_KEY``
+    (the bus API authenticates relays with it). A dev relay (loopback) starts without them, with a
+    warning naming each; platform admission without an internal key is a warning in any mode but prod.
     """
     if backplane_mode == "redis" and redis_url is None:
         problem = "required in redis backplane mode (or RELAY_REDIS_URL); accepted: a Redis URL"
@@ -508,17 +509,23 @@ def _check_backplane_requirements(
     if backplane_mode == "single":
         return ()
     warnings: list[str] = []
-    needs_internal_key = backplane_mode == "server" or admission == "platform"
-    if needs_internal_key and internal_key is None:
-        if relay_mode == "prod":
-            problem = f"required in {backplane_mode} backplane mode in prod; accepted: a non-empty key"
-            raise ConfigError("RELAY_INTERNAL_KEY", problem)
-        warnings.append("RELAY_INTERNAL_KEY: not set; platform calls carry no x-relay-internal-key")
     if bus_hmac_key is None:
-        if relay_mode == "prod":
-            problem = f"required in {backplane_mode} backplane mode in prod (bus frames are signed); accepted: a non-empty key"
+        if relay_mode != "dev":
+            problem = (
+                f"required in {backplane_mode} backplane mode outside dev (bus frames are signed with it; "
+                "the development key is public); accepted: a random key of 32+ characters"
+            )
             raise ConfigError("RELAY_BUS_HMAC_KEY", problem)
         warnings.append("RELAY_BUS_HMAC_KEY: not set; bus frames are signed with the public development key")
+    if internal_key is None:
+        if backplane_mode == "server" and relay_mode != "dev":
+            problem = "required in server backplane mode outside dev (the bus API checks it); accepted: a non-empty key"
+            raise ConfigError("RELAY_INTERNAL_KEY", problem)
+        if backplane_mode == "server" or admission == "platform":
+            if relay_mode == "prod":
+                problem = f"required in {backplane_mode} backplane mode in prod; accepted: a non-empty key"
+                raise ConfigError("RELAY_INTERNAL_KEY", problem)
+            warnings.insert(0, "RELAY_INTERNAL_KEY: not set; platform calls carry no x-relay-internal-key")
     return tuple(warnings)
 
 
