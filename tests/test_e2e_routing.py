@@ -398,3 +398,28 @@ def test_new_daemon_starts_without_old_sessions(relay: RelayProcess) -> Any:
         assert after["relay_session_frame_dropped_total"] - before["relay_session_frame_dropped_total"] == 1
     finally:
         yield stop_all(client, new)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_second_client_cannot_steal_a_key_exchange(relay: RelayProcess) -> Any:
+    """Client B reusing client A's live requestId (or sessionId) gets INVALID_FRAME; A's exchange and session stay A's."""
+    daemon = yield open_peer(relay, "workspace-daemon", "steal", "rt1")
+    a = yield open_peer(relay, "client", "steal", "rt1", clientId="a")
+    b = yield open_peer(relay, "client", "steal", "rt1", clientId="b")
+    try:
+        a.send_text(kex_init("r1"))
+        assert json.loads((yield daemon.next_message()))["requestId"] == "r1"
+        for request_id in ("r1", " r1 "):
+            b.send_text(kex_init(request_id))
+            assert is_status((yield b.next_json()), "INVALID_FRAME")
+        daemon.send_text(kex_response("r1", "s1"))
+        assert (yield a.next_json())["sessionId"] == "s1"
+        b.send_text(envelope("s1", 7))
+        assert is_status((yield b.next_json()), "INVALID_FRAME")
+        daemon.send_text(envelope("s1", 8))
+        assert (yield a.next_json())["seq"] == 8
+        yield assert_nothing_pending(b)
+        a.send_text(envelope("s1", 9))
+        assert (yield daemon.next_json())["seq"] == 9
+    finally:
+        yield stop_all(a, b, daemon)

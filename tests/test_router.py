@@ -849,6 +849,55 @@ class RoutingTests(SynchronousTestCase):
         self.assertIs(owner.connection, self.a)  # type: ignore[union-attr]
         self.assertEqual(self.h.count("relay_key_exchange_response_routed_local"), 1)
 
+    def test_reused_request_id_cannot_steal_a_key_exchange(self) -> None:
+        """A second client reusing a live request id (even padded) gets INVALID_FRAME; the owner keeps the answer."""
+        self.h.router.client_frame(self.a, kex_init("r1"), 0)
+        self.h.router.client_frame(self.b, kex_init("r1"), 1)
+        self.h.router.client_frame(self.b, kex_init(" r1 "), 2)
+        self.assertEqual(len(peer(self.daemon).payloads), 1)
+        self.assertEqual([json.loads(t)["code"] for t in peer(self.b).texts], ["INVALID_FRAME", "INVALID_FRAME"])
+        response = kex_response("r1", "s1")
+        self.h.router.daemon_frame(self.daemon, response, 3)
+        self.assertEqual(peer(self.a).payloads, [response])
+        self.h.router.daemon_frame(self.daemon, e2ee("s1"), 4)
+        self.assertEqual(len(peer(self.a).payloads), 2)
+        self.assertEqual(len(peer(self.b).payloads), 0)
+
+    def test_request_id_is_free_again_once_its_owner_left(self) -> None:
+        """After the owning connection closed, another client may use the same request id."""
+        self.h.router.client_frame(self.a, kex_init("r1"), 0)
+        self.h.close(self.a)
+        self.h.router.client_frame(self.b, kex_init("r1"), 1)
+        self.h.router.daemon_frame(self.daemon, kex_response("r1", "s1"), 2)
+        self.assertEqual(len(peer(self.b).payloads), 1)
+
+    def test_reused_session_id_is_refused(self) -> None:
+        """Envelopes naming a session another live client owns are refused with INVALID_FRAME, not forwarded."""
+        self.h.key_exchange(self.a, self.daemon, "r1", "s1")
+        forwarded = len(peer(self.daemon).payloads)
+        self.h.router.client_frame(self.b, e2ee("s1"), 1)
+        self.assertEqual(len(peer(self.daemon).payloads), forwarded)
+        self.assertEqual(json.loads(peer(self.b).texts[-1])["code"], "INVALID_FRAME")
+        self.h.router.client_frame(self.a, e2ee("s1"), 2)
+        self.assertEqual(len(peer(self.daemon).payloads), forwarded + 1)
+
+    def test_reused_pairing_request_id_is_refused(self) -> None:
+        """A pairing request id owned by a live client cannot be taken over by another."""
+        pa = self.h.client("pairing", client_id="pa")
+        pb = self.h.client("pairing", client_id="pb")
+        self.h.router.client_frame(pa, pairing_offer("p1"), 0)
+        self.h.router.client_frame(pb, pairing_offer("p1"), 1)
+        self.h.router.daemon_frame(self.daemon, pairing_response("p1"), 2)
+        self.assertEqual((len(peer(pa).payloads), json.loads(peer(pb).texts[-1])["code"]), (1, "INVALID_FRAME"))
+
+    def test_bus_frames_cannot_take_over_a_local_request(self) -> None:
+        """A key exchange from another relay reusing a local client's live request id is rejected."""
+        self.h.router.client_frame(self.a, kex_init("r1"), 0)
+        self.h.bus(kex_init("r1"), source="relay-b", now=1)
+        self.h.router.daemon_frame(self.daemon, kex_response("r1", "s1"), 2)
+        self.assertEqual(len(peer(self.a).payloads), 1)
+        self.assertEqual(self.h.count("relay_bus_frames_rejected"), 1)
+
     def test_kex_response_answered_once(self) -> None:
         """A second response to the same request finds no owner and is dropped."""
         self.h.router.client_frame(self.a, kex_init("k1"), 0)

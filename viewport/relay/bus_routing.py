@@ -50,12 +50,20 @@ class BusRouting:
             if ckind is ClientKind.E2EE:
                 session_id = frame.get("sessionId")
                 current = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
-                if current is not None and current.source_relay_id == bus.source_relay_id:
-                    scope.session_owners.refresh(session_id, current, now_ms)  # type: ignore[arg-type]
+                if current is not None:
+                    if current.same_party(owner):
+                        scope.session_owners.refresh(session_id, current, now_ms)  # type: ignore[arg-type]
+                    elif current.is_live():
+                        self._reject_bus(bus, "session_owned_elsewhere")
+                        return
             elif ckind is ClientKind.KEX_INIT and request_id:
-                scope.kex_requests.put(request_id, owner)
+                if not scope.kex_requests.claim(request_id, owner, now_ms):
+                    self._reject_bus(bus, "request_id_owned_elsewhere")
+                    return
             elif ckind in (ClientKind.PAIRING_OFFER_REQUEST, ClientKind.PAIRING_REDEEM_REQUEST):
-                scope.pairing_requests.put(request_id, owner)
+                if not scope.pairing_requests.claim(request_id, owner, now_ms):
+                    self._reject_bus(bus, "request_id_owned_elsewhere")
+                    return
             daemon = scope.daemon_open()
             if daemon is None:
                 m.relay_bus_frames_dropped.inc()

@@ -80,6 +80,19 @@ class Owner:
         self.source_relay_id = source_relay_id
         self.stamp_ms = stamp_ms
 
+    def is_live(self) -> bool:
+        """A local owner whose socket is still open, or an owner on another relay (live until it expires)."""
+        connection = self.connection
+        if connection is None:
+            return True
+        return connection.registered and connection.peer.can_send()
+
+    def same_party(self, other: "Owner") -> bool:
+        """The same local connection, or the same other relay."""
+        if self.connection is not None or other.connection is not None:
+            return self.connection is other.connection
+        return self.source_relay_id == other.source_relay_id
+
 
 K = TypeVar("K")
 
@@ -107,6 +120,19 @@ class TrackedOwners(Generic[K]):
         while len(entries) >= self._cap:
             entries.popitem(last=False)
         entries[key] = owner
+
+    def claim(self, key: K, owner: Owner, now_ms: float) -> bool:
+        """
+        Record ``owner`` unless ``key`` belongs to another live owner; False (nothing changed) then.
+
+        A request or session id is the address the daemon's answer goes to: a second connection
+        reusing it would take that answer, and the session after it, away from its owner.
+        """
+        current = self.get(key, now_ms)
+        if current is not None and not current.same_party(owner) and current.is_live():
+            return False
+        self.put(key, owner)
+        return True
 
     def get(self, key: K, now_ms: float) -> Optional[Owner]:
         """The live owner of ``key``, or None (an expired entry is dropped)."""

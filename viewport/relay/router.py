@@ -354,8 +354,12 @@ class Router(RemoteRouting, BusRouting):
                 return
             session_id = frame["sessionId"]
             owner = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
-            if owner is not None and owner.connection is conn:
-                scope.session_owners.refresh(session_id, owner, now_ms)  # type: ignore[arg-type]
+            if owner is not None:
+                if owner.connection is conn:
+                    scope.session_owners.refresh(session_id, owner, now_ms)  # type: ignore[arg-type]
+                elif owner.is_live():
+                    self._owned_elsewhere(conn, "session_owned_by_another_connection")
+                    return
         elif kind is ClientKind.KEX_INIT:
             limit_key = f"{conn.workspace_id}:{conn.client_id}:{conn.ip}"
             if not self._limiters.kex.allow(limit_key, now_ms):
@@ -370,8 +374,9 @@ class Router(RemoteRouting, BusRouting):
                 conn.peer.close(CLOSE_POLICY, "key exchange rate limit exceeded")
                 return
             request_id = str(frame.get("requestId", "")).strip()
-            if request_id:
-                scope.kex_requests.put(request_id, Owner(conn, None, now_ms))
+            if request_id and not scope.kex_requests.claim(request_id, Owner(conn, None, now_ms), now_ms):
+                self._owned_elsewhere(conn, "request_id_owned_by_another_connection")
+                return
         else:
             limit_key = f"{conn.workspace_id}:{conn.client_id}:{conn.ip}"
             if not self._limiters.pairing.allow(limit_key, now_ms):
@@ -379,7 +384,9 @@ class Router(RemoteRouting, BusRouting):
                 conn.peer.close(CLOSE_POLICY, "pairing rate limit exceeded")
                 return
             request_id = str(frame.get("requestId", "")).strip()
-            scope.pairing_requests.put(request_id, Owner(conn, None, now_ms))
+            if not scope.pairing_requests.claim(request_id, Owner(conn, None, now_ms), now_ms):
+                self._owned_elsewhere(conn, "request_id_owned_by_another_connection")
+                return
         daemon = scope.daemon
         if daemon is None or not daemon.peer.can_send():
             self._no_local_daemon(conn, payload)
@@ -391,6 +398,14 @@ class Router(RemoteRouting, BusRouting):
         daemon.peer.send_payload(payload)
         m.relay_frames_client_to_daemon.inc()
         m.relay_bytes_client_to_daemon.inc(len(payload))
+
+    def _owned_elsewhere(self, conn: Connection, reason: str) -> None:
+        """A client reused a request or session id that another live connection owns: refuse the frame."""
+        self._m.relay_frames_client_rejected.inc()
+        self._event(
+            LogLevel.warn, "client_frame_rejected", workspaceId=conn.workspace_id, clientId=conn.client_id, reason=reason
+        )
+        conn.peer.send_text(frames.invalid_frame(conn.workspace_id))
 
     def _runtime_allowed(self, conn: Connection, now_ms: float) -> bool:
         limiters = self._limiters
