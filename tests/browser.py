@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
@@ -339,6 +340,8 @@ class Chromium:
             self.output, argv[0], argv, env=env, path=self.directory
         )
         self.pid = self.transport.pid
+        # Should the test run end without stop() (an interrupted run), the browser goes with it.
+        atexit.register(self._signal_all, signal.SIGKILL)
         url = yield self.output.devtools_url.addTimeout(START_DEADLINE_SECONDS, reactor)
         self.devtools = yield DevToolsConnection.connect(url)
         return self
@@ -373,6 +376,7 @@ class Chromium:
             # Helpers (crash handler, zygotes) may outlive the main process by a moment.
             self._signal_all(signal.SIGKILL)
         finally:
+            atexit.unregister(self._signal_all)
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def _signal_all(self, signum: int) -> None:

@@ -165,6 +165,7 @@ class DefaultTests(ConfigTestCase):
             "client_redirect_enabled": False,
             "redirect_allowed_hosts": (),
             "trusted_proxies": (),
+            "allowed_origins": ("*",),
             "relay_mode": "dev",
         }
         self.assertEqual({name: getattr(config, name) for name in expected}, expected)
@@ -339,6 +340,13 @@ class InvalidValueTests(ConfigTestCase):
         """RELAY_TRUSTED_PROXIES entries must be IP addresses or CIDR ranges."""
         for value in ["10.0.0.1,proxy.local", "10.0.0.0/33", "loopback"]:
             self.assertRejected({"RELAY_TRUSTED_PROXIES": value}, "RELAY_TRUSTED_PROXIES")
+
+    def test_allowed_origins(self) -> None:
+        """RELAY_ALLOWED_ORIGINS takes origins, subdomain wildcards, null and *; paths or bare hosts are refused."""
+        config = self.load({"RELAY_ALLOWED_ORIGINS": "https://app.example.com, https://*.example.com,null"})
+        self.assertEqual(config.allowed_origins, ("https://app.example.com", "https://*.example.com", "null"))
+        for value in ["app.example.com", "https://app.example.com/path", "https://a*.example.com", "*.example.com"]:
+            self.assertRejected({"RELAY_ALLOWED_ORIGINS": value}, "RELAY_ALLOWED_ORIGINS")
 
     def test_short_token_secret(self) -> None:
         """A token secret under 32 characters is refused without echoing it."""

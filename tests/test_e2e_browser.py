@@ -9,13 +9,16 @@ import secrets
 import shutil
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from urllib.parse import quote, urlsplit
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
@@ -36,7 +39,11 @@ from tests.support import (
     stop_relays,
     token,
 )
-from viewport.client.url import DEFAULT_SUBPROTOCOL, handshake_for
+from viewport.client.url import DEFAULT_SUBPROTOCOL, Handshake, handshake_for
+
+if TYPE_CHECKING:
+    # Imported for the annotation only: a Test* class in the module would be collected by pytest.
+    from tests.certs import TestCertificates
 
 WORKSPACE = "browser-e2e"
 RUNTIME_TARGET = "rt1"
@@ -142,6 +149,27 @@ class ExampleDaemon(ProcessProtocol):
             yield self.ended
 
 
+def _connected(relay: RelayProcess, daemon: ExampleDaemon) -> Callable[[], bool]:
+    """A check for ``poll_until``: the relay registered a daemon (failing at once if the daemon exited)."""
+
+    def check() -> bool:
+        if daemon.ended.called:
+            raise AssertionError(f"example daemon exited: {daemon.lines[-5:]} {daemon.stderr.decode()[-2000:]}")
+        return bool(relay.events("daemon_connected"))
+
+    return check
+
+
+@dataclass(frozen=True)
+class PageRun:
+    """One case as the browser saw it: the page's report, the handshake it was given, its WebSockets and console."""
+
+    report: Dict[str, Any]
+    handshake: Handshake
+    sockets: List[Dict[str, Any]]
+    described: str
+
+
 class Stack:
     """What the tests share: the page server, one relay and example daemon per scheme, and the browser."""
 
@@ -151,20 +179,24 @@ class Stack:
         self.page_origin = ""
         self.browser: Optional[Chromium] = None
         self.trust = ""
+        self.certs: Optional["TestCertificates"] = None
         self._cleanups: List[Callable[[], Any]] = []
 
     @inlineCallbacks
     def start(self) -> Any:
         """Start everything; whatever started is stopped by ``stop`` even if a later step fails."""
         chromium_binary()
-        certs = make_certificates(tempfile.mkdtemp(prefix="relay-browser-certs-"))
+        certs = self.certs = make_certificates(tempfile.mkdtemp(prefix="relay-browser-certs-"))
         self._cleanups.append(lambda: shutil.rmtree(os.path.dirname(certs.ca_path), ignore_errors=True))
 
         root = Resource()
         root.putChild(b"relay.html", Data(PAGE.encode("utf-8"), "text/html; charset=utf-8"))
-        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")  # type: ignore[attr-defined]
+        root.putChild(b"favicon.ico", Data(b"", "image/x-icon"))  # keeps a 404 out of the page's console
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Site(root))
         self._cleanups.append(port.stopListening)
-        self.page_origin = f"http://127.0.0.1:{port.getHost().port}"
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        self.page_origin = f"http://127.0.0.1:{address.port}"
 
         self.relays = {
             "ws": RelayProcess(e2e_env(RELAY_MODE="dev")),
@@ -183,7 +215,7 @@ class Stack:
             # The daemon verifies the relay's certificate against the test CA (OpenSSL's default paths).
             daemon.start(relay, {**relay.env, "SSL_CERT_FILE": certs.ca_path})
         for scheme, relay in self.relays.items():
-            yield poll_until(lambda relay=relay: relay.events("daemon_connected"), 20, f"example daemon on {scheme}")
+            yield poll_until(_connected(relay, self.daemons[scheme]), 20, f"example daemon on {scheme} connected")
 
         # Trust the test CA like a root when certutil can build the profile's NSS database; else pin the
         # relay's certificate key. Never --ignore-certificate-errors.
@@ -205,7 +237,7 @@ class Stack:
 
     @inlineCallbacks
     def run_page(self, scheme: str, token_via: str, subprotocol: Optional[str] = DEFAULT_SUBPROTOCOL) -> Any:
-        """Open the test page for one case; fire with (the page's report, the handshake it used, diagnostics)."""
+        """Open the test page for one case in a fresh browser context; fire with a ``PageRun``."""
         assert self.browser is not None
         relay = self.relays[scheme]
         handshake = handshake_for(
@@ -226,7 +258,7 @@ class Stack:
         try:
             yield page.navigate(f"{self.page_origin}/relay.html?config={quote(json.dumps(config))}")
             report = yield page.evaluate("window.outcome")
-            return report, handshake, page.describe()
+            return PageRun(report, handshake, page.websocket_handshakes(), page.describe())
         finally:
             yield page.close()
 
@@ -249,10 +281,12 @@ def assert_round_trip(stack: Stack, scheme: str, token_via: str, subprotocol: Op
     should echo (the plain name, else the only ``auth.`` offer, else none), that its envelope came back
     unchanged, and that the example daemon echoed that very session.
     """
-    report, handshake, described = yield stack.run_page(scheme, token_via, subprotocol)
-    diagnostics = f"report {report}\n{described}"
-    relay_host = urlsplit(stack.relays[scheme].url).netloc
-    assert report["origin"] == stack.page_origin and urlsplit(stack.page_origin).netloc != relay_host, diagnostics
+    run: PageRun = yield stack.run_page(scheme, token_via, subprotocol)
+    report, handshake = run.report, run.handshake
+    diagnostics = f"report {report}\n{run.described}"
+    assert urlsplit(stack.page_origin).netloc != urlsplit(stack.relays[scheme].url).netloc
+    assert report["origin"] == stack.page_origin, diagnostics
+    assert [socket["request"].get("Origin") for socket in run.sockets if socket["request"]] == [stack.page_origin], diagnostics
     assert report["outcome"] == "echo", diagnostics
     expected = handshake.protocols[0] if handshake.protocols else ""
     assert report["opened"] and report["protocol"] == expected, diagnostics

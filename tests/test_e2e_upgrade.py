@@ -45,6 +45,7 @@ def relays() -> Any:
         "rate": RelayProcess(e2e_env(RELAY_UPGRADE_RATE_PER_MINUTE="3")),
         "caps": RelayProcess(e2e_env(RELAY_MAX_TOTAL_CONNECTIONS="2", RELAY_MAX_CONNECTIONS_PER_IP="3")),
         "staging": RelayProcess(e2e_env(RELAY_MODE="staging", RELAY_MAX_CLIENTS_PER_WORKSPACE="1")),
+        "origins": RelayProcess(e2e_env(RELAY_ALLOWED_ORIGINS="https://app.example.com,https://*.viewport.test")),
     }
     pytest_twisted.blockon(start_relays(*procs.values()))
     yield procs
@@ -413,3 +414,32 @@ def test_responses_name_no_library_in_their_server_header(relays: Any) -> Any:
     )
     lines = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower().split("\r\n")
     assert lines[0].startswith("http/1.1 101") and "server: viewport-relay" in lines
+
+
+@pytest_twisted.inlineCallbacks
+def test_origins_outside_the_allowed_list_are_403_before_admission(relays: Any) -> Any:
+    """With RELAY_ALLOWED_ORIGINS set, other origins (null included) get 403 and no admission; listed ones upgrade."""
+    relay = relays["origins"]
+    bearer = {"Authorization": "Bearer " + token("client", "origins", "rt1")}
+    before = yield fetch_metrics(relay)
+    for origin in ("https://app.example.com", "https://a.viewport.test", None):
+        headers = dict(bearer, **({"Origin": origin} if origin else {}))
+        answer = yield raw_exchange(relay, upgrade_request(ws_target(workspace="origins"), headers), head_only=True)
+        assert status_of(answer) == 101, origin
+    for origin in ("https://evil.example.com", "null", "https://app.example.com.evil.net"):
+        answer = yield raw_exchange(relay, upgrade_request(ws_target(workspace="origins"), dict(bearer, Origin=origin)))
+        assert answer == b"HTTP/1.1 403 Forbidden\r\n\r\n", origin
+    after = yield fetch_metrics(relay)
+    assert after["relay_upgrade_rejected_origin_total"] - before["relay_upgrade_rejected_origin_total"] == 3
+    assert after["relay_admission_ok_total"] - before["relay_admission_ok_total"] == 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_any_origin_by_default_including_null(relays: Any) -> Any:
+    """Without RELAY_ALLOWED_ORIGINS every origin upgrades, Origin: null (a file:// page) included."""
+    bearer = {"Authorization": "Bearer " + token("client", "null-origin", "rt1")}
+    for origin in ("null", "https://anything.example"):
+        answer = yield raw_exchange(
+            relays["main"], upgrade_request(ws_target(workspace="null-origin"), dict(bearer, Origin=origin)), head_only=True
+        )
+        assert status_of(answer) == 101, origin

@@ -24,6 +24,7 @@ from viewport.relay.upgrade import (
     precheck_upgrade,
     role_claim_matches,
     select_subprotocol,
+    OriginPolicy,
 )
 
 TOKEN = "tok-0123456789"
@@ -247,6 +248,35 @@ class RoleClaimTests(SynchronousTestCase):
         self.assertFalse(role_claim_matches("client", "Client"))
 
 
+class OriginPolicyTests(SynchronousTestCase):
+    """Tests for L{OriginPolicy}: exact origins, subdomain wildcards, null and *."""
+
+    def test_any(self) -> None:
+        """``*`` allows every origin, ``null`` included; no Origin header is always allowed."""
+        policy = OriginPolicy(["*"])
+        self.assertTrue(all(policy.allows(o) for o in ("https://a.example", "null", "http://127.0.0.1:9", None)))
+        self.assertTrue(OriginPolicy(["https://app.example.com"]).allows(None))
+
+    def test_exact_origins_compare_normalized(self) -> None:
+        """Exact entries match case-insensitively, with or without the default port; other origins do not."""
+        policy = OriginPolicy([" https://App.Example.com/ ", "http://localhost:8080"])
+        for allowed in ("https://app.example.com", "HTTPS://APP.EXAMPLE.COM:443", "http://localhost:8080"):
+            self.assertTrue(policy.allows(allowed), allowed)
+        for refused in ("https://app.example.com:8443", "http://app.example.com", "https://evil.example.com",
+                        "null", "http://localhost:8081", "https://app.example.com.evil.net"):
+            self.assertFalse(policy.allows(refused), refused)
+
+    def test_subdomain_wildcard_and_null(self) -> None:
+        """``scheme://*.domain`` allows every subdomain (not the domain itself); ``null`` must be listed to pass."""
+        policy = OriginPolicy(["https://*.example.com", "null"])
+        self.assertTrue(policy.allows("https://a.b.example.com"))
+        self.assertTrue(policy.allows("https://a.example.com:8443"))
+        self.assertTrue(policy.allows("null"))
+        self.assertFalse(policy.allows("https://example.com"))
+        self.assertFalse(policy.allows("https://badexample.com"))
+        self.assertFalse(policy.allows("http://a.example.com"))
+
+
 class RefusalTableTests(SynchronousTestCase):
     """Tests for L{UpgradeRefusal}, L{bare_refusal_bytes} and L{client_cap_exceeded}."""
 
@@ -260,6 +290,7 @@ class RefusalTableTests(SynchronousTestCase):
                 UpgradeRefusal.TOTAL_CONNECTIONS: (503, "relay_upgrade_rejected_total_connections_total"),
                 UpgradeRefusal.IP_CONNECTIONS: (429, "relay_upgrade_rejected_ip_connections_total"),
                 UpgradeRefusal.WRONG_PATH: (None, None),
+                UpgradeRefusal.ORIGIN_NOT_ALLOWED: (403, "relay_upgrade_rejected_origin_total"),
                 UpgradeRefusal.INVALID_QUERY: (400, "relay_upgrade_invalid_query_total"),
                 UpgradeRefusal.MISSING_AUTH: (401, "relay_upgrade_missing_auth_total"),
                 UpgradeRefusal.WORKSPACE_CLIENTS: (429, "relay_upgrade_rejected_workspace_clients_total"),

@@ -185,6 +185,7 @@ class RelayConfig:
     client_redirect_enabled: bool
     redirect_allowed_hosts: tuple[str, ...]
     trusted_proxies: tuple[str, ...]
+    allowed_origins: tuple[str, ...]
     relay_mode: RelayMode
     warnings: tuple[str, ...] = ()
 
@@ -350,6 +351,15 @@ def _redis_url(name: str, value: str) -> str:
     if scheme in ("redis", "rediss") and not re.fullmatch(r"(/[0-9]*)?", parts.path):
         raise _invalid(name, _mask_url(value), accepted)
     return value
+
+
+_ORIGIN_ENTRY = re.compile(r"\*|null|[a-z][a-z0-9+.-]*://(\*\.)?[^/\s*]+")
+
+
+def _origin(name: str, entry: str) -> str:
+    if not _ORIGIN_ENTRY.fullmatch(entry.lower().rstrip("/")):
+        raise _invalid(name, entry, "comma-separated origins (https://app.example.com, https://*.example.com), null, or *")
+    return entry
 
 
 def _proxy(name: str, entry: str) -> str:
@@ -653,6 +663,7 @@ def load_config(
     if public_url_text is not None:
         _split_url("RELAY_PUBLIC_WS_BASE_URL", public_url_text, frozenset({"ws", "wss"}), need_host=True)
     trusted_proxies = tuple(_proxy("RELAY_TRUSTED_PROXIES", entry) for entry in env.csv("RELAY_TRUSTED_PROXIES"))
+    allowed_origins = tuple(_origin("RELAY_ALLOWED_ORIGINS", entry) for entry in env.csv("RELAY_ALLOWED_ORIGINS")) or ("*",)
     token_secret = env.text("RELAY_TOKEN_SECRET")
     if token_secret is not None and len(token_secret) < _MIN_TOKEN_SECRET_LENGTH:
         raise ConfigError(
@@ -741,6 +752,7 @@ def load_config(
         client_redirect_enabled=not single and bool(client_redirect),
         redirect_allowed_hosts=tuple(entry.lower() for entry in env.csv("RELAY_REDIRECT_ALLOWED_HOSTS")),
         trusted_proxies=trusted_proxies,
+        allowed_origins=allowed_origins,
         relay_mode=relay_mode,
         warnings=warnings,
         **ints,

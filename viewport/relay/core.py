@@ -17,7 +17,7 @@ from viewport.relay.metrics import RelayMetrics
 from viewport.relay.registry import Registry
 from viewport.relay.limits import Limiters
 from viewport.relay.router import Router, WorkerForward
-from viewport.relay.upgrade import TrustedProxies
+from viewport.relay.upgrade import OriginPolicy, TrustedProxies
 
 HEARTBEAT_SLICES = 10
 SHUTDOWN_CODE = 1001
@@ -59,6 +59,7 @@ class Relay:
             config.upgrade_rate_per_minute, 60_000, config.upgrade_bucket_max
         )
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        self.origin_policy = OriginPolicy(config.allowed_origins)
         self.router = Router(
             config=config,
             registry=self.registry,

@@ -138,6 +138,8 @@ class RelayMetrics:
             "relay_upgrade_invalid_query_total", "Upgrades refused for a bad query.")
         self.relay_upgrade_missing_auth = self._counter(
             "relay_upgrade_missing_auth_total", "Upgrades refused for lack of a usable token.")
+        self.relay_upgrade_rejected_origin = self._counter(
+            "relay_upgrade_rejected_origin_total", "Upgrades refused because RELAY_ALLOWED_ORIGINS excludes their Origin.")
         self.relay_upgrade_rejected_workspace_clients = self._counter(
             "relay_upgrade_rejected_workspace_clients_total", "Upgrades refused by the per-scope client cap.")
         self.relay_admission_ok = self._counter(

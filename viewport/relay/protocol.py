@@ -187,6 +187,8 @@ class HandshakeDispatcher(Protocol):
             max_total_connections=config.max_total_connections,
             ip_connections=relay.registry.ip_count(ip),
             max_connections_per_ip=config.max_connections_per_ip,
+            origin=headers.get("origin"),
+            origin_policy=relay.origin_policy,
         )
         if isinstance(decision, UpgradeRefused):
             refusal = decision.refusal

@@ -186,6 +186,57 @@ def select_subprotocol(offered: Sequence[str]) -> str | None:
     return first_auth
 
 
+class OriginPolicy:
+    """
+    Which browser origins may open a WebSocket (``RELAY_ALLOWED_ORIGINS``).
+
+    Entries are ``*`` (any origin), ``null`` (pages without an origin, such as ``file://``), an
+    exact origin ``scheme://host[:port]``, or ``scheme://*.domain`` for every subdomain of
+    ``domain``. Comparison is case-insensitive; a default port is the same as none. A request
+    without an ``Origin`` header is not a browser's and is always allowed.
+    """
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.any = False
+        self._exact: set[str] = set()
+        self._suffixes: list[tuple[str, str]] = []
+        for raw in entries:
+            entry = raw.strip().lower().rstrip("/")
+            if entry == "*":
+                self.any = True
+            elif "://*." in entry:
+                scheme, _, domain = entry.partition("://*.")
+                self._suffixes.append((scheme, "." + domain))
+            elif entry:
+                self._exact.add(normalize_origin(entry))
+
+    def allows(self, origin: str | None) -> bool:
+        """Whether a request with this ``Origin`` header value (None: no header) may upgrade."""
+        if origin is None or self.any:
+            return True
+        value = normalize_origin(origin.strip().lower())
+        if value in self._exact:
+            return True
+        scheme, _, host = value.partition("://")
+        host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return any(scheme == wanted and host.endswith(suffix) for wanted, suffix in self._suffixes)
+
+
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
+
+
+def normalize_origin(origin: str) -> str:
+    """``scheme://host[:port]`` lower-cased, without a trailing slash or the scheme's default port."""
+    value = origin.strip().lower().rstrip("/")
+    scheme, separator, host = value.partition("://")
+    if not separator:
+        return value
+    default = _DEFAULT_PORTS.get(scheme)
+    if default is not None and host.endswith(":" + default):
+        host = host[: -len(default) - 1]
+    return f"{scheme}://{host}"
+
+
 class UpgradeRefusal(enum.Enum):
     """A refused upgrade: the HTTP status written (None = destroy the socket silently) and its counter."""
 
@@ -196,6 +247,7 @@ class UpgradeRefusal(enum.Enum):
     TOTAL_CONNECTIONS = (503, "relay_upgrade_rejected_total_connections_total")
     IP_CONNECTIONS = (429, "relay_upgrade_rejected_ip_connections_total")
     WRONG_PATH = (None, None)
+    ORIGIN_NOT_ALLOWED = (403, "relay_upgrade_rejected_origin_total")
     INVALID_QUERY = (400, "relay_upgrade_invalid_query_total")
     MISSING_AUTH = (401, "relay_upgrade_missing_auth_total")
     WORKSPACE_CLIENTS = (429, "relay_upgrade_rejected_workspace_clients_total")
@@ -240,8 +292,13 @@ def precheck_upgrade(
     max_total_connections: int,
     ip_connections: int,
     max_connections_per_ip: int,
+    origin: str | None = None,
+    origin_policy: OriginPolicy | None = None,
 ) -> UpgradePrecheck:
-    """Run the rate, capacity, path, query and token checks in order; ``path`` excludes the query string."""
+    """
+    Run the rate, capacity, path, origin, query and token checks in order; ``path`` excludes the
+    query string, ``origin`` is the ``Origin`` header (None when absent).
+    """
     if not upgrade_limiter.allow(ip, now_ms):
         return UpgradeRefused(UpgradeRefusal.RATE_LIMITED)
     if registered_connections >= max_total_connections:
@@ -250,6 +307,8 @@ def precheck_upgrade(
         return UpgradeRefused(UpgradeRefusal.IP_CONNECTIONS)
     if path != WS_PATH:
         return UpgradeRefused(UpgradeRefusal.WRONG_PATH)
+    if origin_policy is not None and not origin_policy.allows(origin):
+        return UpgradeRefused(UpgradeRefusal.ORIGIN_NOT_ALLOWED)
     query = parse_query(params)
     if query is None:
         return UpgradeRefused(UpgradeRefusal.INVALID_QUERY)
