@@ -274,6 +274,20 @@ class ServerBackplaneUnitTests(SynchronousTestCase):
         next_pull = harness.platform.held[0][0]["body"]
         self.assertEqual(next_pull["sinceId"], 20)
 
+    def test_the_same_signed_frame_under_two_bus_ids_is_delivered_once(self) -> None:
+        """A bus offering one signed frame twice (two ids, same signature) delivers it once, counted as a replay."""
+        harness = _Harness()
+        harness.start(head=10)
+        harness.backplane.watch_scope("w", "t", "clients")
+        harness.flush()
+        original = harness.frame(11)
+        replayed = dict(original, id=12)
+        other = harness.frame(13)
+        harness.platform.answer(200, {"ok": True, "frames": [original, replayed, other], "headId": 13})
+        harness.flush()
+        self.assertEqual([f.payload for f in harness.received], ['{"n":11}', '{"n":13}'])
+        self.assertEqual(harness.counter("relay_bus_pull_replayed_signature"), 1)
+
     def test_without_head_frames_are_kept_but_skew_checked(self) -> None:
         """A platform without headId: old frames are offered; only fresh ones of watched scopes are delivered."""
         harness = _Harness()

@@ -579,7 +579,7 @@ class RedisBackplane:
             self._count("relay_bus_pull_frame_too_large")
             return
         verdict = self._verifier.check(frame, envelope.issued_at_ms, envelope.signature, self._now_ms(),
-                                       nonce=envelope.nonce, replay_key=envelope.signature)
+                                       nonce=envelope.nonce)
         if verdict != Verdict.ACCEPTED:
             self._count(_VERDICT_COUNTERS.get(verdict, "relay_bus_pull_failed"))
             return

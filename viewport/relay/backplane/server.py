@@ -684,7 +684,7 @@ class ServerBackplane:
         )
         if self._verifier is not None:
             verdict = self._verifier.check(
-                frame, raw.get("issuedAtMs"), raw.get("signature"), now_ms, replay_key=str(frame_id)
+                frame, raw.get("issuedAtMs"), raw.get("signature"), now_ms
             )
             if verdict != Verdict.ACCEPTED:
                 self._count(f"relay_bus_pull_{verdict}_signature")

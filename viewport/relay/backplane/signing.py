@@ -64,8 +64,11 @@ class FrameVerifier:
     """
     Checks signature, clock skew and replays of inbound bus frames.
 
-    Replays are recognised by a key that is unique per published frame (its signature, or the
-    bus id in server mode), remembered for twice the skew window. Unlike the reference relay
+    Replays are recognised by the frame's signature, remembered for twice the skew window, in
+    both backplanes: a bus that offers the same signed frame twice (under two ids, say) delivers
+    it once. Redis envelopes sign a random nonce, so every publish has its own signature; a
+    server-mode signature covers the contract's eight fields, so only a byte-identical frame
+    from the same relay in the same millisecond looks like a replay. Unlike the reference relay
     (§11 item 18), a frame older than one already accepted from the same source is *not*
     dropped: concurrent publishes may arrive in any order.
     """
@@ -83,7 +86,6 @@ class FrameVerifier:
         signature: object,
         now_ms: float,
         nonce: Optional[str] = None,
-        replay_key: Optional[str] = None,
     ) -> str:
         """Return a ``Verdict``; an accepted frame is remembered so it is never accepted twice."""
         if type(issued_at_ms) is not int or not isinstance(signature, str) or not signature:
@@ -92,11 +94,10 @@ class FrameVerifier:
             return Verdict.STALE
         if not signature_matches(self._key, frame, issued_at_ms, signature, nonce):
             return Verdict.INVALID
-        seen_key = replay_key if replay_key is not None else signature
         self._forget_old(now_ms)
-        if seen_key in self._seen:
+        if signature in self._seen:
             return Verdict.REPLAYED
-        self._seen[seen_key] = now_ms
+        self._seen[signature] = now_ms
         while len(self._seen) > self._max_tracked:
             self._seen.popitem(last=False)
         return Verdict.ACCEPTED
