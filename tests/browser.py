@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography import x509
@@ -41,6 +41,19 @@ START_DEADLINE_SECONDS = 30.0
 STOP_DEADLINE_SECONDS = 10.0
 CALL_DEADLINE_SECONDS = 20.0
 _DEVTOOLS_LISTENING = re.compile(rb"DevTools listening on (ws://\S+)")
+T = TypeVar("T")
+
+
+def observe(d: "Deferred[T]") -> "Deferred[T]":
+    """A new Deferred firing with ``d``'s result, ``d`` left as it is (a timeout on the copy never cancels ``d``)."""
+    copy: Deferred[T] = Deferred()
+
+    def passed_on(result: T) -> T:
+        copy.callback(result)
+        return result
+
+    d.addCallback(passed_on)
+    return copy
 
 
 def chromium_binary() -> str:
@@ -179,13 +192,15 @@ class DevToolsConnection:
 
     def _opened(self, protocol: _DevToolsProtocol) -> None:
         self._protocol = protocol
-        self.opened.callback(self)
+        if not self.opened.called:  # else it timed out meanwhile
+            self.opened.callback(self)
 
     def _received(self, message: Dict[str, Any]) -> None:
         if "id" in message:
-            method, answer = self._pending.pop(message["id"], ("", None))  # type: ignore[arg-type]
-            if answer is None or answer.called:
+            entry = self._pending.pop(message["id"], None)
+            if entry is None or entry[1].called:
                 return
+            method, answer = entry
             if "error" in message:
                 answer.errback(DevToolsError(f"{method}: {message['error']}"))
             else:
@@ -229,9 +244,13 @@ class Page:
     def navigate(self, url: str) -> Any:
         """Load ``url``; fire once its load event fired."""
         loaded = self.devtools.next_event("Page.loadEventFired", self.session_id)
-        result = yield self.devtools.call("Page.navigate", {"url": url}, self.session_id)
-        if result.get("errorText"):
-            raise DevToolsError(f"navigation to {url} failed: {result['errorText']}")
+        try:
+            result = yield self.devtools.call("Page.navigate", {"url": url}, self.session_id)
+            if result.get("errorText"):
+                raise DevToolsError(f"navigation to {url} failed: {result['errorText']}")
+        except Exception:
+            loaded.addErrback(lambda _: None)  # nobody waits for the load event any more
+            raise
         yield loaded.addTimeout(CALL_DEADLINE_SECONDS, reactor)
 
     @inlineCallbacks
@@ -341,7 +360,7 @@ class Chromium:
         )
         self.pid = self.transport.pid
         # Should the test run end without stop() (an interrupted run), the browser goes with it.
-        atexit.register(self._signal_all, signal.SIGKILL)
+        atexit.register(self._kill_all)
         url = yield self.output.devtools_url.addTimeout(START_DEADLINE_SECONDS, reactor)
         self.devtools = yield DevToolsConnection.connect(url)
         return self
@@ -362,30 +381,31 @@ class Chromium:
 
     @inlineCallbacks
     def stop(self) -> Any:
-        """Close the browser (SIGTERM, then SIGKILL to its whole session after a deadline) and remove the profile."""
+        """Close the browser (SIGTERM, SIGKILL to all its processes after a deadline) and remove the profile."""
         try:
-            if self.transport is not None and not self.output.ended.called:
-                if self.devtools is not None:
-                    self.devtools.close()
-                self._signal_all(signal.SIGTERM)
+            if self.devtools is not None:
+                self.devtools.close()
+            if self.pid is not None and not self.output.ended.called:
                 try:
-                    yield self.output.ended.addTimeout(STOP_DEADLINE_SECONDS, reactor)
+                    os.kill(self.pid, signal.SIGTERM)
+                    yield observe(self.output.ended).addTimeout(STOP_DEADLINE_SECONDS, reactor)
                 except Exception:
-                    self._signal_all(signal.SIGKILL)
-                    yield self.output.ended
-            # Helpers (crash handler, zygotes) may outlive the main process by a moment.
-            self._signal_all(signal.SIGKILL)
+                    self._kill_all()
+                    yield observe(self.output.ended)
+            # Helpers (zygotes, renderers) may outlive the browser process by a moment.
+            self._kill_all()
         finally:
-            atexit.unregister(self._signal_all)
+            atexit.unregister(self._kill_all)
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    def _signal_all(self, signum: int) -> None:
+    def _kill_all(self) -> None:
+        """SIGKILL the browser's session (every process it started), or the browser alone without setsid."""
         if self.pid is None:
             return
         try:
             if self._own_session:
-                os.killpg(self.pid, signum)
+                os.killpg(self.pid, signal.SIGKILL)
             elif not self.output.ended.called:
-                os.kill(self.pid, signum)
+                os.kill(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass

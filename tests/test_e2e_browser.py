@@ -26,7 +26,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from tests.browser import Chromium, Page, chromium_binary
+from tests.browser import Chromium, Page, chromium_binary, observe
 from tests.certs import make_certificates
 from tests.support import (
     REPO_ROOT,
@@ -143,10 +143,10 @@ class ExampleDaemon(ProcessProtocol):
             return
         self.transport.signalProcess("TERM")
         try:
-            yield self.ended.addTimeout(STOP_DEADLINE_SECONDS, reactor)
+            yield observe(self.ended).addTimeout(STOP_DEADLINE_SECONDS, reactor)
         except Exception:
             self.transport.signalProcess("KILL")
-            yield self.ended
+            yield observe(self.ended)
 
 
 def _connected(relay: RelayProcess, daemon: ExampleDaemon) -> Callable[[], bool]:
@@ -283,7 +283,7 @@ def assert_round_trip(stack: Stack, scheme: str, token_via: str, subprotocol: Op
     """
     run: PageRun = yield stack.run_page(scheme, token_via, subprotocol)
     report, handshake = run.report, run.handshake
-    diagnostics = f"report {report}\n{run.described}"
+    diagnostics = f"report {report}\nbrowser trusts the test CA via: {stack.trust}\n{run.described}"
     assert urlsplit(stack.page_origin).netloc != urlsplit(stack.relays[scheme].url).netloc
     assert report["origin"] == stack.page_origin, diagnostics
     assert [socket["request"].get("Origin") for socket in run.sockets if socket["request"]] == [stack.page_origin], diagnostics
