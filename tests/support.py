@@ -26,10 +26,18 @@ TEST_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 STARTUP_DEADLINE_SECONDS = 20.0
 
 
+#: Every token the test helpers minted, so tests/conftest.py can look for them in what services logged.
+MINTED_TOKENS: List[str] = []
+
+
 class ServiceOutput(ProcessProtocol):
     """Collects a twistd service's JSON log lines; ``listening`` fires with the URL of ``listening_event``."""
 
+    #: Every output ever collected in this test process (tests/conftest.py scans them for secrets).
+    instances: "List[ServiceOutput]" = []
+
     def __init__(self, listening_event: str = "relay_listening") -> None:
+        ServiceOutput.instances.append(self)
         self._listening_event = f'"{listening_event}"'
         self.lines: List[str] = []
         self.listening: Deferred[str] = Deferred()
@@ -172,12 +180,16 @@ def token(
     body.update(claims)
     body = {k: v for k, v in body.items() if v is not None}
     issued = time.time() if now is None else now
-    return mint_token(key=key, algorithm="HS256", claims=body, ttl_seconds=ttl, now=issued)
+    minted = mint_token(key=key, algorithm="HS256", claims=body, ttl_seconds=ttl, now=issued)
+    MINTED_TOKENS.append(minted)
+    return minted
 
 
 def raw_token(claims: Mapping[str, Any], ttl: int = 3600) -> str:
     """A token holding exactly ``claims`` (plus iat/exp/jti), signed with the test secret."""
-    return mint_token(key=TEST_SECRET, algorithm="HS256", claims=dict(claims), ttl_seconds=ttl, now=time.time())
+    minted = mint_token(key=TEST_SECRET, algorithm="HS256", claims=dict(claims), ttl_seconds=ttl, now=time.time())
+    MINTED_TOKENS.append(minted)
+    return minted
 
 
 def open_peer(

@@ -43,3 +43,23 @@ def test_probe_reports_admission_daemon_and_refusal() -> Any:
         assert result.returncode == 1 and json.loads(result.stdout)["status"] == 401
     finally:
         yield stop_all(daemon, relay)
+
+
+@pytest_twisted.inlineCallbacks
+def test_probe_reports_a_4008_close_as_a_failure() -> Any:
+    """A client the relay closes with 4008 after the upgrade is reported ok=false with the code; the CLI exits 1."""
+    relay = RelayProcess()
+    yield relay.start()
+    try:
+        mismatched = token("client", "other-workspace", "rt1")
+        report = yield probe(reactor, relay.url, token=mismatched, workspace_id="w1", runtime_target_id="rt1")
+        assert (report.ok, report.close_code, report.close_reason) == (False, 4008, "workspace claim mismatch")
+        assert report.error == "the relay closed the connection: code=4008 reason='workspace claim mismatch'"
+        result = subprocess.run(
+            [sys.executable, "-m", "viewport.cli", "probe", relay.url, "--token", mismatched,
+             "--workspace", "w1", "--runtime-target", "rt1"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert result.returncode == 1 and json.loads(result.stdout)["close_code"] == 4008
+    finally:
+        yield stop_all(relay)

@@ -10,16 +10,18 @@ from typing import Any, List, Optional
 
 from twisted.internet.defer import inlineCallbacks
 
-from viewport.client import MessageTimeout, RelayConnection, UpgradeRefused, connect
+from viewport.client import ConnectionClosed, MessageTimeout, RelayConnection, UpgradeRefused, connect
 
 
 @dataclass
 class ProbeReport:
-    """What one probe found; ``ok`` when the relay admitted the client."""
+    """What one probe found; ``ok`` when the relay admitted the client and kept it open through the probe."""
 
     url: str
     ok: bool = False
     status: Optional[int] = None
+    close_code: Optional[int] = None
+    close_reason: Optional[str] = None
     error: Optional[str] = None
     connect_ms: Optional[float] = None
     redirected_from: List[str] = field(default_factory=list)
@@ -87,8 +89,16 @@ def probe(
             text = yield conn.next_message(timeout=remaining)
         except MessageTimeout:
             continue
+        except ConnectionClosed as closed:
+            info = closed.info
+            report.ok = False
+            report.close_code, report.close_reason = info.code, info.reason
+            report.error = f"the relay closed the connection: code={info.code} reason={info.reason!r}"
+            report.daemon = "unknown"
+            break
         except Exception as error:  # noqa: BLE001
-            report.daemon = f"connection closed: {error}"
+            report.ok = False
+            report.error = f"{type(error).__name__}: {error}"
             break
         frame = json.loads(text)
         if frame.get("code") == "RELAY_REDIRECT":
