@@ -142,6 +142,25 @@ class JsonLineObserverTests(SynchronousTestCase):
             {**{key: "[redacted]" for key in details if key != "workspaceId"}, "workspaceId": "w"},
         )
 
+    def test_lines_stay_small_whatever_a_peer_sends(self) -> None:
+        """A peer-chosen id of 200,000 characters (or a list of thousands) makes a line of a few KiB, not hundreds."""
+        h = Harness()
+        h.log.warn("{relay_event}", relay_event="pairing_response_owner_missing", requestId="r" * 200_000,
+                   ids=["i" * 5000] * 5000)
+        [line] = h.lines()
+        self.assertLess(len(json.dumps(line)), 200_000 // 10)
+        self.assertTrue(line["details"]["requestId"].endswith("…[198976 more characters]"))
+
+    def test_credentials_in_text_are_scrubbed(self) -> None:
+        """auth.<t>, Bearer <t>, token=<t> and JWTs inside free text (library messages, tracebacks) are hidden."""
+        jwt_like = "eyJhbGciOiJIUzI1NiJ9.eyJyb2xlIjoiY2xpZW50In0.c2lnbmF0dXJlLXRleHQ"
+        h = Harness()
+        h.log.info(f'duplicate protocol "auth.{jwt_like}"; Authorization: Bearer abcdef123456; /ws?token=qwerty123&x=1')
+        text = h.lines()[0]["details"]["text"]
+        for secret in (jwt_like, "abcdef123456", "qwerty123"):
+            self.assertNotIn(secret, text)
+        self.assertIn("x=1", text)
+
     def test_non_serialisable_values(self) -> None:
         """Values JSON cannot carry are converted with str; tuples become lists."""
         class Thing:

@@ -875,9 +875,10 @@ class RoutingTests(SynchronousTestCase):
         """Envelopes naming a session another live client owns are refused with INVALID_FRAME, not forwarded."""
         self.h.key_exchange(self.a, self.daemon, "r1", "s1")
         forwarded = len(peer(self.daemon).payloads)
-        self.h.router.client_frame(self.b, e2ee("s1"), 1)
-        self.assertEqual(len(peer(self.daemon).payloads), forwarded)
-        self.assertEqual(json.loads(peer(self.b).texts[-1])["code"], "INVALID_FRAME")
+        for padded in ("s1", " s1", "\ts1", "\u00a0s1"):
+            self.h.router.client_frame(self.b, e2ee(padded), 1)
+            self.assertEqual(len(peer(self.daemon).payloads), forwarded, padded)
+            self.assertEqual(json.loads(peer(self.b).texts[-1])["code"], "INVALID_FRAME")
         self.h.router.client_frame(self.a, e2ee("s1"), 2)
         self.assertEqual(len(peer(self.daemon).payloads), forwarded + 1)
 

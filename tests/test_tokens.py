@@ -292,7 +292,8 @@ class LocalTokenTests(SynchronousTestCase):
     def test_registered_claims_keep_their_types(self) -> None:
         """A registered claim of the wrong type (or a non-finite date) is still INVALID_CLAIMS."""
         verifier = LocalTokenVerifier(SECRET, ["HS256"])
-        for bad in ({"sub": 7}, {"exp": "soon"}, {"exp": True}, {"nbf": float("nan")}, {"aud": [1]}, {"iss": None}):
+        for bad in ({"sub": 7}, {"exp": "soon"}, {"exp": True}, {"nbf": float("nan")}, {"aud": [1]}, {"iss": None},
+                    {"exp": 10**400}, {"iat": -(10**20)}):
             body = dict(DAEMON_CLAIMS, exp=int(NOW) + 60)
             body.update(bad)
             # Signed as raw JSON: PyJWT's encoder refuses some of these wrong types itself.

@@ -275,6 +275,9 @@ class OriginPolicyTests(SynchronousTestCase):
         self.assertFalse(policy.allows("https://example.com"))
         self.assertFalse(policy.allows("https://badexample.com"))
         self.assertFalse(policy.allows("http://a.example.com"))
+        for forged in ("https://evil.example/.example.com", "https://evil.example?.example.com",
+                       "https://user@evil.example#.example.com"):
+            self.assertFalse(policy.allows(forged), forged)
 
 
 class RefusalTableTests(SynchronousTestCase):

@@ -219,9 +219,18 @@ def _registered_audience(key: str, value: object) -> object:
     return _registered_string(key, value)
 
 
+#: NumericDates beyond this (about the year 33658) are not dates; an integer too big for a float
+#: would otherwise fail the time checks with an OverflowError.
+_MAX_NUMERIC_DATE = 10**15
+
+
 def _numeric_date(key: str, value: object) -> object:
     # RFC 7519 §2: seconds since the epoch, "non-integer values can be represented".
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Invalid(key)
+    if abs(value) > _MAX_NUMERIC_DATE:
         raise _Invalid(key)
     return value
 

@@ -70,6 +70,8 @@ _LEVELS: dict[LogLevel, str] = {
 
 # Deeper structures are stringified rather than walked (guards against cycles).
 _MAX_DEPTH = 16
+# Longer lists are cut: each item is bounded, the list must be too.
+_MAX_ITEMS = 128
 
 
 # Credentials as they appear inside text (a library's message, a traceback, a header value): the
@@ -99,35 +101,71 @@ def is_sensitive_key(key: str) -> bool:
     return any(part in lowered for part in SENSITIVE_KEY_PARTS)
 
 
-def redact(value: object, depth: int = 0) -> Any:
+#: Longest logged string (ids a peer chose, library messages); a traceback (``error``) may be longer.
+MAX_LOGGED_TEXT = 1024
+MAX_LOGGED_TRACEBACK = 16384
+#: Characters all the strings of one event may use together: however many ids or list items a peer
+#: crams into something the relay logs, the line stays a few KiB.
+MAX_LOGGED_EVENT_TEXT = 8192
+
+
+class _TextBudget:
+    """What is left of one event's character budget."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def cut(self, text: str, limit: int) -> str:
+        allowed = max(0, min(limit, self.left))
+        self.left -= min(len(text), allowed)
+        if len(text) > allowed:
+            return f"{text[:allowed]}…[{len(text) - allowed} more characters]"
+        return text
+
+
+def bounded_text(text: str, limit: int = MAX_LOGGED_TEXT) -> str:
+    """``text`` cut to ``limit`` characters (saying how many were cut) and scrubbed of credentials."""
+    return scrub_text(_TextBudget(limit).cut(text, limit))
+
+
+def redact(value: object, depth: int = 0, limit: int = MAX_LOGGED_TEXT, budget: Optional[_TextBudget] = None) -> Any:
     """
-    Return a JSON-ready copy of ``value`` with sensitive keys redacted at every depth and
-    credentials scrubbed out of every string.
+    Return a JSON-ready copy of ``value`` with sensitive keys redacted at every depth, credentials
+    scrubbed out of every string, every string cut to ``limit`` characters and all of them
+    together to ``MAX_LOGGED_EVENT_TEXT`` (a peer chooses the ids that end up in log lines; the
+    line must stay small whatever it sends).
 
     Dicts and lists/tuples are walked; values JSON cannot represent (including non-finite
     floats and bytes) become ``str(value)``. A sensitive key holding a number, a boolean or
     null keeps it: a count or a size (``maxFrameBytes``) is neither a secret nor a payload.
     """
+    if budget is None:
+        budget = _TextBudget(MAX_LOGGED_EVENT_TEXT)
     if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, str):
-        return scrub_text(value)
+        return scrub_text(budget.cut(value, limit))
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if depth >= _MAX_DEPTH:
-        return scrub_text(str(value))
+        return scrub_text(budget.cut(str(value), limit))
     if isinstance(value, dict):
         cleaned: dict[str, Any] = {}
         for key, item in value.items():
             name = key if isinstance(key, str) else str(key)
             if is_sensitive_key(name) and not (item is None or isinstance(item, (bool, int, float))):
                 cleaned[name] = REDACTED
+            elif name == "error" and isinstance(item, str):
+                # A traceback has its own, larger allowance.
+                cleaned[name] = bounded_text(item, MAX_LOGGED_TRACEBACK)
             else:
-                cleaned[name] = redact(item, depth + 1)
+                cleaned[name] = redact(item, depth + 1, limit, budget)
         return cleaned
     if isinstance(value, (list, tuple)):
-        return [redact(item, depth + 1) for item in value]
-    return scrub_text(str(value))
+        return [redact(item, depth + 1, limit, budget) for item in value[:_MAX_ITEMS]]
+    return scrub_text(budget.cut(str(value), limit))
 
 
 def format_timestamp(seconds: float) -> str:

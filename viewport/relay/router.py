@@ -354,12 +354,11 @@ class Router(RemoteRouting, BusRouting):
                 return
             session_id = frame["sessionId"]
             owner = scope.session_owners.get(session_id, now_ms)  # type: ignore[arg-type]
-            if owner is not None:
-                if owner.connection is conn:
-                    scope.session_owners.refresh(session_id, owner, now_ms)  # type: ignore[arg-type]
-                elif owner.is_live():
-                    self._owned_elsewhere(conn, "session_owned_by_another_connection")
-                    return
+            if owner is not None and owner.connection is conn:
+                scope.session_owners.refresh(session_id, owner, now_ms)  # type: ignore[arg-type]
+            elif self._session_owned_elsewhere(scope, conn, session_id, now_ms):  # type: ignore[arg-type]
+                self._owned_elsewhere(conn, "session_owned_by_another_connection")
+                return
         elif kind is ClientKind.KEX_INIT:
             limit_key = f"{conn.workspace_id}:{conn.client_id}:{conn.ip}"
             if not self._limiters.kex.allow(limit_key, now_ms):
@@ -398,6 +397,18 @@ class Router(RemoteRouting, BusRouting):
         daemon.peer.send_payload(payload)
         m.relay_frames_client_to_daemon.inc()
         m.relay_bytes_client_to_daemon.inc(len(payload))
+
+    @staticmethod
+    def _session_owned_elsewhere(scope: ScopeState, conn: Connection, session_id: str, now_ms: float) -> bool:
+        """
+        Another live owner holds this session id, as sent or trimmed (session ids are recorded
+        trimmed from the daemon's response; a daemon may trim what it receives as well).
+        """
+        for candidate in {session_id, session_id.strip()} if isinstance(session_id, str) else ():
+            owner = scope.session_owners.get(candidate, now_ms)
+            if owner is not None and owner.connection is not conn and owner.is_live():
+                return True
+        return False
 
     def _owned_elsewhere(self, conn: Connection, reason: str) -> None:
         """A client reused a request or session id that another live connection owns: refuse the frame."""

@@ -218,6 +218,9 @@ class OriginPolicy:
         if value in self._exact:
             return True
         scheme, _, host = value.partition("://")
+        if not host or any(mark in host for mark in "/?#@\\ "):
+            # An origin is scheme://host[:port]; anything more is not one a browser sends.
+            return False
         host = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         return any(scheme == wanted and host.endswith(suffix) for wanted, suffix in self._suffixes)
 
