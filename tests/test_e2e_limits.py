@@ -274,6 +274,35 @@ def test_slow_client_is_closed_with_buffer_overflow(relays: Any) -> Any:
         yield stop_all(daemon, client)
 
 
+@pytest_twisted.inlineCallbacks
+def test_client_that_never_reads_again_is_dropped_after_the_grace(relays: Any) -> Any:
+    """A slow client that does not catch up is dropped about a second after the 4008 (not at the close timeout); the relay logs why."""
+    relay = relays["flood"]
+    daemon = yield open_peer(relay, "workspace-daemon", "flood-stuck", "rt1")
+    client = yield open_peer(relay, "client", "flood-stuck", "rt1")
+    try:
+        client.send_text(kex_init("r1"))
+        yield daemon.next_message()
+        daemon.send_text(kex_response("r1", "s1"))
+        yield client.next_message()
+        client.pause_reading()
+        frame = envelope("s1")[:-1] + ',"pad":"' + "x" * 32768 + '"}'
+        before = len(relay.events("ws_slow_peer_closed"))
+        deadline = time.monotonic() + 30.0
+        while len(relay.events("ws_slow_peer_closed")) == before:
+            for _ in range(64):
+                daemon.send_text(frame)
+            yield fetch_metrics(relay)
+            assert time.monotonic() < deadline, "the relay never closed the slow client"
+        # The client does not read, so it cannot notice the drop itself: the relay's count shows it.
+        yield settled(relay, 1, timeout=3.0)
+        logged = relay.events("ws_slow_peer_closed")[-1]["details"]
+        assert (logged["role"], logged["workspaceId"], logged["limitBytes"]) == ("client", "flood-stuck", 65536)
+        assert daemon.is_open
+    finally:
+        yield stop_all(daemon, client)
+
+
 # -- heartbeat ------------------------------------------------------------------------------------------
 
 

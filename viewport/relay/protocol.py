@@ -235,6 +235,9 @@ class _BackPressure:
 
 
 TRANSPORT_PAUSE_THRESHOLD = 64 * 1024
+#: After a ``buffer overflow`` close, how long a peer has to read its backlog (and the close frame
+#: behind it) before the socket is dropped.
+SLOW_PEER_ABORT_SECONDS = 1.0
 
 
 def pending_write_bytes(transport: Any, queued_since_pause: int) -> int:
@@ -474,8 +477,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             pending = pending_write_bytes(self.transport, back_pressure.queued_since_pause)
             back_pressure.queued_since_pause += len(payload)
             if pending > limit:
-                self.factory.relay.metrics.relay_ws_slow_client_terminated.inc()
-                self.close(4008, "buffer overflow")
+                self._overflowed(pending, limit)
                 return
         if self.send_queue:
             self.sendMessage(payload, False)
@@ -487,6 +489,32 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             self.transport.write(b"\x81\x7e" + length.to_bytes(2, "big") + payload)  # type: ignore[union-attr]
         else:
             self.transport.writeSequence((b"\x81\x7f" + length.to_bytes(8, "big"), payload))  # type: ignore[union-attr]
+
+    def _overflowed(self, pending: int, limit: int) -> None:
+        """
+        The peer stopped reading: close 4008 ``buffer overflow``, then drop the socket after a short
+        grace. The close frame sits behind the peer's own unread backlog, so a peer that does not
+        catch up within the grace never sees it (it sees the connection drop: 1006).
+        """
+        relay = self.factory.relay
+        relay.metrics.relay_ws_slow_client_terminated.inc()
+        conn = self.conn
+        self._log.warn(
+            "{relay_event}",
+            relay_event="ws_slow_peer_closed",
+            role=conn.role if conn is not None else None,
+            workspaceId=conn.workspace_id if conn is not None else None,
+            pendingBytes=pending,
+            limitBytes=limit,
+            ip=getattr(self, "ip", None),
+        )
+        self.close(4008, "buffer overflow")
+        relay.clock.callLater(SLOW_PEER_ABORT_SECONDS, self._abort_if_connected)
+
+    def _abort_if_connected(self) -> None:
+        transport = self.transport
+        if transport is not None and self.state != WebSocketProtocol.STATE_CLOSED:
+            transport.abortConnection()  # type: ignore[attr-defined]
 
     def close(self, code: int, reason: str) -> None:
         """
