@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any, List, Optional
 
 import txaio
@@ -18,7 +20,7 @@ from viewport.relay.admission import AdmissionResult, LocalAdmission
 from viewport.relay.backplane.single import SingleBackplane
 from viewport.relay.config import load_config
 from viewport.relay.core import Relay
-from viewport.relay.protocol import RelayPortFactory
+from viewport.relay.protocol import RelayPortFactory, RelayWebSocketProtocol
 from viewport.tokens import LocalTokenVerifier
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -113,6 +115,33 @@ class UpgradeRefusalTests(SynchronousTestCase):
         bearer = mint("client", "w1", "rt1", now=0)
         client = self.exchange(self.relay(), head(Authorization=f"Bearer {bearer}", X_Padding="p" * 20_000))
         self.assertEqual(self.status_line(client), b"HTTP/1.1 431 Request Header Fields Too Large")
+
+    def test_a_closed_socket_is_freed_without_the_cyclic_collector(self) -> None:
+        """Once a socket (with a large head) has closed, nothing keeps its protocol alive: reference counting frees it."""
+        relay = self.relay()
+        bearer = mint("client", "w1", "rt1", now=0)
+        server = RelayPortFactory(relay).buildProtocol(None)
+        client = RawClient(head(Authorization=f"Bearer {bearer}", Sec_WebSocket_Protocol=", ".join(
+            f"p{n}" for n in range(1500)) + f", auth.{bearer}"))
+        was_enabled = gc.isenabled()
+        gc.disable()
+        self.addCleanup(lambda: gc.enable() if was_enabled else None)
+        server_transport = FakeTransport(server, True)
+        pump = connect(server, server_transport, client, FakeTransport(client, False), greet=True)
+        pump.pump()
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 101"))
+        protocol = server.transport.protocol
+        self.assertIsInstance(protocol, RelayWebSocketProtocol)
+        alive = weakref.ref(protocol)
+        del protocol, server
+        client.transport.loseConnection()  # type: ignore[union-attr]
+        for _ in range(10):
+            pump.pump()
+            self.clock.advance(1)
+        # twisted.internet.tcp.Connection drops its protocol once it is lost; iosim's transport does not.
+        server_transport.protocol = None
+        del pump, server_transport
+        self.assertIsNone(alive(), "the closed protocol is only reachable through a reference cycle")
 
     def test_upgrade_answers_with_a_neutral_server_header(self) -> None:
         """The 101 response names no library or version in its Server header."""

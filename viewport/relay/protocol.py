@@ -10,7 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -275,6 +275,19 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         """Feed Autobahn without its per-read debug formatting."""
         self._dataReceived(data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        """
+        Autobahn's teardown, then break the reference cycles a closed socket is left in: Autobahn
+        resolves ``is_closed`` with the protocol itself, and ``Connection.peer`` points back at
+        it. Freed by reference counting, a closed socket no longer waits, with its request head,
+        headers and offered subprotocols, for a cyclic collection (which the service's GC
+        thresholds run only every few hundred sockets): RSS grew by about 100 MB over 2000
+        16 KB upgrades, and without bound under the frame fuzz, before this.
+        """
+        super().connectionLost(reason)
+        self.is_closed = succeed(None)
+        self.conn = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
