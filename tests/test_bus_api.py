@@ -5,25 +5,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import psycopg
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.web.client import ResponseNeverReceived
 
 from tests.pg_server import INTERNAL_KEY, REPO_ROOT, TOKEN_SECRET, BusProcess, ScratchDatabase, http_client
+from viewport.bus.api import PULL_BUDGET_BYTES, max_body_bytes_for
 from viewport.bus.config import ConfigError, load_bus_config
 from viewport.relay.admission import PlatformAdmission
 from viewport.tokens import mint_token, validate_claims
 
 API = "/api/runtime/internal/relay"
 MAX_PAYLOAD = 4096
+MAX_BATCH = 16384
+CAPABILITIES = ["batch", "liveness"]
 
 
 class Bus:
@@ -78,7 +84,9 @@ def _start_bus(env: Optional[Dict[str, str]] = None) -> Any:
 @pytest.fixture(scope="module")
 def bus() -> Any:
     """One bus for the module's tests (each test uses relay and workspace ids of its own)."""
-    started = pytest_twisted.blockon(_start_bus({"BUS_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD)}))
+    started = pytest_twisted.blockon(
+        _start_bus({"BUS_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD), "BUS_MAX_BATCH_BYTES": str(MAX_BATCH)})
+    )
     yield started
     pytest_twisted.blockon(started.close())
 
@@ -140,11 +148,16 @@ def _eventually(check: Any, timeout: float = 5.0, step: float = 0.05) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_internal_key_is_required(bus: Bus) -> Any:
     """Every API endpoint answers 401 UNAUTHORIZED without the right x-relay-internal-key."""
-    for path in ("/validate", "/presence/upsert", "/presence/resolve", "/bus/publish", "/bus/pull"):
+    paths = ("/validate", "/presence/upsert", "/presence/resolve", "/bus/publish", "/bus/pull", "/relays/heartbeat",
+             "/relays/alive")
+    for path in paths:
         status, answer = yield bus.post(API + path, {}, key=None)
         assert (status, answer) == (401, {"ok": False, "reason": "UNAUTHORIZED"})
         status, answer = yield bus.post(API + path, {}, key=INTERNAL_KEY + "x")
         assert (status, answer) == (401, {"ok": False, "reason": "UNAUTHORIZED"})
+    oversized = b" " * (max_body_bytes_for(MAX_PAYLOAD, MAX_BATCH) + 1) + b"{}"
+    status, answer = yield bus.post(API + "/bus/publish", raw=oversized, key=None)
+    assert (status, answer["reason"]) == (401, "UNAUTHORIZED"), "a body without the key is refused unread, not as 413"
 
 
 @pytest_twisted.inlineCallbacks
@@ -173,6 +186,27 @@ def test_invalid_fields_are_400(bus: Bus) -> Any:
         ("/presence/upsert", {"workspaceId": "w", "relayId": "r", "daemonConnected": True}, "relayWsBaseUrl"),
         ("/presence/resolve", {}, "workspaceId"),
         ("/validate", {"role": "client"}, "relayToken"),
+        ("/bus/publish", {"frames": []}, "frames"),
+        ("/bus/publish", {"frames": [_frame("r", None)] * 501}, "frames"),
+        ("/bus/publish", {"frames": _frame("r", None)}, "frames"),
+        ("/bus/publish", {"frames": [_frame("r", None), "frame"]}, "frames[1]"),
+        ("/bus/publish", {"frames": [_frame("r", None)], "payload": "x"}, "frames"),
+        ("/bus/publish", {"frames": [_frame("r", None), _frame("r", None, direction="up")]}, "frames[1]: direction"),
+        ("/bus/publish", {"frames": [_frame("r", None, sourceRelayId=None)]}, "frames[0]: sourceRelayId"),
+        ("/relays/heartbeat", {}, "relayId"),
+        ("/relays/heartbeat", {"relayId": ""}, "relayId"),
+        ("/relays/heartbeat", {"relayId": "r" * 256}, "relayId"),
+        ("/relays/heartbeat", {"relayId": "a\u0000b"}, "relayId"),
+        ("/relays/heartbeat", {"relayId": "r", "ttlMs": 499}, "ttlMs"),
+        ("/relays/heartbeat", {"relayId": "r", "ttlMs": 60001}, "ttlMs"),
+        ("/relays/heartbeat", {"relayId": "r", "ttlMs": "3s"}, "ttlMs"),
+        ("/relays/heartbeat", {"relayId": "r", "gone": "yes"}, "gone"),
+        ("/relays/alive", {}, "relayIds"),
+        ("/relays/alive", {"relayIds": "r"}, "relayIds"),
+        ("/relays/alive", {"relayIds": ["r"] * 1001}, "relayIds"),
+        ("/relays/alive", {"relayIds": ["r", 7]}, "relayIds[1]"),
+        ("/relays/alive", {"relayIds": [""]}, "relayIds[0]"),
+        ("/relays/alive", {"relayIds": ["a\u0000b"]}, "relayIds[0]"),
     ]
     for path, body, field in cases:
         status, answer = yield bus.post(API + path, body)
@@ -188,7 +222,7 @@ def test_size_limits_are_413(bus: Bus) -> Any:
     assert (status, answer["reason"]) == (413, "PAYLOAD_TOO_LARGE")
     status, answer = yield bus.post(API + "/bus/publish", _frame("r", None, payload="é" * (MAX_PAYLOAD // 2)))
     assert status == 200
-    status, answer = yield bus.post(API + "/bus/pull", raw=b" " * (7 * MAX_PAYLOAD + 70000) + b"{}")
+    status, answer = yield bus.post(API + "/bus/pull", raw=b" " * (max_body_bytes_for(MAX_PAYLOAD, MAX_BATCH) + 1) + b"{}")
     assert (status, answer["reason"]) == (413, "REQUEST_TOO_LARGE")
 
 
@@ -200,7 +234,7 @@ def test_routing_and_health(bus: Bus) -> Any:
     status, answer = yield bus.get(API + "/bus/pull")
     assert (status, answer["reason"]) == (405, "METHOD_NOT_ALLOWED")
     status, answer = yield bus.get("/health")
-    assert (status, answer) == (200, {"ok": True, "database": "up"})
+    assert (status, answer) == (200, {"ok": True, "database": "up", "capabilities": CAPABILITIES})
 
 
 # --- publish and pull ----------------------------------------------------------------------------
@@ -313,6 +347,143 @@ def test_concurrent_publishes_get_distinct_increasing_ids(bus: Bus) -> Any:
     assert seen == ids
 
 
+# --- batched publish and capabilities ------------------------------------------------------------
+
+
+def _notifications(database: ScratchDatabase) -> Any:
+    """A connection LISTENing on the bus channel of ``database`` (read it with ``_drain``)."""
+    conn = psycopg.connect(database.url, autocommit=True, connect_timeout=5)
+    conn.execute("LISTEN relay_bus")
+    return conn
+
+
+def _drain(conn: Any) -> List[str]:
+    """The NOTIFY payloads received within 0.3 s."""
+    return [notify.payload for notify in conn.notifies(timeout=0.3)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_batch_is_stored_in_order_with_one_notify(bus: Bus) -> Any:
+    """A batch answers its ids ascending in the given order, sends one NOTIFY, and pulls return it unchanged."""
+    me, peer = _unique("me"), _unique("peer")
+    since = yield _head(bus)
+    listening = _notifications(bus.database)
+    try:
+        frames = [
+            _frame(peer, None, payload='{"n":0}'),
+            _frame(peer, me, machineId="m1", issuedAtMs=1700000000000, signature="sig-1", payload='{"n":1}'),
+            _frame(peer, _unique("other"), payload='{"n":2}'),
+            _frame(peer, "", direction="daemon_to_clients", payload='{"n":3,"s":"é\\n"}'),
+            _frame(peer, me, machineId=None, issuedAtMs=None, signature=None, payload='{"n":4}'),
+        ]
+        status, answer = yield bus.post(API + "/bus/publish", {"frames": frames})
+        assert status == 200 and answer["ok"] is True and set(answer) == {"ok", "ids"}
+        ids = answer["ids"]
+        assert len(ids) == 5 and ids == sorted(ids) and len(set(ids)) == 5 and ids[0] > since
+        assert _drain(listening) == [str(ids[-1])]
+    finally:
+        listening.close()
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since})
+    pulled = answer["frames"]
+    assert [f["id"] for f in pulled] == [ids[0], ids[1], ids[3], ids[4]]
+    assert [f["payload"] for f in pulled] == ['{"n":0}', '{"n":1}', '{"n":3,"s":"é\\n"}', '{"n":4}']
+    assert (pulled[1]["machineId"], pulled[1]["issuedAtMs"], pulled[1]["signature"]) == ("m1", 1700000000000, "sig-1")
+    assert (pulled[2]["targetRelayId"], pulled[2]["direction"]) == ("", "daemon_to_clients")
+    assert not {"machineId", "issuedAtMs", "signature"} & set(pulled[3])
+    assert answer["headId"] == ids[-1] and answer["capabilities"] == CAPABILITIES
+
+
+@pytest_twisted.inlineCallbacks
+def test_waiting_pull_gets_the_whole_batch(bus: Bus) -> Any:
+    """A long-poll woken by a batch answers every frame of it at once, in order."""
+    me = _unique("waiter")
+    since = yield _head(bus)
+    pulling = bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "waitMs": 2000})
+    yield task.deferLater(reactor, 0.1, lambda: None)
+    batch = [_frame(_unique("src"), me, payload=f'{{"n":{i}}}') for i in range(20)]
+    status, answer = yield bus.post(API + "/bus/publish", {"frames": batch})
+    ids = answer["ids"]
+    status, answer = yield pulling
+    assert status == 200 and [f["id"] for f in answer["frames"]] == ids
+    assert [f["payload"] for f in answer["frames"]] == [body["payload"] for body in batch]
+
+
+@pytest_twisted.inlineCallbacks
+def test_pull_limit_and_budget_hold_across_batches(bus: Bus) -> Any:
+    """Pulls of batched frames still stop at ``limit`` and at the payload budget, and a cursor walk sees all in order."""
+    me = _unique("reader")
+    since = yield _head(bus)
+    payload = "x" * 4000
+    ids: List[int] = []
+    for _ in range(20):
+        status, answer = yield bus.post(API + "/bus/publish", {"frames": [_frame("src", me, payload=payload)] * 4})
+        assert status == 200
+        ids.extend(answer["ids"])
+    assert ids == sorted(ids)
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "limit": 3})
+    assert [f["id"] for f in answer["frames"]] == ids[:3] and answer["more"] is True
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "limit": 1000})
+    within_budget = -(-PULL_BUDGET_BYTES // len(payload))  # frames start while the total before them is under it
+    assert [f["id"] for f in answer["frames"]] == ids[:within_budget] and answer["more"] is True
+    seen: List[int] = []
+    cursor = since
+    while len(seen) < len(ids):
+        status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": cursor, "limit": 7})
+        seen.extend(f["id"] for f in answer["frames"])
+        cursor = answer["frames"][-1]["id"]
+    assert seen == ids
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bad_frame_rejects_the_whole_batch(bus: Bus) -> Any:
+    """One invalid frame refuses the batch, naming its index, and none of it is stored; size limits apply per frame and in all."""
+    source = _unique("src")
+
+    def stored() -> int:
+        return int(bus.database.execute("SELECT count(*) FROM relay_bus_frames WHERE source_relay_id = %s", (source,))[0][0])
+
+    good = _frame(source, None)
+    status, answer = yield bus.post(API + "/bus/publish", {"frames": [good, good, _frame(source, None, payload=None)]})
+    assert (status, answer["reason"]) == (400, "INVALID_REQUEST") and answer["error"].startswith("frames[2]: payload")
+    status, answer = yield bus.post(API + "/bus/publish", {"frames": [good, _frame(source, None, payload="x" * (MAX_PAYLOAD + 1))]})
+    assert (status, answer["reason"]) == (413, "PAYLOAD_TOO_LARGE") and answer["error"].startswith("frames[1]: ")
+    big = _frame(source, None, payload="x" * MAX_PAYLOAD)
+    status, answer = yield bus.post(API + "/bus/publish", {"frames": [big] * (MAX_BATCH // MAX_PAYLOAD + 1)})
+    assert (status, answer["reason"]) == (413, "BATCH_TOO_LARGE")
+    assert stored() == 0
+    status, answer = yield bus.post(API + "/bus/publish", {"frames": [big] * (MAX_BATCH // MAX_PAYLOAD)})
+    assert status == 200 and stored() == MAX_BATCH // MAX_PAYLOAD
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_body_cap_admits_the_largest_valid_batch(bus: Bus) -> Any:
+    """500 frames with every field at its longest, escaped at its worst, and BUS_MAX_BATCH_BYTES of payload fit the cap."""
+    wide = "\U0001F600"  # 12 bytes as an escaped surrogate pair
+
+    def longest(n: int) -> Dict[str, Any]:
+        payload_bytes = MAX_BATCH // 500 + (1 if n < MAX_BATCH % 500 else 0)
+        return _frame(wide * 255, wide * 255, workspaceId=wide * 128, runtimeTargetId=wide * 128, machineId=wide * 255,
+                      signature=wide * 512, issuedAtMs=2**63 - 1, direction="daemon_to_clients",
+                      payload="\u0001" * payload_bytes)
+
+    body = json.dumps({"frames": [longest(n) for n in range(500)]}).encode("ascii")
+    assert len(body) <= max_body_bytes_for(MAX_PAYLOAD, MAX_BATCH)
+    status, answer = yield bus.post(API + "/bus/publish", raw=body)
+    assert status == 200 and len(answer["ids"]) == 500
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_pull_answer_carries_capabilities(bus: Bus) -> Any:
+    """Empty, timed-out and full pull answers all name the bus's capabilities."""
+    me = _unique("r")
+    since = yield _head(bus)
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "waitMs": 50})
+    assert answer["frames"] == [] and answer["capabilities"] == CAPABILITIES
+    yield bus.post(API + "/bus/publish", _frame(_unique("src"), me))
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since})
+    assert len(answer["frames"]) == 1 and answer["capabilities"] == CAPABILITIES
+
+
 # --- retention and presence ----------------------------------------------------------------------
 
 
@@ -399,6 +570,106 @@ def test_presence_upsert_resolve_and_compare_and_delete(bus: Bus) -> Any:
     assert answer["relayId"] == "relay-c", "without a runtime target the workspace's live entry is found"
 
 
+# --- relay liveness --------------------------------------------------------------------------------
+
+
+def _heartbeat(bus: Bus, relay: str, **fields: Any) -> Any:
+    return bus.post(API + "/relays/heartbeat", {"relayId": relay, **fields})
+
+
+def _alive(bus: Bus, *relays: str) -> Any:
+    return bus.post(API + "/relays/alive", {"relayIds": list(relays)})
+
+
+@pytest_twisted.inlineCallbacks
+def test_heartbeats_goodbyes_and_unknown_relays(bus: Bus) -> Any:
+    """alive sorts ids by their row: unexpired (alive), expired or said goodbye (dead), none (unknown)."""
+    live, leaving, short, never = _unique("live"), _unique("leaving"), _unique("short"), _unique("never")
+    for relay in (live, leaving):
+        status, answer = yield _heartbeat(bus, relay, ttlMs=60000)
+        assert (status, answer) == (200, {"ok": True})
+    yield _heartbeat(bus, short, ttlMs=500)
+    status, answer = yield _heartbeat(bus, leaving, gone=True)
+    assert (status, answer) == (200, {"ok": True})
+    status, answer = yield _alive(bus, never, live, leaving, short, live)
+    assert answer == {"ok": True, "alive": [live, short], "dead": [leaving], "unknown": [never]}
+
+    @inlineCallbacks
+    def expired() -> Any:
+        status, answer = yield _alive(bus, short)
+        return answer["dead"] == [short]
+
+    yield _eventually(expired, timeout=5.0)
+    yield _heartbeat(bus, leaving)
+    status, answer = yield _alive(bus, leaving, never)
+    assert (answer["alive"], answer["unknown"]) == ([leaving], [never]), "a heartbeat after a goodbye revives"
+    status, answer = yield _alive(bus)
+    assert answer == {"ok": True, "alive": [], "dead": [], "unknown": []}
+    expires = bus.database.execute(
+        "SELECT extract(epoch FROM expires_at - now()) FROM relay_bus_relays WHERE relay_id = %s", (leaving,)
+    )[0][0]
+    assert 2.0 < float(expires) <= 3.0, "ttlMs defaults to 3000"
+
+
+@pytest_twisted.inlineCallbacks
+def test_resolve_ignores_presence_of_dead_relays(bus: Bus) -> Any:
+    """A relay without heartbeats stays resolvable; one whose heartbeat expired, or that said goodbye, does not."""
+    workspace = _unique("ws")
+    silent, beating, leaving = _unique("silent"), _unique("beating"), _unique("leaving")
+
+    def upsert(relay: str, target: str) -> Any:
+        return bus.post(API + "/presence/upsert", {"workspaceId": workspace, "runtimeTargetId": target, "relayId": relay,
+                                                   "relayWsBaseUrl": f"ws://{relay}/ws", "daemonConnected": True})
+
+    @inlineCallbacks
+    def resolved(target: Optional[str] = None) -> Any:
+        body = {"workspaceId": workspace, **({"runtimeTargetId": target} if target is not None else {})}
+        status, answer = yield bus.post(API + "/presence/resolve", body)
+        return answer.get("relayId") if answer["daemonConnected"] else None
+
+    yield upsert(silent, "t1")
+    yield upsert(beating, "t2")
+    yield upsert(leaving, "t3")
+    yield _heartbeat(bus, beating, ttlMs=500)
+    yield _heartbeat(bus, leaving, ttlMs=60000)
+    for target, relay in (("t1", silent), ("t2", beating), ("t3", leaving)):
+        assert (yield resolved(target)) == relay
+    yield _heartbeat(bus, leaving, gone=True)
+    assert (yield resolved("t3")) is None, "a goodbye ends the relay's presence at once"
+
+    @inlineCallbacks
+    def beating_expired() -> Any:
+        return (yield resolved("t2")) is None
+
+    yield _eventually(beating_expired, timeout=5.0)
+    assert (yield resolved("t1")) == silent, "a relay that never sent a heartbeat is still resolvable"
+    yield _heartbeat(bus, beating)
+    assert (yield resolved("t2")) == beating, "the presence row outlives a missed heartbeat"
+
+    yield upsert(leaving, "")
+    assert (yield resolved()) == beating, "without a runtime target, a dead relay's entry is skipped, not preferred"
+    yield _heartbeat(bus, leaving)
+    assert (yield resolved()) == leaving
+
+
+@pytest_twisted.inlineCallbacks
+def test_retention_deletes_relay_rows_an_hour_after_expiry(short_lived_bus: Bus) -> Any:
+    """Retention removes relay rows expired for over an hour and keeps younger tombstones and live rows."""
+    bus = short_lived_bus
+    for relay in ("old", "recent", "live"):
+        yield _heartbeat(bus, relay, ttlMs=60000)
+    bus.database.execute("UPDATE relay_bus_relays SET expires_at = now() - interval '61 minutes' WHERE relay_id = 'old'")
+    bus.database.execute("UPDATE relay_bus_relays SET expires_at = now() - interval '59 minutes' WHERE relay_id = 'recent'")
+
+    def old_gone() -> Any:
+        return task.deferLater(reactor, 0, lambda: not bus.database.execute(
+            "SELECT 1 FROM relay_bus_relays WHERE relay_id = 'old'"))
+
+    yield _eventually(old_gone, timeout=5.0)
+    status, answer = yield _alive(bus, "old", "recent", "live")
+    assert answer == {"ok": True, "alive": ["live"], "dead": ["recent"], "unknown": ["old"]}
+
+
 # --- validate ------------------------------------------------------------------------------------
 
 
@@ -461,6 +732,66 @@ def test_refuses_a_reactor_other_than_asyncio() -> None:
     ]
 
 
+def _trouble(process: BusProcess, since_line: int = 0) -> List[str]:
+    """Error-level or traceback lines the bus wrote (its JSON log from ``since_line`` on, and stderr)."""
+    lines = [line for line in process.output.lines[since_line:]
+             if "Traceback" in line or '"level":"error"' in line or '"level":"critical"' in line]
+    stderr = process.output.stderr.decode("utf-8", "replace")
+    return lines + ([stderr] if stderr.strip() else [])
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_relay_hanging_up_mid_query_is_not_an_error(bus: Bus) -> Any:
+    """A pull whose client goes away while its query runs is dropped quietly, and the bus keeps serving."""
+    since_line = len(bus.process.output.lines)
+    since = yield _head(bus)
+    blocker = psycopg.connect(bus.database.url, connect_timeout=5)
+    try:
+        blocker.execute("LOCK TABLE relay_bus_frames IN ACCESS EXCLUSIVE MODE")
+        pulling = bus.post(API + "/bus/pull", {"relayId": _unique("r"), "sinceId": since})
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        pulling.addErrback(lambda failure: failure.trap(CancelledError, ResponseNeverReceived))
+        pulling.cancel()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    status, answer = yield bus.post(API + "/bus/pull", {"relayId": _unique("r"), "sinceId": since})
+    assert status == 200
+    assert _trouble(bus.process, since_line) == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_sigterm_ends_long_polls_and_shuts_down_cleanly() -> Any:
+    """On SIGTERM a waiting pull answers at once (no frames), one stuck in a query gets 503, and nothing is logged as an error."""
+    bus = yield _start_bus({"BUS_MAX_WAIT_MS": "30000"})
+    blocker = psycopg.connect(bus.database.url, connect_timeout=5)
+    try:
+        since = yield _head(bus)
+        waiting = bus.post(API + "/bus/pull", {"relayId": "waiting", "sinceId": since, "waitMs": 30000})
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        blocker.execute("LOCK TABLE relay_bus_frames IN ACCESS EXCLUSIVE MODE")
+        stuck = bus.post(API + "/bus/pull", {"relayId": "stuck", "sinceId": since})
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        assert not waiting.called and not stuck.called
+        stopped_at = time.monotonic()
+        ended = bus.process.stop()
+        status, answer = yield waiting
+        assert (status, answer["frames"], answer["capabilities"]) == (200, [], CAPABILITIES)
+        assert time.monotonic() - stopped_at < 1.0
+        status, answer = yield stuck
+        assert (status, answer) == (503, {"ok": False, "reason": "SHUTTING_DOWN"})
+        code = yield ended
+        assert code == 0 or bus.process.output.exit_signal == signal.SIGTERM
+        assert time.monotonic() - stopped_at < 10.0
+        assert _trouble(bus.process) == []
+        assert any("Server Shut Down." in line for line in bus.process.output.lines)
+    finally:
+        blocker.close()
+        bus.process.kill()
+        yield bus.close()
+
+
 def _config_error(environ: Dict[str, str], overrides: Optional[Dict[str, object]] = None) -> Tuple[str, str]:
     base = {"RELAY_INTERNAL_KEY": INTERNAL_KEY, "HOME": "/nonexistent"}
     base.update(environ)
@@ -481,6 +812,9 @@ def test_config_defaults_and_overrides() -> None:
     assert (config.retention_seconds, config.max_wait_ms, config.max_payload_bytes, config.presence_ttl_seconds) == (
         300.0, 2000, 1048576, 60.0
     )
+    assert config.max_batch_bytes == 4194304
+    big_frames = load_bus_config({"RELAY_INTERNAL_KEY": "k", "BUS_MAX_PAYLOAD_BYTES": "8388608"})
+    assert big_frames.max_batch_bytes == 8388608, "a batch always holds one frame of the largest size"
     assert (config.token_key, config.token_secret_file) == ("secret_file", "/home/x/.viewport/relay-token-secret")
     assert "internal-secret" not in repr(config) and "db-password" not in repr(config)
 
@@ -496,6 +830,8 @@ def test_config_defaults_and_overrides() -> None:
         ({"BUS_PRESENCE_TTL_SECONDS": "soon"}, "BUS_PRESENCE_TTL_SECONDS"),
         ({"BUS_MAX_WAIT_MS": "-1"}, "BUS_MAX_WAIT_MS"),
         ({"BUS_MAX_PAYLOAD_BYTES": "0"}, "BUS_MAX_PAYLOAD_BYTES"),
+        ({"BUS_MAX_BATCH_BYTES": "lots"}, "BUS_MAX_BATCH_BYTES"),
+        ({"BUS_MAX_PAYLOAD_BYTES": "4096", "BUS_MAX_BATCH_BYTES": "4095"}, "BUS_MAX_BATCH_BYTES"),
         ({"RELAY_TOKEN_SECRET": "too-short"}, "RELAY_TOKEN_SECRET"),
         ({"RELAY_TOKEN_SECRET": TOKEN_SECRET, "RELAY_TOKEN_PUBLIC_KEY": "/etc/hostname"}, "RELAY_TOKEN_PUBLIC_KEY"),
         ({"RELAY_TOKEN_PUBLIC_KEY": "/nonexistent.pem"}, "RELAY_TOKEN_PUBLIC_KEY"),

@@ -1,4 +1,4 @@
-"""The viewport-bus HTTP API: validate, presence upsert/resolve, bus publish/pull (long-poll), health."""
+"""The viewport-bus HTTP API: validate, presence, relay liveness, bus publish (batched)/pull (long-poll), health."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import json
 from typing import Any, Callable, Generator, Optional, Union
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +27,13 @@ PRESENCE_UPSERT = PREFIX + "/presence/upsert"
 PRESENCE_RESOLVE = PREFIX + "/presence/resolve"
 BUS_PUBLISH = PREFIX + "/bus/publish"
 BUS_PULL = PREFIX + "/bus/pull"
+RELAYS_HEARTBEAT = PREFIX + "/relays/heartbeat"
+RELAYS_ALIVE = PREFIX + "/relays/alive"
 HEALTH = "/health"
+
+#: What this bus offers beyond the platform API (which takes one frame per publish and has no
+#: liveness endpoints); every pull answer and /health carries it.
+CAPABILITIES = ("batch", "liveness")
 
 INTERNAL_KEY_HEADER = b"x-relay-internal-key"
 DIRECTIONS = frozenset(("client_to_daemon", "daemon_to_clients"))
@@ -36,6 +42,20 @@ MAX_PULL_LIMIT = 1000
 DEFAULT_PULL_LIMIT = 100
 #: A pull stops adding frames once their payloads reach this many bytes (the first always fits).
 PULL_BUDGET_BYTES = 262144
+#: Frames one batched publish may carry.
+MAX_BATCH_FRAMES = 500
+#: Relay ids one liveness query may ask about.
+MAX_ALIVE_IDS = 1000
+DEFAULT_HEARTBEAT_TTL_MS = 3000
+MIN_HEARTBEAT_TTL_MS = 500
+MAX_HEARTBEAT_TTL_MS = 60000
+#: Longest workspace / runtime target id, relay or machine id, and signature (characters).
+SCOPE_ID_CHARS = 128
+RELAY_ID_CHARS = 255
+SIGNATURE_CHARS = 512
+#: Room in a body for one frame's fields besides the payload: JSON may spend 12 bytes on a character
+#: (an escaped surrogate pair), plus names, direction, issuedAtMs and punctuation.
+FRAME_OVERHEAD_BYTES = 12 * (2 * SCOPE_ID_CHARS + 3 * RELAY_ID_CHARS + SIGNATURE_CHARS) + 2048
 _ROLE_CLAIM_MISMATCH = "ROLE_CLAIM_MISMATCH"
 _JSON_HEADERS = ((b"content-type", b"application/json"), (b"cache-control", b"no-store"))
 _BIGINT_MAX = 2**63 - 1
@@ -43,9 +63,12 @@ _BIGINT_MAX = 2**63 - 1
 Answer = tuple[int, dict[str, Any]]
 
 
-def max_body_bytes_for(max_payload_bytes: int) -> int:
-    """Request body cap: a payload escaped inside JSON grows at most sixfold, plus room for the other fields."""
-    return 6 * max_payload_bytes + 65536
+def max_body_bytes_for(max_payload_bytes: int, max_batch_bytes: int) -> int:
+    """
+    Request body cap, so that any valid publish fits: payloads escaped inside JSON grow at most
+    sixfold, plus the other fields of a full batch at their longest, plus slack.
+    """
+    return 6 * max(max_payload_bytes, max_batch_bytes) + MAX_BATCH_FRAMES * FRAME_OVERHEAD_BYTES + 65536
 
 
 class BadRequest(Exception):
@@ -59,18 +82,26 @@ class BadRequest(Exception):
 
 
 class CappedRequest(Request):
-    """A request that stops buffering its body beyond the site's ``max_body_bytes``."""
+    """
+    A request that stops buffering its body beyond the site's ``max_body_bytes``, and never buffers
+    the body of a request without the internal key (it is refused with 401 unread).
+    """
 
     too_large = False
+    _unauthorized = False
     _received = 0
 
     def _cap(self) -> int:
         return int(getattr(getattr(self.channel, "site", None), "max_body_bytes", 1 << 20))
 
     def gotLength(self, length: Optional[int]) -> None:
-        """Refuse (later, with 413) a body announced larger than the cap, without storing it."""
-        if length is not None and length > self._cap():
+        """Refuse (later, with 413 or 401) a body announced larger than the cap or sent without the key."""
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, BusSite) and not site.api.authorized(self):
+            self._unauthorized = True
+        elif length is not None and length > self._cap():
             self.too_large = True
+        if self._unauthorized or self.too_large:
             self.content = io.BytesIO()  # type: ignore[assignment]
             return
         super().gotLength(length)
@@ -78,7 +109,7 @@ class CappedRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         """Count and store a chunk until the cap is passed."""
         self._received += len(data)
-        if self.too_large:
+        if self.too_large or self._unauthorized:
             return
         if self._received > self._cap():
             self.too_large = True
@@ -101,8 +132,9 @@ class BusSite(Site):
 
     protocol = _NoDelayChannel  # type: ignore[assignment]  # HTTP/1.1 only, which is all relays speak
 
-    def __init__(self, resource: Resource, max_body_bytes: int) -> None:
-        super().__init__(resource)
+    def __init__(self, api: "BusApi", max_body_bytes: int) -> None:
+        super().__init__(api)
+        self.api = api
         self.requestFactory = CappedRequest
         self.max_body_bytes = max_body_bytes
 
@@ -179,7 +211,9 @@ def _storable(key: str, value: str) -> None:
         raise BadRequest(f"{key} must be valid Unicode") from None
 
 
-def _integer_field(body: dict[str, Any], key: str, default: Optional[int], minimum: int) -> Optional[int]:
+def _integer_field(
+    body: dict[str, Any], key: str, default: Optional[int], minimum: int, maximum: int = _BIGINT_MAX
+) -> Optional[int]:
     value = body.get(key)
     if value is None:
         return default
@@ -188,16 +222,40 @@ def _integer_field(body: dict[str, Any], key: str, default: Optional[int], minim
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    if number is None or number < minimum or number > _BIGINT_MAX:
-        raise BadRequest(f"{key} must be an integer >= {minimum}")
+    if number is None or number < minimum or number > maximum:
+        bounds = f">= {minimum}" if maximum == _BIGINT_MAX else f"{minimum}..{maximum}"
+        raise BadRequest(f"{key} must be an integer {bounds}")
     return number
 
 
-def _bool_field(body: dict[str, Any], key: str) -> bool:
+def _bool_field(body: dict[str, Any], key: str, default: Optional[bool] = None) -> bool:
     value = body.get(key)
+    if value is None and default is not None:
+        return default
     if not isinstance(value, bool):
         raise BadRequest(f"{key} must be a boolean")
     return value
+
+
+def _id_list(body: dict[str, Any], key: str, max_items: int) -> list[str]:
+    """A list of relay ids (each like ``relayId``), duplicates dropped, first occurrence order kept."""
+    value = body.get(key)
+    if not isinstance(value, list) or len(value) > max_items:
+        raise BadRequest(f"{key} must be a list of at most {max_items} relay ids")
+    ids: dict[str, None] = {}
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not 1 <= len(item) <= RELAY_ID_CHARS:
+            raise BadRequest(f"{key}[{index}] must be a string of 1..{RELAY_ID_CHARS} characters")
+        _storable(f"{key}[{index}]", item)
+        ids[item] = None
+    return list(ids)
+
+
+#: The fields of a single-frame publish body (a batch body carries ``frames`` and none of these).
+_FRAME_KEYS = frozenset((
+    "workspaceId", "runtimeTargetId", "machineId", "sourceRelayId", "targetRelayId", "direction", "payload",
+    "issuedAtMs", "signature",
+))
 
 
 class BusApi(Resource):
@@ -205,8 +263,8 @@ class BusApi(Resource):
     Every endpoint of the bus: JSON POSTs authenticated by ``x-relay-internal-key`` (and GET /health).
 
     Errors are JSON ``{ok:false, reason}``: 401 UNAUTHORIZED, 400 INVALID_JSON / INVALID_REQUEST
-    (with ``error`` naming the field), 413 REQUEST_TOO_LARGE / PAYLOAD_TOO_LARGE, 404, 405,
-    503 DATABASE_UNAVAILABLE, 500 INTERNAL_ERROR.
+    (with ``error`` naming the field), 413 REQUEST_TOO_LARGE / PAYLOAD_TOO_LARGE / BATCH_TOO_LARGE,
+    404, 405, 503 DATABASE_UNAVAILABLE / SHUTTING_DOWN, 500 INTERNAL_ERROR.
     """
 
     isLeaf = True
@@ -222,6 +280,7 @@ class BusApi(Resource):
         verifier: LocalTokenVerifier,
         max_wait_ms: int,
         max_payload_bytes: int,
+        max_batch_bytes: int,
         presence_ttl_seconds: float,
     ) -> None:
         super().__init__()
@@ -232,6 +291,7 @@ class BusApi(Resource):
         self._verifier = verifier
         self._max_wait_ms = max_wait_ms
         self._max_payload_bytes = max_payload_bytes
+        self._max_batch_bytes = max_batch_bytes
         self._presence_ttl_seconds = presence_ttl_seconds
         self._routes: dict[str, Callable[[dict[str, Any]], Any]] = {
             VALIDATE: self._validate,
@@ -239,11 +299,56 @@ class BusApi(Resource):
             PRESENCE_RESOLVE: self._presence_resolve,
             BUS_PUBLISH: self._publish,
             BUS_PULL: self._pull,
+            RELAYS_HEARTBEAT: self._relay_heartbeat,
+            RELAYS_ALIVE: self._relays_alive,
         }
+        self._stopping = False
+        self._in_flight: set[Deferred[Any]] = set()
+        self._drained: list[Deferred[None]] = []
+
+    def authorized(self, request: Request) -> bool:
+        """Whether the request carries the internal key."""
+        given = request.getHeader(INTERNAL_KEY_HEADER)
+        return given is not None and hmac.compare_digest(given, self._internal_key)
+
+    def stop(self, grace_seconds: float) -> "Deferred[None]":
+        """
+        Shut down gently: new requests get 503 SHUTTING_DOWN, waiting pulls answer at once (no new
+        frames), and requests still running after ``grace_seconds`` are cancelled (503); fires once
+        every request has been answered.
+        """
+        self._stopping = True
+        self._waiters.notify()
+        if not self._in_flight:
+            return succeed(None)
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        timer = self._clock.callLater(grace_seconds, self._cancel_in_flight)
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(stop_timer)
+
+    def _cancel_in_flight(self) -> None:
+        for running in list(self._in_flight):
+            running.cancel()
+
+    def _settled(self, result: "Deferred[Any]") -> None:
+        self._in_flight.discard(result)
+        if self._stopping and not self._in_flight:
+            drained, self._drained = self._drained, []
+            for waiting in drained:
+                waiting.callback(None)
 
     def render(self, request: Request) -> Union[bytes, int]:
         """Route, authenticate, parse, and answer asynchronously."""
         request.setHeader(b"server", b"viewport-bus")
+        if self._stopping:
+            request.setHeader(b"connection", b"close")
+            return self._refuse(request, 503, "SHUTTING_DOWN")
         path = request.path.decode("latin-1")
         if path == HEALTH:
             if request.method not in (b"GET", b"HEAD"):
@@ -254,8 +359,7 @@ class BusApi(Resource):
             return self._refuse(request, 404, "NOT_FOUND")
         if request.method != b"POST":
             return self._refuse(request, 405, "METHOD_NOT_ALLOWED")
-        given = request.getHeader(INTERNAL_KEY_HEADER)
-        if given is None or not hmac.compare_digest(given, self._internal_key):
+        if not self.authorized(request):
             return self._refuse(request, 401, "UNAUTHORIZED")
         if getattr(request, "too_large", False):
             request.setHeader(b"connection", b"close")
@@ -281,6 +385,7 @@ class BusApi(Resource):
 
     def _respond(self, request: Request, result: "Deferred[Answer]") -> int:
         finished = [False]
+        self._in_flight.add(result)
 
         def gone(_: object) -> None:
             finished[0] = True
@@ -296,6 +401,8 @@ class BusApi(Resource):
                 return 503, {"ok": False, "reason": "DATABASE_UNAVAILABLE"}
             if failure.check(CancelledError) and finished[0]:
                 return 499, {}
+            if failure.check(CancelledError) and self._stopping:
+                return 503, {"ok": False, "reason": "SHUTTING_DOWN"}
             self._log.failure("{relay_event}", failure, relay_event="bus_request_error", path=request.path.decode("latin-1"))
             return 500, {"ok": False, "reason": "INTERNAL_ERROR"}
 
@@ -309,20 +416,21 @@ class BusApi(Resource):
 
         result.addErrback(mapped).addCallback(write).addErrback(
             lambda f: self._log.failure("{relay_event}", f, relay_event="bus_response_error")
-        )
+        ).addBoth(lambda _: self._settled(result))
         return NOT_DONE_YET
 
     # --- endpoints --------------------------------------------------------------------------
 
     def _health(self) -> "Deferred[Answer]":
-        return self._store.ping().addCallback(lambda _: (200, {"ok": True, "database": "up"}))
+        answer = {"ok": True, "database": "up", "capabilities": list(CAPABILITIES)}
+        return self._store.ping().addCallback(lambda _: (200, answer))
 
     def _validate(self, body: dict[str, Any]) -> Answer:
         """Verify the relay token as local admission does: signature, times, claims schema, role."""
         token = _text_field(body, "relayToken", 16384, required=True)
         role = _text_field(body, "role", 64, required=True)
-        _text_field(body, "workspaceId", 128, required=False)
-        _text_field(body, "runtimeTargetId", 128, required=False)
+        _text_field(body, "workspaceId", SCOPE_ID_CHARS, required=False)
+        _text_field(body, "runtimeTargetId", SCOPE_ID_CHARS, required=False)
         assert token is not None
         try:
             claims = self._verifier.verify(token, self._clock.seconds())
@@ -333,10 +441,10 @@ class BusApi(Resource):
         return 200, {"ok": True, "claims": claims.to_json()}
 
     def _presence_upsert(self, body: dict[str, Any]) -> "Deferred[Answer]":
-        workspace_id = _text_field(body, "workspaceId", 128, required=True)
-        runtime_target_id = _text_field(body, "runtimeTargetId", 128, required=False, empty_ok=True) or ""
-        machine_id = _text_field(body, "machineId", 255, required=False, empty_ok=True) or None
-        relay_id = _text_field(body, "relayId", 255, required=True)
+        workspace_id = _text_field(body, "workspaceId", SCOPE_ID_CHARS, required=True)
+        runtime_target_id = _text_field(body, "runtimeTargetId", SCOPE_ID_CHARS, required=False, empty_ok=True) or ""
+        machine_id = _text_field(body, "machineId", RELAY_ID_CHARS, required=False, empty_ok=True) or None
+        relay_id = _text_field(body, "relayId", RELAY_ID_CHARS, required=True)
         connected = _bool_field(body, "daemonConnected")
         assert workspace_id is not None and relay_id is not None
         if not connected:
@@ -348,8 +456,8 @@ class BusApi(Resource):
         return upserted.addCallback(lambda _: (200, {"ok": True}))
 
     def _presence_resolve(self, body: dict[str, Any]) -> "Deferred[Answer]":
-        workspace_id = _text_field(body, "workspaceId", 128, required=True)
-        runtime_target_id = _text_field(body, "runtimeTargetId", 128, required=False, empty_ok=True)
+        workspace_id = _text_field(body, "workspaceId", SCOPE_ID_CHARS, required=True)
+        runtime_target_id = _text_field(body, "runtimeTargetId", SCOPE_ID_CHARS, required=False, empty_ok=True)
         assert workspace_id is not None
 
         def answer(row: Any) -> Answer:
@@ -368,6 +476,32 @@ class BusApi(Resource):
         return resolved.addCallback(answer)
 
     def _publish(self, body: dict[str, Any]) -> "Deferred[Answer]":
+        """One frame (answer ``id``), or ``{"frames": [...]}`` stored in one transaction (answer ``ids``)."""
+        if "frames" not in body:
+            frame, _ = self._new_frame(body)
+            return self._store.publish(frame).addCallback(lambda frame_id: (200, {"ok": True, "id": frame_id}))
+        entries = body["frames"]
+        if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_BATCH_FRAMES:
+            raise BadRequest(f"frames must be a list of 1..{MAX_BATCH_FRAMES} frames")
+        if _FRAME_KEYS.intersection(body):
+            raise BadRequest("frames cannot be combined with the fields of a single frame")
+        frames: list[NewFrame] = []
+        total_bytes = 0
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise BadRequest(f"frames[{index}] must be an object")
+            try:
+                frame, payload_bytes = self._new_frame(entry)
+            except BadRequest as refused:
+                raise BadRequest(f"frames[{index}]: {refused.error}", refused.status, refused.reason) from None
+            frames.append(frame)
+            total_bytes += payload_bytes
+        if total_bytes > self._max_batch_bytes:
+            raise BadRequest(f"frames: payloads over {self._max_batch_bytes} bytes in all", 413, "BATCH_TOO_LARGE")
+        return self._store.publish_batch(frames).addCallback(lambda ids: (200, {"ok": True, "ids": ids}))
+
+    def _new_frame(self, body: dict[str, Any]) -> tuple[NewFrame, int]:
+        """A published frame, checked field by field, and its payload's size in bytes."""
         direction = body.get("direction")
         if direction not in DIRECTIONS:
             raise BadRequest("direction must be client_to_daemon or daemon_to_clients")
@@ -375,24 +509,49 @@ class BusApi(Resource):
         if not isinstance(payload, str):
             raise BadRequest("payload must be a string")
         _storable("payload", payload)
-        if len(payload.encode("utf-8")) > self._max_payload_bytes:
+        payload_bytes = len(payload.encode("utf-8"))
+        if payload_bytes > self._max_payload_bytes:
             raise BadRequest(f"payload over {self._max_payload_bytes} bytes", 413, "PAYLOAD_TOO_LARGE")
         frame = NewFrame(
-            workspace_id=_text_field(body, "workspaceId", 128, required=True) or "",
-            runtime_target_id=_text_field(body, "runtimeTargetId", 128, required=True) or "",
-            machine_id=_text_field(body, "machineId", 255, required=False, empty_ok=True),
-            source_relay_id=_text_field(body, "sourceRelayId", 255, required=True) or "",
-            target_relay_id=_text_field(body, "targetRelayId", 255, required=False, empty_ok=True),
+            workspace_id=_text_field(body, "workspaceId", SCOPE_ID_CHARS, required=True) or "",
+            runtime_target_id=_text_field(body, "runtimeTargetId", SCOPE_ID_CHARS, required=True) or "",
+            machine_id=_text_field(body, "machineId", RELAY_ID_CHARS, required=False, empty_ok=True),
+            source_relay_id=_text_field(body, "sourceRelayId", RELAY_ID_CHARS, required=True) or "",
+            target_relay_id=_text_field(body, "targetRelayId", RELAY_ID_CHARS, required=False, empty_ok=True),
             direction=direction,
             payload=payload,
             issued_at_ms=_integer_field(body, "issuedAtMs", None, 0),
-            signature=_text_field(body, "signature", 512, required=False, empty_ok=True),
+            signature=_text_field(body, "signature", SIGNATURE_CHARS, required=False, empty_ok=True),
         )
-        return self._store.publish(frame).addCallback(lambda frame_id: (200, {"ok": True, "id": frame_id}))
+        return frame, payload_bytes
+
+    def _relay_heartbeat(self, body: dict[str, Any]) -> "Deferred[Answer]":
+        """A relay is alive for ``ttlMs`` more; with ``gone: true`` it is dead from now on (its goodbye)."""
+        relay_id = _text_field(body, "relayId", RELAY_ID_CHARS, required=True)
+        ttl_ms = _integer_field(body, "ttlMs", DEFAULT_HEARTBEAT_TTL_MS, MIN_HEARTBEAT_TTL_MS, MAX_HEARTBEAT_TTL_MS)
+        gone = _bool_field(body, "gone", False)
+        assert relay_id is not None and ttl_ms is not None
+        stored = self._store.relay_gone(relay_id) if gone else self._store.relay_heartbeat(relay_id, ttl_ms / 1000.0)
+        return stored.addCallback(lambda _: (200, {"ok": True}))
+
+    def _relays_alive(self, body: dict[str, Any]) -> "Deferred[Answer]":
+        """Sort relay ids into alive (unexpired heartbeat), dead (expired or said goodbye) and unknown (never seen)."""
+        relay_ids = _id_list(body, "relayIds", MAX_ALIVE_IDS)
+
+        def answer(known: dict[str, bool]) -> Answer:
+            return 200, {
+                "ok": True,
+                "alive": [relay_id for relay_id in relay_ids if known.get(relay_id) is True],
+                "dead": [relay_id for relay_id in relay_ids if known.get(relay_id) is False],
+                "unknown": [relay_id for relay_id in relay_ids if relay_id not in known],
+            }
+
+        known = self._store.relay_liveness(relay_ids) if relay_ids else succeed({})
+        return known.addCallback(answer)
 
     @inlineCallbacks
     def _pull(self, body: dict[str, Any]) -> Generator[Any, Any, Answer]:
-        relay_id = _text_field(body, "relayId", 255, required=True)
+        relay_id = _text_field(body, "relayId", RELAY_ID_CHARS, required=True)
         since_id = _integer_field(body, "sinceId", 0, 0)
         limit = min(_integer_field(body, "limit", DEFAULT_PULL_LIMIT, 1) or DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT)
         wait_ms = min(_integer_field(body, "waitMs", 0, 0) or 0, self._max_wait_ms)
@@ -402,11 +561,13 @@ class BusApi(Resource):
             generation = self._waiters.generation
             page: PullPage = yield self._store.pull(relay_id, since_id, limit, PULL_BUDGET_BYTES)
             remaining = deadline - self._clock.seconds()
-            if page.frames or remaining <= 0:
+            if page.frames or remaining <= 0 or self._stopping:
                 return 200, _page_json(page)
             if self._waiters.generation == generation:
                 # No frame was stored since the query started: sleep until one is (or time is up).
                 yield self._waiters.wait(remaining)
+                if self._stopping:
+                    return 200, _page_json(page)
 
 
 def _page_json(page: PullPage) -> dict[str, Any]:
@@ -429,7 +590,7 @@ def _page_json(page: PullPage) -> dict[str, Any]:
         if frame.signature is not None:
             entry["signature"] = frame.signature
         frames.append(entry)
-    return {"ok": True, "frames": frames, "headId": page.head_id, "more": page.more}
+    return {"ok": True, "frames": frames, "headId": page.head_id, "more": page.more, "capabilities": list(CAPABILITIES)}
 
 
 def _encode(document: dict[str, Any]) -> bytes:

@@ -22,6 +22,9 @@ _MIN_REMOTE_KEY_LENGTH = 24
 _PLACEHOLDER_WORDS = ("change-me", "placeholder", "example")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 _INTEGER = re.compile(r"[0-9]+")
+_MAX_PAYLOAD_BYTES = 64 * 1048576
+#: A batched publish's payloads together: this much by default, and never less than one frame.
+DEFAULT_MAX_BATCH_BYTES = 4 * 1048576
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -41,6 +44,7 @@ class BusConfig:
     retention_seconds: float
     max_wait_ms: int
     max_payload_bytes: int
+    max_batch_bytes: int
     presence_ttl_seconds: float
 
     def __repr__(self) -> str:
@@ -52,6 +56,7 @@ class BusConfig:
             "retention_seconds": self.retention_seconds,
             "max_wait_ms": self.max_wait_ms,
             "max_payload_bytes": self.max_payload_bytes,
+            "max_batch_bytes": self.max_batch_bytes,
             "presence_ttl_seconds": self.presence_ttl_seconds,
         }
         return "BusConfig(" + ", ".join(f"{k}={v!r}" for k, v in secret_free.items()) + ")"
@@ -91,6 +96,18 @@ def _seconds(name: str, value: Optional[str], default: float) -> float:
     number = float(value) if _DECIMAL.fullmatch(value) else 0.0
     if number <= 0:
         raise _invalid(name, value, "a positive number of seconds (decimals allowed)")
+    return number
+
+
+def _max_batch_bytes(value: Optional[str], max_payload_bytes: int) -> int:
+    name = "BUS_MAX_BATCH_BYTES"
+    number = _integer(name, value, max(DEFAULT_MAX_BATCH_BYTES, max_payload_bytes), 1, _MAX_PAYLOAD_BYTES)
+    if number < max_payload_bytes:
+        raise ConfigError(
+            name,
+            f"{number} is below BUS_MAX_PAYLOAD_BYTES ({max_payload_bytes}); accepted: an integer "
+            f"{max_payload_bytes}..{_MAX_PAYLOAD_BYTES}",
+        )
     return number
 
 
@@ -166,6 +183,9 @@ def load_bus_config(
             "RELAY_TOKEN_PUBLIC_KEY",
             f"token public key file not found: {token_public_key_path!r}; accepted: the path of a PEM file",
         )
+    max_payload_bytes = _integer(
+        "BUS_MAX_PAYLOAD_BYTES", _text(environ, "BUS_MAX_PAYLOAD_BYTES"), 1048576, 1, _MAX_PAYLOAD_BYTES
+    )
     token_key: TokenKey = (
         "secret" if token_secret is not None else "public_key" if token_public_key_path is not None else "secret_file"
     )
@@ -184,9 +204,8 @@ def load_bus_config(
         token_audience=_text(environ, "RELAY_TOKEN_AUDIENCE"),
         retention_seconds=_seconds("BUS_RETENTION_SECONDS", _text(environ, "BUS_RETENTION_SECONDS"), 300.0),
         max_wait_ms=_integer("BUS_MAX_WAIT_MS", _text(environ, "BUS_MAX_WAIT_MS"), 2000, 0, 60000),
-        max_payload_bytes=_integer(
-            "BUS_MAX_PAYLOAD_BYTES", _text(environ, "BUS_MAX_PAYLOAD_BYTES"), 1048576, 1, 64 * 1048576
-        ),
+        max_payload_bytes=max_payload_bytes,
+        max_batch_bytes=_max_batch_bytes(_text(environ, "BUS_MAX_BATCH_BYTES"), max_payload_bytes),
         presence_ttl_seconds=_seconds(
             "BUS_PRESENCE_TTL_SECONDS", _text(environ, "BUS_PRESENCE_TTL_SECONDS"), 60.0
         ),

@@ -1,30 +1,28 @@
-"""PostgreSQL storage of viewport-bus: frames, presence, retention and the LISTEN connection (psycopg 3 async)."""
+"""PostgreSQL storage of viewport-bus: frames, presence, relay liveness and retention (psycopg 3 async)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import select
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 import psycopg
-from psycopg.pq import TransactionStatus
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from viewport.bus.listener import NOTIFY_CHANNEL
+from viewport.bus.pool import ConnectionPool, DatabaseUnavailable, retrieve
 
 __all__ = [
     "BusStore",
     "DatabaseUnavailable",
     "NewFrame",
-    "NotificationListener",
     "PresenceRow",
+    "PullPage",
     "StoredFrame",
 ]
-
-#: The NOTIFY channel; its payload is the new frame's id (payloads are capped at 8000 bytes).
-NOTIFY_CHANNEL = "relay_bus"
 
 # Advisory lock keys ("vbus" and "vbum"): publishes take the first for the length of their
 # transaction so that ids become visible in increasing order (a cursor never skips a frame
@@ -35,6 +33,10 @@ _MIGRATION_LOCK = 0x7662756D
 #: Rows one retention statement deletes; a tick repeats it up to ``_RETENTION_MAX_BATCHES`` times.
 RETENTION_BATCH = 5000
 _RETENTION_MAX_BATCHES = 20
+#: Relay rows (live or tombstones) are kept this long after they expire, at least.
+RELAY_ROW_RETENTION_SECONDS = 3600.0
+#: How long BusStore.close waits for operations abandoned by a timeout or a cancel.
+_CLOSE_WAIT_SECONDS = 2.0
 
 _MIGRATION = (
     """
@@ -67,11 +69,17 @@ _MIGRATION = (
         PRIMARY KEY (workspace_id, runtime_target_id)
     )
     """,
+    """
+    CREATE TABLE IF NOT EXISTS relay_bus_relays (
+        relay_id text PRIMARY KEY,
+        expires_at timestamptz NOT NULL
+    )
+    """,
 )
 
 # One statement (its own transaction): the lock CTE runs before the row (and its id) is made,
 # and NOTIFY is delivered at commit, which also releases the lock.
-_INSERT_FRAME = """
+_INSERT_FRAME = f"""
     WITH locked AS (SELECT pg_advisory_xact_lock(%(lock)s)),
     inserted AS (
         INSERT INTO relay_bus_frames (workspace_id, runtime_target_id, machine_id, source_relay_id,
@@ -82,7 +90,35 @@ _INSERT_FRAME = """
         FROM locked
         RETURNING id
     )
-    SELECT id, pg_notify('relay_bus', id::text) FROM inserted
+    SELECT id, pg_notify('{NOTIFY_CHANNEL}', id::text) FROM inserted
+"""
+
+_FRAME_COLUMNS = (
+    "workspace_id", "runtime_target_id", "machine_id", "source_relay_id", "target_relay_id",
+    "direction", "payload", "issued_at_ms", "signature",
+)
+
+# A batch in one statement: under the publish lock it draws one id per frame, numbers them in
+# ascending order and gives the n-th smallest to the n-th frame, so ids follow the given order
+# whatever order PostgreSQL evaluates rows in. One NOTIFY (the last id) for the whole batch.
+_INSERT_BATCH = f"""
+    WITH locked AS (SELECT pg_advisory_xact_lock(%(lock)s)),
+    drawn AS (
+        SELECT nextval(pg_get_serial_sequence('relay_bus_frames', 'id')) AS id
+        FROM locked, generate_series(1, %(count)s)
+    ),
+    numbered AS (SELECT id, row_number() OVER (ORDER BY id) AS ord FROM drawn),
+    inserted AS (
+        INSERT INTO relay_bus_frames (id, {", ".join(_FRAME_COLUMNS)})
+        SELECT numbered.id, {", ".join("given." + column for column in _FRAME_COLUMNS)}
+        FROM numbered JOIN unnest(
+            %(workspace_id)s::text[], %(runtime_target_id)s::text[], %(machine_id)s::text[],
+            %(source_relay_id)s::text[], %(target_relay_id)s::text[], %(direction)s::text[],
+            %(payload)s::text[], %(issued_at_ms)s::bigint[], %(signature)s::text[]
+        ) WITH ORDINALITY AS given({", ".join(_FRAME_COLUMNS)}, ord) ON given.ord = numbered.ord
+        RETURNING id
+    )
+    SELECT array_agg(id ORDER BY id), pg_notify('{NOTIFY_CHANNEL}', max(id)::text) FROM inserted
 """
 
 # One statement, one snapshot: the head and the frames agree. ``limit + 1`` rows are read to
@@ -131,20 +167,42 @@ _CLEAR_PRESENCE = """
     WHERE workspace_id = %s AND runtime_target_id = %s AND relay_id = %s
 """
 
-_PRESENCE_COLUMNS = "workspace_id, runtime_target_id, relay_id, relay_ws_base_url, daemon_connected, machine_id"
+_PRESENCE_COLUMNS = ", ".join(
+    "p." + column
+    for column in ("workspace_id", "runtime_target_id", "relay_id", "relay_ws_base_url", "daemon_connected", "machine_id")
+)
 
-_RESOLVE_EXACT = f"""
-    SELECT {_PRESENCE_COLUMNS} FROM relay_presence
-    WHERE workspace_id = %s AND runtime_target_id = %s AND daemon_connected
-      AND updated_at > now() - make_interval(secs => %s)
+# A presence is live while it is fresh and its relay is not known dead: a relay without a
+# liveness row (one that never sent a heartbeat) counts as alive, an expired row (a missed
+# heartbeat, or a goodbye's tombstone) as dead.
+_LIVE_PRESENCE = f"""
+    SELECT {_PRESENCE_COLUMNS} FROM relay_presence p
+    LEFT JOIN relay_bus_relays r ON r.relay_id = p.relay_id
+    WHERE p.daemon_connected AND p.updated_at > now() - make_interval(secs => %(ttl)s)
+      AND (r.expires_at IS NULL OR r.expires_at > now())
+      AND p.workspace_id = %(workspace_id)s
 """
 
-_RESOLVE_WORKSPACE = f"""
-    SELECT {_PRESENCE_COLUMNS} FROM relay_presence
-    WHERE workspace_id = %s AND daemon_connected AND updated_at > now() - make_interval(secs => %s)
-    ORDER BY (runtime_target_id = '') DESC, updated_at DESC
+_RESOLVE_EXACT = _LIVE_PRESENCE + " AND p.runtime_target_id = %(runtime_target_id)s"
+
+_RESOLVE_WORKSPACE = _LIVE_PRESENCE + """
+    ORDER BY (p.runtime_target_id = '') DESC, p.updated_at DESC
     LIMIT 1
 """
+
+_RELAY_HEARTBEAT = """
+    INSERT INTO relay_bus_relays (relay_id, expires_at)
+    VALUES (%(relay_id)s, now() + make_interval(secs => %(ttl)s))
+    ON CONFLICT (relay_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+"""
+
+# A goodbye keeps the row as a tombstone (expired now), so the relay reads as dead, not unknown.
+_RELAY_GONE = """
+    INSERT INTO relay_bus_relays (relay_id, expires_at) VALUES (%(relay_id)s, now())
+    ON CONFLICT (relay_id) DO UPDATE SET expires_at = EXCLUDED.expires_at
+"""
+
+_RELAY_LIVENESS = "SELECT relay_id, expires_at > now() FROM relay_bus_relays WHERE relay_id = ANY(%s::text[])"
 
 _EXPIRE_FRAMES = """
     DELETE FROM relay_bus_frames WHERE id IN (
@@ -157,11 +215,9 @@ _EXPIRE_FRAMES = """
 
 _EXPIRE_PRESENCE = "DELETE FROM relay_presence WHERE updated_at < now() - make_interval(secs => %s)"
 
+_EXPIRE_RELAYS = "DELETE FROM relay_bus_relays WHERE expires_at < now() - make_interval(secs => %s)"
+
 _T = TypeVar("_T")
-
-
-class DatabaseUnavailable(Exception):
-    """PostgreSQL could not be reached, or did not answer in time."""
 
 
 @dataclass(frozen=True)
@@ -208,105 +264,10 @@ class PresenceRow:
     machine_id: Optional[str]
 
 
-def _socket_has_data(conn: psycopg.AsyncConnection[Any]) -> bool:
-    """An idle pooled connection with pending input was (almost surely) closed by the server."""
-    try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    except (OSError, ValueError, psycopg.Error):
-        return True
-    return bool(readable)
-
-
-class _Pool:
-    """
-    A small asyncio connection pool that never waits long and never backs off.
-
-    A connection is opened on demand (with a connect timeout), reused LIFO while it stays healthy,
-    and discarded after any error. After a PostgreSQL restart every idle connection has unread
-    input (the server's goodbye), so it is dropped before use instead of failing a request; when
-    PostgreSQL is down each request fails fast, and the first one after it returns reconnects.
-    """
-
-    _log = Logger()
-
-    def __init__(self, database_url: str, *, max_size: int, connect_timeout_s: int, statement_timeout_ms: int) -> None:
-        self._database_url = database_url
-        self._connect_timeout_s = connect_timeout_s
-        self._statement_timeout_ms = statement_timeout_ms
-        self._max_size = max_size
-        self._idle: list[psycopg.AsyncConnection[Any]] = []
-        self._slots: Optional[asyncio.Semaphore] = None
-        self._closed = False
-
-    async def open_connection(self, *, autocommit: bool = True) -> psycopg.AsyncConnection[Any]:
-        """A new connection with the statement timeout set (also used for LISTEN)."""
-        conn = await psycopg.AsyncConnection.connect(
-            self._database_url,
-            autocommit=autocommit,
-            connect_timeout=self._connect_timeout_s,
-            application_name="viewport-bus",
-        )
-        try:
-            await conn.execute(f"SET statement_timeout = {int(self._statement_timeout_ms)}")
-            # The bus is transient (minutes of retention): a crash may lose the newest frames,
-            # and in exchange no commit (nor the publish lock) waits for a disk flush.
-            await conn.execute("SET synchronous_commit = off")
-        except BaseException:
-            await conn.close()
-            raise
-        return conn
-
-    def _take_idle(self) -> Optional[psycopg.AsyncConnection[Any]]:
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.closed or _socket_has_data(conn):
-                conn.pgconn.finish()
-                continue
-            return conn
-        return None
-
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """Borrow a connection (autocommit); it returns to the pool only when left clean."""
-        if self._closed:
-            raise DatabaseUnavailable("the store is stopped")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._max_size)
-        slots = self._slots
-        await slots.acquire()
-        try:
-            conn = self._take_idle() or await self.open_connection()
-            try:
-                yield conn
-            except BaseException:
-                await _discard(conn)
-                raise
-            if self._closed or conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
-                await _discard(conn)
-            else:
-                self._idle.append(conn)
-        finally:
-            slots.release()
-
-    async def close(self) -> None:
-        """Close idle connections; borrowed ones are closed when returned."""
-        self._closed = True
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await _discard(conn)
-
-
-def _retrieve(task: "asyncio.Task[Any]") -> None:
-    """Consume an abandoned task's outcome (asyncio would report it as never retrieved)."""
-    if not task.cancelled():
-        task.exception()
-
-
-async def _discard(conn: psycopg.AsyncConnection[Any]) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), 1.0)
-    except BaseException:
-        conn.pgconn.finish()
+def _twisted_cancel(failure: Failure) -> Failure:
+    if failure.check(asyncio.CancelledError):
+        return Failure(CancelledError())
+    return failure
 
 
 def _presence(row: Any) -> PresenceRow:
@@ -326,7 +287,8 @@ class BusStore:
 
     Each operation is bounded by ``operation_timeout_s`` (connect, queries and commit together)
     and fails with L{DatabaseUnavailable} when PostgreSQL cannot answer; other database errors
-    are bugs and propagate unchanged.
+    are bugs and propagate unchanged. Cancelling an operation's Deferred abandons the work (its
+    connection is discarded) and fails the Deferred with Twisted's L{CancelledError}.
     """
 
     _log = Logger()
@@ -342,7 +304,7 @@ class BusStore:
         operation_timeout_s: float = 6.0,
     ) -> None:
         self._loop = loop
-        self._pool = _Pool(
+        self._pool = ConnectionPool(
             database_url,
             max_size=max_connections,
             connect_timeout_s=connect_timeout_s,
@@ -351,9 +313,10 @@ class BusStore:
         self._operation_timeout_s = operation_timeout_s
         self._migrated = False
         self._migrating: Optional[asyncio.Future[None]] = None
+        self._abandoned: set[asyncio.Task[Any]] = set()
 
     @property
-    def pool(self) -> _Pool:
+    def pool(self) -> ConnectionPool:
         """The connection pool (the listener opens its own connection through it)."""
         return self._pool
 
@@ -370,19 +333,25 @@ class BusStore:
             try:
                 done, _ = await asyncio.wait({task}, timeout=self._operation_timeout_s)
             except asyncio.CancelledError:
-                task.cancel()
-                task.add_done_callback(_retrieve)
+                self._abandon(task)
                 raise
             if not done:
-                task.cancel()
-                task.add_done_callback(_retrieve)
+                self._abandon(task)
                 raise DatabaseUnavailable("database operation timed out")
             try:
                 return task.result()
             except (psycopg.OperationalError, psycopg.InterfaceError, OSError) as error:
                 raise DatabaseUnavailable(type(error).__name__) from None
 
-        return Deferred.fromFuture(self._loop.create_task(bounded()))
+        # A cancelled Deferred.fromFuture fails with asyncio's CancelledError, which callers that
+        # check for Twisted's (a request whose client went away) would report as a bug.
+        return Deferred.fromFuture(self._loop.create_task(bounded())).addErrback(_twisted_cancel)
+
+    def _abandon(self, task: "asyncio.Task[Any]") -> None:
+        task.cancel()
+        self._abandoned.add(task)
+        task.add_done_callback(self._abandoned.discard)
+        task.add_done_callback(retrieve)
 
     async def _ensure_migrated(self) -> None:
         # Concurrent first requests share one migration attempt.
@@ -412,6 +381,19 @@ class BusStore:
                 row = await cursor.fetchone()
             assert row is not None
             return int(row[0])
+
+        return self._run(work)
+
+    def publish_batch(self, frames: Sequence[NewFrame]) -> "Deferred[list[int]]":
+        """Store frames in one transaction, ids ascending in the given order, with one NOTIFY; fires with the ids."""
+        columns: dict[str, Any] = {column: [getattr(frame, column) for frame in frames] for column in _FRAME_COLUMNS}
+
+        async def work() -> list[int]:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_INSERT_BATCH, {"lock": _PUBLISH_LOCK, "count": len(frames), **columns})
+                row = await cursor.fetchone()
+            assert row is not None and len(row[0]) == len(frames)
+            return [int(frame_id) for frame_id in row[0]]
 
         return self._run(work)
 
@@ -497,18 +479,49 @@ class BusStore:
         """
 
         async def work() -> Optional[PresenceRow]:
+            parameters = {"workspace_id": workspace_id, "runtime_target_id": runtime_target_id, "ttl": ttl_seconds}
             async with self._pool.connection() as conn:
-                if runtime_target_id:
-                    cursor = await conn.execute(_RESOLVE_EXACT, (workspace_id, runtime_target_id, ttl_seconds))
-                else:
-                    cursor = await conn.execute(_RESOLVE_WORKSPACE, (workspace_id, ttl_seconds))
+                cursor = await conn.execute(_RESOLVE_EXACT if runtime_target_id else _RESOLVE_WORKSPACE, parameters)
                 row = await cursor.fetchone()
             return None if row is None else _presence(row)
 
         return self._run(work)
 
+    def relay_heartbeat(self, relay_id: str, ttl_seconds: float) -> "Deferred[None]":
+        """Mark ``relay_id`` alive until ``ttl_seconds`` from now (by the database's clock)."""
+
+        async def work() -> None:
+            async with self._pool.connection() as conn:
+                await conn.execute(_RELAY_HEARTBEAT, {"relay_id": relay_id, "ttl": ttl_seconds})
+
+        return self._run(work)
+
+    def relay_gone(self, relay_id: str) -> "Deferred[None]":
+        """Mark ``relay_id`` dead now (a tombstone: its presence stops resolving at once)."""
+
+        async def work() -> None:
+            async with self._pool.connection() as conn:
+                await conn.execute(_RELAY_GONE, {"relay_id": relay_id})
+
+        return self._run(work)
+
+    def relay_liveness(self, relay_ids: Sequence[str]) -> "Deferred[dict[str, bool]]":
+        """Whether each known relay is alive (its row unexpired); ids without a row are left out."""
+
+        async def work() -> dict[str, bool]:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(_RELAY_LIVENESS, (list(relay_ids),))
+                rows = await cursor.fetchall()
+            return {row[0]: bool(row[1]) for row in rows}
+
+        return self._run(work)
+
     def expire(self, retention_seconds: float, presence_ttl_seconds: float) -> "Deferred[int]":
-        """Delete frames older than the retention age (in batches) and dead presence; fires with frames deleted."""
+        """
+        Delete frames older than the retention age (in batches), dead presence, and relay rows expired
+        for an hour (longer if presence lives longer, so a dead relay's presence never resolves
+        again); fires with the number of frames deleted.
+        """
 
         async def work() -> int:
             deleted = 0
@@ -519,6 +532,7 @@ class BusStore:
                     if cursor.rowcount < RETENTION_BATCH:
                         break
                 await conn.execute(_EXPIRE_PRESENCE, (presence_ttl_seconds,))
+                await conn.execute(_EXPIRE_RELAYS, (max(RELAY_ROW_RETENTION_SECONDS, presence_ttl_seconds),))
             return deleted
 
         return self._run(work)
@@ -533,103 +547,11 @@ class BusStore:
         return self._run(work)
 
     def close(self) -> "Deferred[None]":
-        """Close the pooled connections."""
-        return Deferred.fromFuture(self._loop.create_task(self._pool.close()))
+        """Close the pooled connections, after abandoned operations wind down (two seconds at most)."""
 
+        async def close() -> None:
+            if self._abandoned:
+                await asyncio.wait(set(self._abandoned), timeout=_CLOSE_WAIT_SECONDS)
+            await self._pool.close()
 
-class NotificationListener:
-    """
-    One LISTEN connection for the whole process; each NOTIFY id is handed to ``on_notify``.
-
-    The connection is reopened after any failure (after ``retry_delay_s``, doubling up to
-    ``max_retry_delay_s``); ``on_connected`` runs after every (re)connect, since notifications
-    sent while it was away are lost and waiting pulls should look again. It pings the server
-    every ``keepalive_s`` of silence so a dead connection is noticed.
-    """
-
-    _log = Logger()
-
-    def __init__(
-        self,
-        pool: _Pool,
-        loop: asyncio.AbstractEventLoop,
-        on_notify: Callable[[int], None],
-        on_connected: Callable[[], None],
-        *,
-        retry_delay_s: float = 0.1,
-        max_retry_delay_s: float = 2.0,
-        keepalive_s: float = 15.0,
-    ) -> None:
-        self._pool = pool
-        self._loop = loop
-        self._on_notify = on_notify
-        self._on_connected = on_connected
-        self._retry_delay_s = retry_delay_s
-        self._max_retry_delay_s = max_retry_delay_s
-        self._keepalive_s = keepalive_s
-        self._task: Optional[asyncio.Task[None]] = None
-        self.connected = False
-
-    def start(self) -> None:
-        """Begin listening in the background."""
-        if self._task is None:
-            self._task = self._loop.create_task(self._run())
-
-    def stop(self) -> "Deferred[None]":
-        """Stop listening and close the connection."""
-        task, self._task = self._task, None
-        if task is None:
-            return succeed(None)
-        task.cancel()
-
-        async def wait() -> None:
-            try:
-                await task
-            except BaseException:
-                pass
-
-        return Deferred.fromFuture(self._loop.create_task(wait()))
-
-    async def _run(self) -> None:
-        delay = self._retry_delay_s
-        failing = False
-        while True:
-            conn: Optional[psycopg.AsyncConnection[Any]] = None
-            try:
-                conn = await asyncio.wait_for(self._pool.open_connection(), 10.0)
-                await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                self.connected = True
-                delay = self._retry_delay_s
-                if failing:
-                    self._log.info("{relay_event}", relay_event="bus_listen_recovered")
-                    failing = False
-                self._safely(self._on_connected)
-                while True:
-                    async for notify in conn.notifies(timeout=self._keepalive_s):
-                        self._dispatch(notify.payload)
-                    await asyncio.wait_for(conn.execute("SELECT 1"), 5.0)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                if not failing:
-                    self._log.warn("{relay_event}", relay_event="bus_listen_error", error=type(error).__name__)
-                    failing = True
-            finally:
-                self.connected = False
-                if conn is not None:
-                    await _discard(conn)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._max_retry_delay_s)
-
-    def _dispatch(self, payload: str) -> None:
-        try:
-            frame_id = int(payload)
-        except ValueError:
-            return
-        self._safely(lambda: self._on_notify(frame_id))
-
-    def _safely(self, call: Callable[[], None]) -> None:
-        try:
-            call()
-        except Exception:
-            self._log.failure("{relay_event}", relay_event="bus_notify_handler_error")
+        return Deferred.fromFuture(self._loop.create_task(close()))

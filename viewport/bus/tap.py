@@ -15,13 +15,16 @@ from twisted.python.failure import Failure
 
 from viewport.bus.api import BusApi, BusSite, PullWaiters, max_body_bytes_for
 from viewport.bus.config import BusConfig, load_bus_config
-from viewport.bus.store import BusStore, DatabaseUnavailable, NotificationListener
+from viewport.bus.listener import NotificationListener
+from viewport.bus.store import BusStore, DatabaseUnavailable
 from viewport.relay.logs import JsonLineObserver
 from viewport.service_support import EnvironmentOptions, JsonLoggingService, listen_now, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
 #: Log entries kept in memory by the JSON observer (the bus has no /logs endpoint).
 _MAX_LOGS = 200
+#: How long requests still running at shutdown may take before they are cancelled.
+SHUTDOWN_GRACE_SECONDS = 2.0
 _NOT_ASYNCIO = "viewport-bus needs the asyncio reactor: run `twistd -r asyncio -n viewport-bus`"
 
 _log = Logger()
@@ -35,7 +38,7 @@ class Options(EnvironmentOptions):
         "frame bus) on PostgreSQL. Needs the asyncio reactor (twistd -r asyncio). Environment: "
         "BUS_DATABASE_URL, RELAY_INTERNAL_KEY (required), RELAY_TOKEN_SECRET / RELAY_TOKEN_PUBLIC_KEY / "
         "RELAY_TOKEN_SECRET_FILE, BUS_RETENTION_SECONDS, BUS_MAX_WAIT_MS, BUS_MAX_PAYLOAD_BYTES, "
-        "BUS_PRESENCE_TTL_SECONDS, HOST, PORT."
+        "BUS_MAX_BATCH_BYTES, BUS_PRESENCE_TTL_SECONDS, HOST, PORT."
     )
     optParameters = [
         ["host", None, None, "Listen address (overrides HOST; default 127.0.0.1)."],
@@ -96,14 +99,18 @@ class BusService(JsonLoggingService):
         clock: Any,
         store: BusStore,
         listener: NotificationListener,
+        api: BusApi,
         site: BusSite,
         endpoint: IStreamServerEndpoint,
+        shutdown_grace_seconds: float = SHUTDOWN_GRACE_SECONDS,
     ) -> None:
         super().__init__()
         self.config = config
         self.store = store
         self.listener = listener
+        self.api = api
         self.site = site
+        self._shutdown_grace_seconds = shutdown_grace_seconds
         self._endpoint = endpoint
         self.port: Optional[IListeningPort] = None
         retention = TimerService(retention_interval_seconds(config.retention_seconds), self.expire)
@@ -132,6 +139,7 @@ class BusService(JsonLoggingService):
             url=f"http://{shown}:{getattr(address, 'port', self.config.port)}",
             retentionSeconds=self.config.retention_seconds,
             maxWaitMs=self.config.max_wait_ms,
+            maxBatchBytes=self.config.max_batch_bytes,
             presenceTtlSeconds=self.config.presence_ttl_seconds,
             validateWith=self.config.token_key,
         )
@@ -154,10 +162,13 @@ class BusService(JsonLoggingService):
 
     @inlineCallbacks
     def stopService(self) -> Any:
-        """Stop accepting, stop LISTEN and retention, close the connections."""
+        """Stop accepting, answer the requests in flight, stop LISTEN and retention, close the connections."""
         port, self.port = self.port, None
         if port is not None:
             yield port.stopListening()
+        # Before the reactor cuts the connections: a request cut mid-query would otherwise leave
+        # its database work to an event loop that is about to stop.
+        yield self.api.stop(self._shutdown_grace_seconds)
         yield super().stopService()
         yield DeferredList([self.listener.stop(), self.store.close()], consumeErrors=True)
 
@@ -186,6 +197,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         verifier=build_verifier(config),
         max_wait_ms=config.max_wait_ms,
         max_payload_bytes=config.max_payload_bytes,
+        max_batch_bytes=config.max_batch_bytes,
         presence_ttl_seconds=config.presence_ttl_seconds,
     )
     endpoint = tcp_endpoint(reactor, config.host, config.port)
@@ -194,7 +206,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         clock=reactor,
         store=store,
         listener=listener,
-        site=BusSite(api, max_body_bytes_for(config.max_payload_bytes)),
+        api=api,
+        site=BusSite(api, max_body_bytes_for(config.max_payload_bytes, config.max_batch_bytes)),
         endpoint=endpoint,
     )
     service.log_observer = observer
