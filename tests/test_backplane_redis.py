@@ -24,7 +24,9 @@ from viewport.relay.backplane.redis import (
     encode_presence,
     parse_envelope,
     parse_presence,
+    liveness_key,
     presence_key,
+    signed_nonce,
 )
 from viewport.relay.backplane.redis_connection import RedisTarget, backoff_delay, parse_redis_url
 from viewport.relay.backplane.signing import sign
@@ -344,7 +346,24 @@ class ConnectionHandlingClockTests(SynchronousTestCase):
         self.assertIn(b"EVAL", commands.value())
         self._answer(commands, b":1\r\n")
         self.reactor.advance(15.0)
-        self.assertNotIn(b"SET", commands.value())
+        self.assertNotIn(b"presence", commands.value())
+        self.assertIn(b"viewport:relay:alive:relay-a", commands.value())
+        self._stop(commands, subscriber)
+
+    def test_liveness_record_is_refreshed_every_second(self) -> None:
+        """The relay's liveness key is SET with a 3 s TTL when connected and again every second; stop deletes it."""
+        self.backplane.start(self.received.append)
+        commands, subscriber = self._connect_both()
+        self.assertIn(b"viewport:relay:alive:relay-a", commands.value())
+        self.assertIn(b"3000", commands.value())
+        self._answer(commands, b"+OK\r\n")
+        self.reactor.advance(1.0)
+        self.assertIn(b"viewport:relay:alive:relay-a", commands.value())
+        self._answer(commands, b"+OK\r\n")
+        self.backplane.stop()
+        self.assertIn(b"DEL", commands.value())
+        self.assertIn(b"viewport:relay:alive:relay-a", commands.value())
+        self._answer(commands, b":1\r\n")
         self._stop(commands, subscriber)
 
 
@@ -635,3 +654,47 @@ def test_sentinel_url_finds_the_master(redis_server: RedisServer, relays: Relays
         yield a.stop()
     finally:
         sentinel.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_frames_past_their_deadline_are_dropped(redis_server: RedisServer, relays: Relays) -> Any:
+    """A correctly signed envelope received after its deliver-by time (its sender gave up) is dropped and counted."""
+    b = relays.make(redis_server.url, "relay-b")
+    yield relays.start(b)
+    b.watch_scope("w:1", "rt:1", "daemon")
+    yield b.subscriptions_settled()
+    channel = bus_channel("viewport-test", "daemon", "w:1", "rt:1")
+    now = int(time.time() * 1000)
+
+    def envelope(payload: str, deliver_by: int) -> str:
+        frame = _frame("relay-a", "relay-b", payload=payload)
+        return encode_envelope(frame, now, "n" + payload, sign(KEY, frame, now, signed_nonce("n" + payload, deliver_by)),
+                               deliver_by)
+
+    redis_command(redis_server.port, "PUBLISH", channel, envelope('{"n":"late"}', now - 1))
+    redis_command(redis_server.port, "PUBLISH", channel, envelope('{"n":"in time"}', now + 60000))
+    forged = json.loads(envelope('{"n":"moved"}', now - 1))
+    forged["deliverByMs"] = now + 60000
+    redis_command(redis_server.port, "PUBLISH", channel, json.dumps(forged))
+    yield _poll(lambda: _count(relays.metrics["relay-b"], "relay_bus_pull_invalid_signature") == 1, "the forged deadline")
+    assert [f.payload for f in relays.received["relay-b"]] == ['{"n":"in time"}']
+    assert _count(relays.metrics["relay-b"], "relay_bus_frames_expired") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_presence_of_a_relay_that_died_is_ignored(redis_server: RedisServer, relays: Relays) -> Any:
+    """A relay that stops refreshing its liveness key (it crashed) is reported dead and its presences stop resolving."""
+    a = relays.make(redis_server.url, "relay-a", liveness_ttl_ms=600)
+    b = relays.make(redis_server.url, "relay-b", liveness_ttl_ms=600, resolve_cache_ms=60000)
+    yield relays.start(a)
+    yield relays.start(b)
+    yield a.announce_presence(_presence("relay-a"))
+    assert (yield b.resolve_presence("w:1", "rt:1")).relay_id == "relay-a"
+    assert (yield b.dead_relays(["relay-a", "never-seen"])) == frozenset()
+    a._refresher.stop()  # a crash: nothing refreshes its keys any more, nothing deletes them
+    yield _poll(lambda: redis_command(redis_server.port, "EXISTS", liveness_key("viewport-test", "relay-a")) == 0,
+                "the liveness key to expire")
+    assert (yield b.dead_relays(["relay-a", "never-seen"])) == frozenset({"relay-a"})
+    assert (yield b.resolve_presence("w:1", "rt:1")) is None
+    assert redis_command(redis_server.port, "EXISTS", presence_key("viewport-test", "w:1", "rt:1")) == 1
+    assert _count(relays.metrics["relay-b"], "relay_presence_dead_relay") == 1

@@ -368,6 +368,112 @@ class ServerBackplaneUnitTests(SynchronousTestCase):
         self.assertEqual(results, [False])
 
 
+class ServerBackplaneBatchAndLivenessTests(SynchronousTestCase):
+    """Batched, bounded publishing and relay liveness, on a bus that says it can do them (and without them on one that does not)."""
+
+    def start(self, capabilities: List[str], **options: Any) -> _Harness:
+        harness = _Harness(**options)
+        harness.backplane.start(harness.received.append)
+        harness.flush()
+        harness.platform.answer(200, {"ok": True, "frames": [], "headId": 0, "capabilities": capabilities})
+        harness.flush()
+        return harness
+
+    def publish(self, harness: _Harness, n: int, results: List[bool]) -> None:
+        frame = BusFrame("w", "t", "relay-a", "relay-b", "daemon_to_clients", f'{{"n":{n}}}')
+        harness.backplane.publish(frame).addCallback(results.append)
+
+    def test_frames_queued_behind_a_publish_go_in_one_batch_in_order(self) -> None:
+        """While one publish is in flight, the frames of that scope queue up and go in a single {"frames": [...]} request."""
+        harness = self.start(["batch"])
+        results: List[bool] = []
+        for n in range(5):
+            self.publish(harness, n, results)
+        harness.flush()
+        first = harness.platform.answer(200, {"ok": True, "ids": [1]})
+        harness.flush()
+        second = harness.platform.answer(200, {"ok": True, "ids": [2, 3, 4, 5]})
+        harness.flush()
+        self.assertEqual([json.loads(f["payload"])["n"] for f in first["body"]["frames"]], [0])
+        self.assertEqual([json.loads(f["payload"])["n"] for f in second["body"]["frames"]], [1, 2, 3, 4])
+        self.assertEqual(results, [True] * 5)
+        self.assertEqual(harness.counter("relay_bus_publish_ok"), 5)
+
+    def test_a_platform_without_batches_gets_one_frame_per_call(self) -> None:
+        """Without the batch capability every publish is the contract's single-frame body, still one at a time, in order."""
+        harness = self.start([])
+        results: List[bool] = []
+        for n in range(3):
+            self.publish(harness, n, results)
+        harness.flush()
+        bodies = []
+        for _ in range(3):
+            bodies.append(harness.platform.answer(200, {"ok": True, "id": 1})["body"])
+            harness.flush()
+        self.assertEqual([json.loads(b["payload"])["n"] for b in bodies], [0, 1, 2])
+        self.assertEqual(results, [True] * 3)
+        self.assertNotIn("/relays/heartbeat", harness.platform.paths())
+
+    def test_the_queue_is_bounded_by_bytes_and_age(self) -> None:
+        """Frames beyond the queue's bytes are refused at once; frames that waited too long are refused, not sent."""
+        harness = self.start(["batch"], queue_max_bytes=20, queue_max_age_ms=500)
+        results: List[bool] = []
+        for n in range(4):
+            self.publish(harness, n, results)
+        harness.flush()
+        self.assertEqual(results, [False])  # frames 1 and 2 wait (14 bytes), frame 3 would pass 20 bytes
+        harness.clock.advance(1.0)
+        harness.platform.answer(200, {"ok": True, "ids": [1]})
+        harness.flush()
+        self.assertEqual(results, [False, True, False, False])
+        self.assertEqual(len([p for p in harness.platform.paths() if p == "/bus/publish"]), 1)
+        self.assertEqual(harness.counter("relay_bus_publish_failed"), 3)
+
+    def test_liveness_heartbeat_goodbye_and_dead_relays(self) -> None:
+        """On a bus with liveness the relay heartbeats every second, asks which relays are dead, and says goodbye on stop."""
+        harness = self.start(["liveness"])
+        harness.platform.answer(200, {"ok": True})
+        harness.flush()
+        harness.clock.advance(1.0)
+        harness.flush()
+        beats = [c["body"] for c in harness.platform.calls if c["path"].endswith("/relays/heartbeat")]
+        self.assertEqual(beats[0], {"relayId": "relay-a", "ttlMs": 3000})
+        self.assertEqual(len(beats), 2)
+        harness.platform.answer(200, {"ok": True})
+        dead: List[Any] = []
+        harness.backplane.dead_relays(["relay-b", "relay-c", "relay-a"]).addCallback(dead.append)
+        harness.flush()
+        call = harness.platform.answer(200, {"ok": True, "alive": ["relay-c"], "dead": ["relay-b"], "unknown": []})
+        harness.flush()
+        self.assertEqual((call["body"], dead), ({"relayIds": ["relay-b", "relay-c"]}, [frozenset({"relay-b"})]))
+        harness.platform.queue("/relays/heartbeat", 200, {"ok": True})
+        stopped: List[object] = []
+        harness.backplane.stop().addCallback(stopped.append)
+        harness.flush()
+        self.assertEqual(harness.platform.calls[-1]["body"], {"relayId": "relay-a", "gone": True})
+        self.assertEqual(stopped, [None])
+        self.assertEqual(harness.clock.getDelayedCalls(), [])
+
+    def test_failed_pulls_report_the_lost_path_and_its_return(self) -> None:
+        """path_changed hears False when the pull loop turns unhealthy and True when a pull succeeds again."""
+        harness = _Harness()
+        changes: List[bool] = []
+        harness.backplane.start(harness.received.append, changes.append)
+        harness.flush()
+        harness.platform.answer(200, {"ok": True, "frames": [], "headId": 0})
+        harness.backplane.watch_scope("w", "t", "clients")
+        harness.flush()
+        for _ in range(3):
+            harness.platform.answer(503, {"ok": False})
+            harness.flush()
+            harness.clock.advance(2.0)
+            harness.flush()
+        self.assertEqual(changes, [False])
+        harness.platform.answer(200, {"ok": True, "frames": [], "headId": 0})
+        harness.flush()
+        self.assertEqual(changes, [False, True])
+
+
 # --- real bus, real PostgreSQL ---------------------------------------------------------------------
 
 

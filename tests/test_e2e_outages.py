@@ -37,12 +37,25 @@ from tests.support import (
     stop_relays,
     token,
 )
-from viewport.client import RelayConnection, ReconnectingConnection, is_status
+from viewport.client import MessageTimeout, RelayConnection, ReconnectingConnection, is_status
 
 
 def workspace(name: str) -> str:
     """A workspace id no other test uses."""
     return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@inlineCallbacks
+def drain_statuses(conn: RelayConnection, code: str, at_least: int) -> Any:
+    """Read the statuses ``conn`` got (at least ``at_least``; all must be ``code``) until none follows for a moment."""
+    seen = 0
+    while True:
+        try:
+            frame = yield conn.next_json(timeout=1.0 if seen >= at_least else 10.0)
+        except MessageTimeout:
+            return seen
+        assert is_status(frame, code), frame
+        seen += 1
 
 
 @inlineCallbacks
@@ -63,18 +76,21 @@ def outage_then_recovery(backplane: Backplane, relays: List[RelayProcess], down:
 
         yield down()
         yield all_ready(relays, 503)
+        # B tells its client as soon as it lost its path (and again for each frame it cannot pass on).
+        yield expect_status(client, "DAEMON_UNAVAILABLE")
         client.send_text(kex_init("r-down"))
-        yield expect_status(client, "DAEMON_UNAVAILABLE")
         client.send_text(envelope("s1", 2))
-        yield expect_status(client, "DAEMON_UNAVAILABLE")
-        failed = (yield fetch_metrics(a))["relay_bus_publish_failed_total"]
+        lost = (yield fetch_metrics(a))["relay_bus_daemon_frames_lost_total"]
         daemon.send_text(envelope("s1", 3))
-        # A could not pass the daemon's answer on: it is lost, not kept for later.
-        yield metric_reaches(a, "relay_bus_publish_failed_total", failed + 1)
+        # A could not pass the daemon's answer on: it is lost (counted), not kept for later.
+        yield metric_reaches(a, "relay_bus_daemon_frames_lost_total", lost + 1)
 
         yield up()
         yield all_ready(relays, 200, timeout=20)
         yield backplane.presence_at(ws, "rt1", a)
+        # Once A can publish again, B's clients hear that a frame for them was lost.
+        yield metric_reaches(a, "relay_bus_loss_notices_sent_total", 1, timeout=10)
+        yield drain_statuses(client, "DAEMON_UNAVAILABLE", at_least=3)
         # Frames of the outage would arrive first: each side's next frame is the new one.
         yield key_exchange(client, daemon, "r2", "s2")
         client.send_text(envelope("s2", 4))

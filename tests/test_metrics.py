@@ -91,7 +91,14 @@ SPEC_COUNTERS = frozenset(
 )
 SPEC_GAUGES = frozenset({"relay_connections_total", "relay_workspaces_total"})
 #: Counters of ours beyond the contract's (docs/protocol.md §8 lists them).
-OWN_COUNTERS = frozenset({"relay_upgrade_rejected_origin_total"})
+OWN_COUNTERS = frozenset({
+    "relay_upgrade_rejected_origin_total",
+    "relay_bus_frames_expired_total",
+    "relay_presence_dead_relay_total",
+    "relay_remote_relay_dead_total",
+    "relay_bus_daemon_frames_lost_total",
+    "relay_bus_loss_notices_sent_total",
+})
 COUNTERS = SPEC_COUNTERS | OWN_COUNTERS
 HISTOGRAMS = ("relay_forward_client_to_daemon_seconds", "relay_forward_daemon_to_client_seconds")
 

@@ -557,7 +557,8 @@ class StatusFrameTests(SynchronousTestCase):
         conn = self.h.client()
         self.h.router.client_frame(conn, e2ee(), 0)
         self.assertEqual(peer(conn).texts, [frames.daemon_unavailable(WS, RT)])
-        self.assertEqual((self.h.backplane.resolved, self.h.backplane.published), ([(WS, RT)], []))
+        # One lookup when the client registered (to learn its daemon's relay), one for the frame.
+        self.assertEqual((self.h.backplane.resolved, self.h.backplane.published), ([(WS, RT), (WS, RT)], []))
 
     def test_daemon_unavailable_presence_on_this_relay(self) -> None:
         """Presence naming this relay is no remote route: DAEMON_UNAVAILABLE."""
@@ -1508,7 +1509,7 @@ class RemoteOrderingTests(SynchronousTestCase):
     """A client's frames for a daemon on another relay are published in the order they arrived."""
 
     def test_slow_presence_lookup_does_not_reorder(self) -> None:
-        """The second frame waits for the first one's presence lookup and publish, even if its own lookup is faster."""
+        """The second frame waits for the first one's presence lookup, even if its own lookup is faster."""
         h = Harness({k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"})
         remote = Presence(WS, RT, "relay-b", B_URL, True)
         lookups: List[Deferred] = []
@@ -1518,8 +1519,8 @@ class RemoteOrderingTests(SynchronousTestCase):
             lookups.append(d)
             return d
 
-        h.backplane.resolve_presence = slow_resolve  # type: ignore[method-assign]
         conn = h.client()
+        h.backplane.resolve_presence = slow_resolve  # type: ignore[method-assign]
         h.router.client_frame(conn, e2ee(seq=1), 0)
         h.router.client_frame(conn, e2ee(seq=2), 0)
         self.assertEqual(len(lookups), 1)
@@ -1548,8 +1549,8 @@ class RemoteOrderingTests(SynchronousTestCase):
         """Thousands of frames queued behind a slow lookup are each answered when lookups then answer at once."""
         env = {k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"}
         h = Harness({**env, "RELAY_RUNTIME_RATE_PER_MINUTE": "100000", "RELAY_RUNTIME_RATE_PER_MINUTE_WORKSPACE": "100000"})
-        lookups = self._stalled_first_lookup(h)
         conn = h.client()
+        lookups = self._stalled_first_lookup(h)
         for seq in range(1, 3002):
             h.router.client_frame(conn, e2ee(seq=seq), 0)
         lookups[0].callback(None)
@@ -1559,8 +1560,8 @@ class RemoteOrderingTests(SynchronousTestCase):
     def test_waiting_frames_go_to_a_daemon_that_connected_meanwhile(self) -> None:
         """Frames waiting for a remote route are delivered, in order, to a daemon that connected here meanwhile."""
         h = Harness({k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"})
-        lookups = self._stalled_first_lookup(h)
         conn = h.client()
+        lookups = self._stalled_first_lookup(h)
         h.router.client_frame(conn, e2ee(seq=1), 0)
         h.router.client_frame(conn, e2ee(seq=2), 0)
         daemon = h.daemon()
@@ -1569,6 +1570,67 @@ class RemoteOrderingTests(SynchronousTestCase):
         lookups[0].callback(None)
         self.assertEqual([json.loads(p)["seq"] for p in peer(daemon).payloads], [1, 2, 3])
         self.assertEqual(peer(conn).texts, [])
+
+
+class RemotePathTests(SynchronousTestCase):
+    """Clients whose daemon is on another relay are told when their path breaks (issue: faults without silent loss)."""
+
+    def setUp(self) -> None:
+        self.h = Harness()
+        self.h.backplane.presence[(WS, RT)] = Presence(WS, RT, "relay-b", B_URL, True)
+
+    def test_lost_inbound_path_tells_clients_of_remote_daemons_once(self) -> None:
+        """When the backplane loses its inbound path, clients with a remote daemon get DAEMON_UNAVAILABLE, once per outage."""
+        remote = self.h.client(client_id="remote")
+        local_daemon = self.h.daemon(rt="rt2")
+        local = self.h.client(client_id="local", rt="rt2")
+        self.h.router.path_changed(False, 1)
+        self.h.router.path_changed(False, 2)
+        self.assertEqual(peer(remote).texts, [frames.daemon_unavailable(WS, RT)])
+        self.assertEqual((peer(local).texts, peer(local_daemon).texts), ([], []))
+        self.h.router.path_changed(True, 3)
+        self.h.router.path_changed(False, 4)
+        self.assertEqual(len(peer(remote).texts), 2)
+
+    def test_dead_relay_is_noticed_for_an_idle_client(self) -> None:
+        """A client that never sent anything learns nothing, but the liveness check tells it when its daemon's relay died."""
+        idle = self.h.client()
+        self.assertEqual(self.h.registry.get(WS, RT).remote_daemon_relay, "relay-b")  # type: ignore[union-attr]
+        self.h.router.check_remote_relays(1000)
+        self.assertEqual(peer(idle).texts, [])
+        self.h.backplane.dead.add("relay-b")
+        self.h.router.check_remote_relays(2000)
+        self.assertEqual(peer(idle).texts, [frames.daemon_unavailable(WS, RT)])
+        self.h.router.check_remote_relays(3000)
+        self.assertEqual(len(peer(idle).texts), 1)
+        self.assertEqual((self.h.count("relay_remote_relay_dead"), self.h.backplane.presence), (1, {}))
+
+    def test_a_daemon_moving_here_tells_clients_their_sessions_are_gone(self) -> None:
+        """When the daemon of a scope whose clients used it on another relay connects here, those clients are told to re-key."""
+        client = self.h.client()
+        self.h.daemon()
+        self.assertEqual(peer(client).texts, [frames.daemon_unavailable(WS, RT)])
+        self.assertIsNone(self.h.registry.get(WS, RT).remote_daemon_relay)  # type: ignore[union-attr]
+
+    def test_lost_daemon_frames_owe_the_remote_clients_a_notice(self) -> None:
+        """A daemon frame for a session owned on relay-b that cannot be published is counted; relay-b's clients are told once it can."""
+        del self.h.backplane.presence[(WS, RT)]
+        daemon = self.h.daemon()
+        self.h.bus(kex_init("k1"), source="relay-b")
+        self.h.router.daemon_frame(daemon, kex_response("k1", "s1"), 1)
+        self.h.backplane.publish_result = False
+        self.h.router.daemon_frame(daemon, e2ee("s1"), 2)
+        self.h.router.check_remote_relays(1000)
+        self.assertEqual(self.h.count("relay_bus_daemon_frames_lost"), 1)
+        self.h.backplane.publish_result = True
+        self.h.backplane.published.clear()
+        self.h.router.path_changed(False, 1500)
+        self.h.router.path_changed(True, 2000)
+        self.assertEqual(self.h.backplane.published, [
+            BusFrame(WS, RT, "relay-a", "relay-b", "daemon_to_clients", frames.daemon_unavailable(WS, RT))])
+        self.h.router.check_remote_relays(3000)
+        self.assertEqual(len(self.h.backplane.published), 1)
+        self.assertEqual(self.h.count("relay_bus_loss_notices_sent"), 1)
 
 
 class WarningBudgetTests(SynchronousTestCase):

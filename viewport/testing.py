@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -91,13 +91,27 @@ class RecordingBackplane:
         self.watch_calls: List[WatchCall] = []
         self.unwatch_calls: List[WatchCall] = []
         self.deliver: Optional[Callable[[BusFrame], None]] = None
+        self.path_changed: Optional[Callable[[bool], None]] = None
+        #: Relay ids ``dead_relays`` reports gone.
+        self.dead: Set[str] = set()
         self.running = False
 
-    def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[None]":
-        """Keep ``deliver`` so a test can hand frames to the relay."""
+    def start(
+        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+    ) -> "Deferred[None]":
+        """Keep ``deliver`` (and ``path_changed``) so a test can hand frames and path changes to the relay."""
         self.deliver = deliver
+        self.path_changed = path_changed
         self.running = True
         return succeed(None)
+
+    def dead_relays(self, relay_ids: Collection[str]) -> "Deferred[frozenset[str]]":
+        """The asked ids that are in ``dead``; their presences are forgotten."""
+        gone = frozenset(relay_ids) & self.dead
+        for key, presence in list(self.presence.items()):
+            if presence.relay_id in gone:
+                del self.presence[key]
+        return succeed(gone)
 
     def stop(self) -> "Deferred[None]":
         """Stop delivering."""

@@ -70,7 +70,7 @@ class BusRouting:
                 # The sender's relay still believed the daemon was here (its presence answer was
                 # cached): tell that relay's clients of the scope instead of dropping in silence.
                 notice = frames.daemon_unavailable(scope.workspace_id, scope.runtime_target_id, bus.machine_id)
-                self._publish_to_clients(scope, bus.source_relay_id, notice.encode("utf-8"))
+                self._publish_to_clients(scope, bus.source_relay_id, notice.encode("utf-8"), now_ms)
                 return
             daemon.peer.send_payload(payload)
             m.relay_bus_frames_to_daemon.inc()
@@ -106,6 +106,7 @@ class BusRouting:
             return True
         if frame.get("type") == "relay_status" and frame.get("code") == "DAEMON_UNAVAILABLE":
             if scope.daemon_open() is None:
+                scope.remote_daemon_relay = None
                 for client in scope.clients:
                     client.peer.send_payload(payload)
             return True

@@ -90,6 +90,22 @@ class Relay:
         except Exception:
             self._log.failure("{relay_event}", relay_event="bus_frame_error")
 
+    def path_changed(self, working: bool) -> None:
+        """Entry point for the backplane losing (False) or regaining (True) its inbound path."""
+        try:
+            self.router.path_changed(working, self.now_ms())
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="path_change_error")
+
+    def check_remote_relays(self) -> None:
+        """Periodic (every second): notice relays that died without a goodbye; retry owed notices."""
+        try:
+            d = self.router.check_remote_relays(self.now_ms())
+            if d is not None:
+                d.addErrback(lambda f: self._log.failure("{relay_event}", f, relay_event="liveness_check_error"))
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="liveness_check_error")
+
     def add_connection(self, protocol: Any) -> None:
         """Track an open socket, in one of the heartbeat's slices (round robin)."""
         slot = self._next_slot

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Collection, Literal, Optional
 
 from zope.interface import Attribute, Interface
 
@@ -52,15 +52,32 @@ class IBackplane(Interface):
         "then 'degraded' and answers /ready with 503 (bool)."
     )
 
-    def start(deliver: Callable[[BusFrame], None]) -> object:
+    def start(
+        deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+    ) -> object:
         """
-        Begin receiving frames addressed to this relay; ``deliver`` is called once per accepted
-        frame, in arrival order. Returns a Deferred that fires when the backplane is usable (it
-        may keep reconnecting in the background afterwards).
+        Begin receiving frames addressed to this relay and keep this relay's liveness record
+        fresh; ``deliver`` is called once per accepted frame, in arrival order.
+
+        ``path_changed(False)`` is called as soon as frames addressed to this relay may be
+        missed (the Redis subscription or the bus pull is lost), ``path_changed(True)`` when they
+        arrive again. Returns a Deferred that fires when the backplane is usable (it may keep
+        reconnecting in the background afterwards).
         """
 
     def stop() -> object:
-        """Stop receiving, release connections. Returns a Deferred that fires when done."""
+        """
+        Say goodbye (withdraw this relay's presences and its liveness record), stop receiving,
+        release connections. Returns a Deferred that fires when done.
+        """
+
+    def dead_relays(relay_ids: Collection[str]) -> object:
+        """
+        Returns a Deferred firing with the subset of ``relay_ids`` known to be gone: relays whose
+        liveness record expired (they died without a goodbye) or that said goodbye. Presences of
+        such relays are forgotten (``resolve_presence`` never names them). Unknown or unreachable:
+        not reported dead. Never fails.
+        """
 
     def announce_presence(presence: Presence) -> object:
         """
@@ -70,8 +87,8 @@ class IBackplane(Interface):
 
     def resolve_presence(workspace_id: str, runtime_target_id: Optional[str]) -> object:
         """
-        Returns a Deferred firing with the connected daemon's ``Presence`` (on any relay), or
-        None when no relay reports one.
+        Returns a Deferred firing with the connected daemon's ``Presence`` (on any relay whose
+        liveness record is fresh), or None when no live relay reports one.
         """
 
     def publish(frame: BusFrame) -> object:

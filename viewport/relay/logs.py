@@ -253,3 +253,45 @@ def _traceback(failure: object) -> str:
         return get_traceback()
     except Exception:
         return str(failure)
+
+
+class RepeatedWarning:
+    """
+    One warning event that may fire in bursts (every frame of an outage): the first occurrence is
+    logged at once, the rest are counted and logged as one line with ``repeated=<n>`` at most
+    every ``interval_s`` — an outage costs a few log lines, not one per frame.
+    """
+
+    def __init__(self, log: Any, clock: Any, event: str, interval_s: float = 10.0) -> None:
+        self._log = log
+        self._clock = clock
+        self._event = event
+        self._interval_s = interval_s
+        self._held = 0
+        self._last: dict[str, Any] = {}
+        self._timer: Any = None
+
+    def warn(self, **details: Any) -> None:
+        """Log now if this is the first of a burst, else count it (the latest details are kept)."""
+        if self._timer is None:
+            self._log.warn("{relay_event}", relay_event=self._event, **details)
+            self._timer = self._clock.callLater(self._interval_s, self._flush)
+            return
+        self._held += 1
+        self._last = details
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._held:
+            held, self._held = self._held, 0
+            self._log.warn("{relay_event}", relay_event=self._event, repeated=held, **self._last)
+            self._timer = self._clock.callLater(self._interval_s, self._flush)
+
+    def cancel(self) -> None:
+        """Log what is held and stop the timer (shutdown)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._held:
+            held, self._held = self._held, 0
+            self._log.warn("{relay_event}", relay_event=self._event, repeated=held, **self._last)

@@ -140,6 +140,18 @@ class RelayMetrics:
             "relay_upgrade_missing_auth_total", "Upgrades refused for lack of a usable token.")
         self.relay_upgrade_rejected_origin = self._counter(
             "relay_upgrade_rejected_origin_total", "Upgrades refused because RELAY_ALLOWED_ORIGINS excludes their Origin.")
+        self.relay_bus_frames_expired = self._counter(
+            "relay_bus_frames_expired_total",
+            "Bus frames received after their deliver-by deadline (their sender was told they failed).")
+        self.relay_presence_dead_relay = self._counter(
+            "relay_presence_dead_relay_total", "Presences ignored because the relay they name is no longer alive.")
+        self.relay_remote_relay_dead = self._counter(
+            "relay_remote_relay_dead_total", "Relays holding our clients' daemons found dead by the liveness check.")
+        self.relay_bus_daemon_frames_lost = self._counter(
+            "relay_bus_daemon_frames_lost_total",
+            "Daemon frames for another relay's clients that could not be published (those clients are then told).")
+        self.relay_bus_loss_notices_sent = self._counter(
+            "relay_bus_loss_notices_sent_total", "DAEMON_UNAVAILABLE notices published for frames lost earlier.")
         self.relay_upgrade_rejected_workspace_clients = self._counter(
             "relay_upgrade_rejected_workspace_clients_total", "Upgrades refused by the per-scope client cap.")
         self.relay_admission_ok = self._counter(

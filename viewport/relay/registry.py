@@ -194,6 +194,8 @@ class ScopeState:
         self.workspace_id = workspace_id
         self.runtime_target_id = runtime_target_id
         self.daemon: Optional[Connection] = None
+        #: The other relay holding this scope's daemon, as last resolved (None: unknown or none).
+        self.remote_daemon_relay: Optional[str] = None
         self.daemon_issue_generation: Optional[int] = None
         self.clients: Dict[Connection, None] = {}
         self.subscribers: Dict[str, Set[Connection]] = {}

@@ -109,8 +109,12 @@ class RemoteRouting:
             self._m.relay_bytes_client_to_daemon.inc(len(payload))
             return None
         if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
+            if scope is not None:
+                scope.remote_daemon_relay = None
             self._daemon_unavailable(conn)
             return None
+        if scope is not None:
+            scope.remote_daemon_relay = presence.relay_id
         if (
             self._config.client_redirect_enabled
             and not conn.redirect_sent
@@ -140,7 +144,11 @@ class RemoteRouting:
                 self._daemon_unavailable(conn)
 
         d.addCallback(published)
-        return d
+        d.addErrback(self._log_failure, "client_route_error")
+        # Not returned: the next frame need not wait for this publish's answer. Every backplane
+        # keeps one connection's (Redis) or one scope's (server) publishes in order, and a server
+        # backplane batches the frames that queue up meanwhile.
+        return None
 
     def _redirect_allowed(self, url: str) -> bool:
         config = self._config

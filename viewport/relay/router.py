@@ -14,6 +14,7 @@ from viewport.relay.bus_routing import BusRouting
 from viewport.relay.claims_check import check_connection_claims
 from viewport.relay.limits import Limiters
 from viewport.relay.registry import Connection, Owner, Registry, ScopeState
+from viewport.relay.remote_path import RemotePath
 from viewport.relay.remote_routing import RemoteRouting
 
 CLOSE_POLICY = 4008
@@ -51,6 +52,11 @@ class Router(RemoteRouting, BusRouting):
         self._worker_forward = worker_forward
         self._relay_id: str = backplane.relay_id
         self._log_budget: dict[str, int] = {}
+        #: Set by ``withdraw_presence``: presences and notices went out, closing sockets repeats neither.
+        self._withdrawn = False
+        self._remote_path = RemotePath(
+            registry=registry, backplane=backplane, metrics=metrics, event=self._event, relay_id=self._relay_id
+        )
 
     def _event(self, level: LogLevel, name: str, **details: object) -> None:
         """
@@ -63,6 +69,14 @@ class Router(RemoteRouting, BusRouting):
             if used >= WARNINGS_PER_TICK:
                 return
         self._log.emit(level, "{relay_event}", relay_event=name, **details)
+
+    def path_changed(self, working: bool, now_ms: float) -> None:
+        """The backplane lost (False) or regained (True) the path bringing other relays' frames here."""
+        self._remote_path.path_changed(working, now_ms)
+
+    def check_remote_relays(self, now_ms: float) -> "Optional[Deferred[Any]]":
+        """Periodic: tell clients whose daemon's relay died, and retry notices owed to other relays."""
+        return self._remote_path.check_remote_relays(now_ms)
 
     def reset_log_budget(self) -> None:
         """Start a new warning budget; log how many warnings of each kind were held back."""
@@ -170,6 +184,13 @@ class Router(RemoteRouting, BusRouting):
         self._registry.registered_connections += 1
         if generation is not None:
             scope.daemon_issue_generation = generation
+        if scope.remote_daemon_relay is not None:
+            # The daemon was on another relay and has moved here (that relay may have died without
+            # a word): the sessions our clients had with it are gone with its old connection.
+            scope.remote_daemon_relay = None
+            notice = frames.daemon_unavailable(scope.workspace_id, scope.runtime_target_id)
+            for client in scope.clients:
+                client.peer.send_text(notice)
         scope.kex_requests.clear()
         scope.session_owners.clear()
         self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id, "daemon")
@@ -193,6 +214,8 @@ class Router(RemoteRouting, BusRouting):
         scope.clients[conn] = None
         self._registry.registered_connections += 1
         self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id, "clients")
+        if self._backplane.cross_relay and scope.runtime_target_id is not None and scope.daemon_open() is None:
+            self._learn_remote_daemon(scope)
         self._event(
             LogLevel.info,
             "client_connected",
@@ -202,6 +225,19 @@ class Router(RemoteRouting, BusRouting):
         )
         self._refresh_gauges()
         return True
+
+    def _learn_remote_daemon(self, scope: ScopeState) -> None:
+        """
+        Find which relay holds the scope's daemon, so that its death is noticed even for a client
+        that has not sent anything yet (the liveness check watches the relays scopes name).
+        """
+        d: Deferred = self._backplane.resolve_presence(scope.workspace_id, scope.runtime_target_id)  # type: ignore[assignment]
+
+        def learned(presence: Optional[Presence]) -> None:
+            if presence is not None and presence.relay_id != self._relay_id and scope.daemon_open() is None:
+                scope.remote_daemon_relay = presence.relay_id
+
+        d.addCallbacks(learned, self._log_failure, errbackArgs=("relay_presence_resolve_error",))
 
     def _presence(self, scope: ScopeState, conn: Connection, connected: bool) -> Presence:
         return Presence(
@@ -240,14 +276,15 @@ class Router(RemoteRouting, BusRouting):
                 scope.session_owners.clear()
                 scope.pairing_requests.clear()
                 self._backplane.unwatch_scope(scope.workspace_id, scope.runtime_target_id, "daemon")
-                self._backplane.announce_presence(self._presence(scope, conn, False))
+                if not self._withdrawn:
+                    self._backplane.announce_presence(self._presence(scope, conn, False))
                 notice = frames.daemon_unavailable(
                     scope.workspace_id, scope.runtime_target_id, conn.machine_id
                 )
                 for client in scope.clients:
                     client.peer.send_text(notice)
-                if self._backplane.cross_relay and scope.runtime_target_id is not None:
-                    self._publish_to_clients(scope, None, notice.encode("utf-8"))
+                if self._backplane.cross_relay and scope.runtime_target_id is not None and not self._withdrawn:
+                    self._publish_to_clients(scope, None, notice.encode("utf-8"), now_ms)
             self._event(
                 LogLevel.info,
                 "daemon_disconnected",
@@ -275,13 +312,26 @@ class Router(RemoteRouting, BusRouting):
         self._refresh_gauges()
 
     def withdraw_presence(self) -> "Deferred[Any]":
-        """Tell other relays that none of this relay's daemons is reachable any more (before shutdown)."""
-        announcements = []
+        """
+        Before shutdown, tell other relays that none of this relay's daemons is reachable any more:
+        withdraw each presence and publish the daemon-gone notice to the scope's clients on every
+        relay now, whatever the daemons' sockets do later (a daemon that never answers the closing
+        handshake would otherwise be reported only when its socket is dropped, with the backplane
+        already going down). Fires when all were answered.
+        """
+        self._withdrawn = True
+        sent = []
         for scope in list(self._registry.scopes.values()):
             daemon = scope.daemon
-            if daemon is not None:
-                announcements.append(self._backplane.announce_presence(self._presence(scope, daemon, False)))
-        return DeferredList(announcements, consumeErrors=True)  # type: ignore[arg-type]
+            if daemon is None:
+                continue
+            sent.append(self._backplane.announce_presence(self._presence(scope, daemon, False)))
+            if self._backplane.cross_relay and scope.runtime_target_id is not None:
+                notice = frames.daemon_unavailable(scope.workspace_id, scope.runtime_target_id, daemon.machine_id)
+                sent.append(self._backplane.publish(BusFrame(
+                    scope.workspace_id, scope.runtime_target_id, self._relay_id, None, "daemon_to_clients", notice
+                )))
+        return DeferredList(sent, consumeErrors=True)  # type: ignore[arg-type]
 
     def _refresh_gauges(self) -> None:
         self._m.relay_connections_total.set(self._registry.registered_connections)
@@ -604,7 +654,7 @@ class Router(RemoteRouting, BusRouting):
                 m.relay_session_frame_routed_local.inc()
                 return True
         elif owner.source_relay_id is not None and scope.runtime_target_id is not None:
-            self._publish_to_clients(scope, owner.source_relay_id, payload)
+            self._publish_to_clients(scope, owner.source_relay_id, payload, now_ms)
             m.relay_session_frame_routed_bus.inc()
             return True
         m.relay_session_frame_dropped.inc()
@@ -651,7 +701,7 @@ class Router(RemoteRouting, BusRouting):
                 routed_local.inc()
                 return True
         elif owner.source_relay_id is not None and scope.runtime_target_id is not None:
-            self._publish_to_clients(scope, owner.source_relay_id, payload)
+            self._publish_to_clients(scope, owner.source_relay_id, payload, now_ms)
             routed_bus.inc()
             return True
         dropped.inc()
@@ -677,8 +727,13 @@ class Router(RemoteRouting, BusRouting):
         return False
 
     def _publish_to_clients(
-        self, scope: ScopeState, target_relay_id: Optional[str], payload: bytes
+        self, scope: ScopeState, target_relay_id: Optional[str], payload: bytes, lost_at_ms: Optional[float] = None
     ) -> None:
+        """
+        Publish a daemon→clients frame; with ``lost_at_ms`` (frames owned by another relay's
+        client, and the daemon-gone notice) a failed publish is counted as a lost frame and the
+        clients it was for are owed a ``DAEMON_UNAVAILABLE`` once the path works again.
+        """
         assert scope.runtime_target_id is not None
         frame = BusFrame(
             workspace_id=scope.workspace_id,
@@ -689,6 +744,13 @@ class Router(RemoteRouting, BusRouting):
             payload=payload.decode("utf-8"),
         )
         d: Deferred = self._backplane.publish(frame)  # type: ignore[assignment]
+        if lost_at_ms is not None:
+
+            def published(ok: bool) -> None:
+                if not ok:
+                    self._remote_path.publish_failed(scope, target_relay_id, lost_at_ms)
+
+            d.addCallback(published)
         d.addErrback(self._log_failure, "relay_bus_publish_error")
 
     # -- worker pipeline --------------------------------------------------------------------------

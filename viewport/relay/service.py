@@ -6,13 +6,43 @@ import gc
 from typing import Any, Optional
 
 from twisted.application.internet import TimerService
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 
 from viewport.relay.core import HEARTBEAT_SLICES, Relay
 from viewport.relay.protocol import RelayPortFactory
 from viewport.service_support import JsonLoggingService, listen_now
+
+
+#: Of the shutdown grace: at most this long for the goodbyes (presence withdrawn, daemon-gone notices),
+#: and this long kept for stopping the backplane after the sockets.
+GOODBYE_SECONDS = 2.0
+BACKPLANE_STOP_SECONDS = 1.0
+
+
+def _bounded(d: "Deferred[Any]", clock: Any, seconds: float) -> "Deferred[Any]":
+    """``d``, or None once ``seconds`` have passed: shutdown moves on, it never waits past its grace."""
+    done: Deferred[Any] = Deferred()
+
+    def give_up() -> None:
+        if not done.called:
+            done.callback(None)
+
+    timer = clock.callLater(seconds, give_up)
+
+    def finished(result: object) -> None:
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+
+    d.addBoth(finished)
+    return done
+
+
+#: How often a cross-relay relay asks whether the relays holding its clients' daemons are alive.
+LIVENESS_CHECK_INTERVAL_MS = 1000
 
 
 class ListeningService(JsonLoggingService):
@@ -29,10 +59,13 @@ class ListeningService(JsonLoggingService):
         self._endpoint = endpoint
         self._grace_seconds = grace_seconds
         self.port: Optional[IListeningPort] = None
-        for interval_ms, work in (
+        periodic = [
             (relay.config.ping_interval_ms / HEARTBEAT_SLICES, relay.heartbeat),
             (relay.config.cleanup_interval_ms, relay.cleanup),
-        ):
+        ]
+        if relay.backplane.cross_relay:
+            periodic.append((LIVENESS_CHECK_INTERVAL_MS, relay.check_remote_relays))
+        for interval_ms, work in periodic:
             timer = TimerService(interval_ms / 1000.0, work)
             timer.clock = relay.clock
             timer.setServiceParent(self)
@@ -57,7 +90,7 @@ class ListeningService(JsonLoggingService):
         # collection scans hundreds of thousands of objects. Measured with benchmarks/connections.py
         # (4000 sockets, 1 frame/s each): round trip p99 7.6 -> 2.4 ms, max 109 -> 18 ms.
         gc.set_threshold(10_000, 50, 100)
-        d = relay.backplane.start(relay.deliver_bus_frame)
+        d = relay.backplane.start(relay.deliver_bus_frame, relay.path_changed)
         d.addErrback(lambda f: self._log.failure("{relay_event}", f, relay_event="backplane_start_error"))  # type: ignore[attr-defined]
         super().startService()
         self._log.info(
@@ -93,13 +126,18 @@ class ListeningService(JsonLoggingService):
         Stop accepting, withdraw this relay's daemon presence (so other relays stop routing here),
         close every WebSocket with 1001, then stop the backplane and timers.
         """
-        self.relay.accepting = False
+        relay = self.relay
+        clock = relay.clock
+        deadline = clock.seconds() + self._grace_seconds
+        relay.accepting = False
         port, self.port = self.port, None
         if port is not None:
             yield port.stopListening()
-        yield self.relay.router.withdraw_presence()
-        yield self.relay.shutdown(self._grace_seconds)
-        yield self.relay.backplane.stop()
+        # Goodbyes first, bounded: other relays must hear them before our sockets and backplane go.
+        yield _bounded(relay.router.withdraw_presence(), clock, min(GOODBYE_SECONDS, self._grace_seconds / 2))
+        yield relay.shutdown(max(0.0, deadline - clock.seconds() - BACKPLANE_STOP_SECONDS))
+        stopped: Deferred[Any] = relay.backplane.stop()  # type: ignore[assignment]
+        yield _bounded(stopped, clock, max(0.1, deadline - clock.seconds()))
         yield super().stopService()
         self._log.info(
             "{relay_event}",

@@ -8,7 +8,7 @@ import random
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -64,6 +64,11 @@ def presence_key(prefix: str, workspace_id: str, runtime_target_id: Optional[str
     return f"{prefix}:presence:{len(workspace_id)}:{workspace_id}:{runtime_target_id or ''}"
 
 
+def liveness_key(prefix: str, relay_id: str) -> str:
+    """The short-lived key that says a relay is alive (refreshed every second, expires in a few)."""
+    return f"{prefix}:alive:{relay_id}"
+
+
 @dataclass(frozen=True)
 class Envelope:
     """A bus frame as published on a channel, with what proves it."""
@@ -72,9 +77,22 @@ class Envelope:
     issued_at_ms: int
     nonce: Optional[str]
     signature: str
+    deliver_by_ms: Optional[int] = None
 
 
-def encode_envelope(frame: BusFrame, issued_at_ms: int, nonce: str, signature: str) -> str:
+def signed_nonce(nonce: str, deliver_by_ms: Optional[int]) -> str:
+    """
+    What the signature covers beyond the contract's fields: the random nonce and the deadline.
+
+    The deadline rides inside the signed text, so a relay cannot be fooled into delivering a
+    frame its sender already reported undeliverable.
+    """
+    return nonce if deliver_by_ms is None else f"{nonce}\n{deliver_by_ms}"
+
+
+def encode_envelope(
+    frame: BusFrame, issued_at_ms: int, nonce: str, signature: str, deliver_by_ms: Optional[int] = None
+) -> str:
     """The JSON text published for ``frame``."""
     doc: Dict[str, object] = {"workspaceId": frame.workspace_id, "runtimeTargetId": frame.runtime_target_id}
     if frame.machine_id is not None:
@@ -82,6 +100,8 @@ def encode_envelope(frame: BusFrame, issued_at_ms: int, nonce: str, signature: s
     doc.update(sourceRelayId=frame.source_relay_id, targetRelayId=frame.target_relay_id or None,
                direction=frame.direction, payload=frame.payload, issuedAtMs=issued_at_ms, nonce=nonce,
                signature=signature)
+    if deliver_by_ms is not None:
+        doc["deliverByMs"] = deliver_by_ms
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -100,6 +120,7 @@ def parse_envelope(raw: object) -> Optional[Envelope]:
     issued = doc.get("issuedAtMs")
     nonce = doc.get("nonce")
     signature = doc.get("signature")
+    deliver_by = doc.get("deliverByMs")
     if isinstance(issued, float) and issued.is_integer():
         issued = int(issued)
     if not (
@@ -116,6 +137,7 @@ def parse_envelope(raw: object) -> Optional[Envelope]:
         and (nonce is None or isinstance(nonce, str))
         and isinstance(signature, str)
         and signature
+        and (deliver_by is None or (type(deliver_by) is int and nonce is not None))
     ):
         return None
     frame = BusFrame(
@@ -127,7 +149,7 @@ def parse_envelope(raw: object) -> Optional[Envelope]:
         payload=payload,
         machine_id=machine_id,
     )
-    return Envelope(frame, issued, nonce, signature)
+    return Envelope(frame, issued, nonce, signature, deliver_by)
 
 
 def encode_presence(presence: Presence, updated_at_ms: int) -> str:
@@ -140,6 +162,8 @@ def encode_presence(presence: Presence, updated_at_ms: int) -> str:
     if presence.machine_id:
         doc["machineId"] = presence.machine_id
     doc["updatedAtMs"] = updated_at_ms
+    # This relay keeps a liveness record: readers may check it (an older relay's presence has none).
+    doc["liveness"] = True
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -244,6 +268,7 @@ class RedisBackplane:
         resolve_cache_max: int = 10000,
         retry_initial_ms: int = 500,
         retry_max_ms: int = 10000,
+        liveness_ttl_ms: int = 3000,
         metrics: Optional["RelayMetrics"] = None,
     ) -> None:
         """Parse the URL and prepare both connections; nothing connects before ``start``."""
@@ -251,7 +276,7 @@ class RedisBackplane:
             presence_ttl_ms=presence_ttl_ms, command_timeout_ms=command_timeout_ms, max_skew_ms=max_skew_ms,
             connect_timeout_ms=connect_timeout_ms, freshness_track_max=freshness_track_max,
             max_payload_bytes=max_payload_bytes, resolve_cache_max=resolve_cache_max,
-            retry_initial_ms=retry_initial_ms, retry_max_ms=retry_max_ms,
+            retry_initial_ms=retry_initial_ms, retry_max_ms=retry_max_ms, liveness_ttl_ms=liveness_ttl_ms,
         )
         for name, value in positive.items():
             if value <= 0:
@@ -266,6 +291,9 @@ class RedisBackplane:
         self._reactor = reactor
         self._prefix = key_prefix
         self._ttl_ms = presence_ttl_ms
+        self._liveness_ttl_ms = liveness_ttl_ms
+        self._command_timeout_ms = command_timeout_ms
+        self._presences_refreshed_ms = 0.0
         self._connect_timeout_s = connect_timeout_ms / 1000.0
         self._max_payload_bytes = max_payload_bytes
         self._cache_ms = min(resolve_cache_ms, presence_ttl_ms)
@@ -275,6 +303,7 @@ class RedisBackplane:
         self._random = random.Random()
 
         self._deliver: Optional[Callable[[BusFrame], None]] = None
+        self._path_changed: Optional[Callable[[bool], None]] = None
         self._started = False
         self._stopped = False
         self._healthy = False
@@ -290,6 +319,10 @@ class RedisBackplane:
         self._pending_clears: Set[str] = set()
         self._cache: OrderedDict[str, Tuple[Presence, float]] = OrderedDict()
         self._cache_epoch = 0
+        #: relay id -> (alive, until ms): liveness answers, kept for one refresh period.
+        self._alive: OrderedDict[str, Tuple[bool, float]] = OrderedDict()
+        #: Relays seen announcing a liveness record (only they can be judged dead by its absence).
+        self._tracked: OrderedDict[str, None] = OrderedDict()
 
         timeout_s = command_timeout_ms / 1000.0
         self._endpoint = redis_endpoint(self._target, reactor, self._connect_timeout_s)
@@ -314,19 +347,23 @@ class RedisBackplane:
         """True while both connections are up and every watched channel is subscribed."""
         return self._healthy
 
-    def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[bool]":
+    def start(
+        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+    ) -> "Deferred[bool]":
         """
         Connect in the background. Fires True once both connections are usable, or False after
         the connect timeout (the relay then runs degraded while reconnecting goes on). Never fails.
+        ``path_changed`` follows ``healthy``: False when it drops, True when it returns.
         """
         if self._started or self._stopped:
             return succeed(self._healthy)
         self._started = True
         self._deliver = deliver
+        self._path_changed = path_changed
         waiter: Deferred[bool] = Deferred()
         self._start_waiters.append(waiter)
         self._start_timer = self._reactor.callLater(self._connect_timeout_s, self._start_timed_out)
-        self._refresher.start(self._ttl_ms / 3000.0, now=False).addErrback(
+        self._refresher.start(self._tick_seconds(), now=False).addErrback(
             lambda f: self._log.failure("presence refresh stopped", f, relay_event="relay_presence_refresh_error")
         )
         try:
@@ -369,6 +406,9 @@ class RedisBackplane:
         if self._commands.protocol is not None:
             for key in sorted(set(self._owned) | self._pending_clears):
                 cleanups.append(self._clear(key))
+            cleanups.append(
+                self._commands.call("delete", liveness_key(self._prefix, self.relay_id)).addErrback(lambda _: None)
+            )
         if self._subscriber.protocol is not None:
             for channel in sorted(self._watched):
                 cleanups.append(self._subscriber.call("unsubscribe", channel).addErrback(lambda _: None))
@@ -377,6 +417,7 @@ class RedisBackplane:
         self._watched.clear()
         self._cache.clear()
         self._deliver = None
+        self._path_changed = None
 
         def disconnect(_: object) -> "Deferred[Any]":
             return gatherResults([self._commands.stop(), self._subscriber.stop()], consumeErrors=True)
@@ -401,6 +442,7 @@ class RedisBackplane:
     def _commands_up(self, link: RedisLink) -> None:
         if self._stopped:
             return
+        self._write_liveness()
         for key, presence in list(self._owned.items()):
             self._upsert(key, presence)
         clears, self._pending_clears = self._pending_clears, set()
@@ -437,19 +479,39 @@ class RedisBackplane:
             self._fire_start_waiters(True)
         else:
             self._log.warn("redis backplane degraded", relay_event="relay_redis_degraded")
+        path_changed = self._path_changed
+        if path_changed is not None:
+            try:
+                path_changed(healthy)
+            except Exception:
+                self._log.failure("path change handling failed", relay_event="relay_redis_error")
+
+    def _tick_seconds(self) -> float:
+        """The refresh period: a third of the liveness TTL (every second by default)."""
+        return min(self._liveness_ttl_ms, self._ttl_ms) / 3000.0
 
     def _refresh(self) -> None:
-        """Every TTL/3: re-write owned presences (machine id included) and ping both connections."""
+        """
+        Every tick: re-write this relay's liveness record and ping the subscriber connection (a
+        stalled Redis is noticed within a tick plus the command timeout); every TTL/3 re-write
+        the owned presences, machine id included.
+        """
         try:
             if self._commands.protocol is not None:
-                for key, presence in list(self._owned.items()):
-                    self._upsert(key, presence)
-                if not self._owned:
-                    self._commands.call("ping").addErrback(lambda _: None)
+                self._write_liveness()
+                now = self._now_ms()
+                if now - self._presences_refreshed_ms >= self._ttl_ms / 3.0 - 1:
+                    self._presences_refreshed_ms = now
+                    for key, presence in list(self._owned.items()):
+                        self._upsert(key, presence)
             if self._subscriber.protocol is not None:
                 self._subscriber.call("ping").addErrback(lambda _: None)
         except Exception:
             self._log.failure("presence refresh failed", relay_event="relay_presence_refresh_error")
+
+    def _write_liveness(self) -> None:
+        key = liveness_key(self._prefix, self.relay_id)
+        self._commands.call("set", key, "1", None, self._liveness_ttl_ms).addErrback(lambda _: None)
 
     # -- frames -------------------------------------------------------------------------------------
 
@@ -523,8 +585,12 @@ class RedisBackplane:
                                workspaceId=frame.workspace_id, direction=frame.direction, reason=reason)
             return succeed(False)
         issued_at_ms = int(self._now_ms())
+        # Past the command timeout this publish is reported failed to the sender: a receiver must
+        # not deliver it after that (a stalled Redis hands out what it held when it resumes).
+        deliver_by_ms = issued_at_ms + self._command_timeout_ms
         nonce = secrets.token_urlsafe(16)
-        envelope = encode_envelope(frame, issued_at_ms, nonce, sign(self._hmac_key, frame, issued_at_ms, nonce))
+        signature = sign(self._hmac_key, frame, issued_at_ms, signed_nonce(nonce, deliver_by_ms))
+        envelope = encode_envelope(frame, issued_at_ms, nonce, signature, deliver_by_ms)
         channel = bus_channel(self._prefix, side, frame.workspace_id, frame.runtime_target_id)
         d: Deferred[bool] = self._commands.call("publish", channel, envelope).addCallbacks(
             self._published, self._publish_failed, errbackArgs=(frame,)
@@ -578,10 +644,15 @@ class RedisBackplane:
         if size is None or size > self._max_payload_bytes:
             self._count("relay_bus_pull_frame_too_large")
             return
-        verdict = self._verifier.check(frame, envelope.issued_at_ms, envelope.signature, self._now_ms(),
-                                       nonce=envelope.nonce)
+        now_ms = self._now_ms()
+        nonce = envelope.nonce if envelope.nonce is None else signed_nonce(envelope.nonce, envelope.deliver_by_ms)
+        verdict = self._verifier.check(frame, envelope.issued_at_ms, envelope.signature, now_ms, nonce=nonce)
         if verdict != Verdict.ACCEPTED:
             self._count(_VERDICT_COUNTERS.get(verdict, "relay_bus_pull_failed"))
+            return
+        if envelope.deliver_by_ms is not None and now_ms > envelope.deliver_by_ms:
+            # Its sender has reported it undeliverable by now; delivering it would duplicate a retry.
+            self._count("relay_bus_frames_expired")
             return
         self._count("relay_bus_pull_ok")
         deliver(frame)
@@ -667,11 +738,30 @@ class RedisBackplane:
 
     def _resolved(
         self, raw: object, key: str, workspace_id: str, runtime_target_id: Optional[str], epoch: int
-    ) -> Optional[Presence]:
+    ) -> "Deferred[Optional[Presence]] | Optional[Presence]":
         presence = parse_presence(raw, workspace_id, runtime_target_id) if raw is not None else None
         if presence is None:
             self._cache.pop(key, None)
             return None
+        doc = _json_object(raw)
+        if presence.relay_id == self.relay_id or doc is None or doc.get("liveness") is not True:
+            return self._keep_resolved(presence, key, epoch)
+        self._tracked[presence.relay_id] = None
+        self._tracked.move_to_end(presence.relay_id)
+        while len(self._tracked) > self._cache_max:
+            self._tracked.popitem(last=False)
+
+        def checked(alive: bool) -> Optional[Presence]:
+            if not alive:
+                # A relay that died without a goodbye: its presence lingers until its TTL, unused.
+                self._cache.pop(key, None)
+                self._count("relay_presence_dead_relay")
+                return None
+            return self._keep_resolved(presence, key, epoch)
+
+        return self._relay_alive(presence.relay_id).addCallback(checked)
+
+    def _keep_resolved(self, presence: Presence, key: str, epoch: int) -> Presence:
         self._count("relay_presence_resolve_ok")
         # An own announcement made while the GET was in flight makes its answer stale.
         if self._cache_ms > 0 and epoch == self._cache_epoch and not self._stopped:
@@ -680,6 +770,47 @@ class RedisBackplane:
             while len(self._cache) > self._cache_max:
                 self._cache.popitem(last=False)
         return presence
+
+    def _relay_alive(self, relay_id: str, fresh: bool = False) -> "Deferred[bool]":
+        """Whether a relay's liveness record exists (cached for a refresh period); True when unknown."""
+        now = self._now_ms()
+        known = self._alive.get(relay_id)
+        if known is not None and known[1] > now and not fresh:
+            return succeed(known[0])
+        if self._commands.protocol is None:
+            return succeed(True)
+
+        def answered(exists: object) -> bool:
+            alive = exists != 0
+            self._alive[relay_id] = (alive, self._now_ms() + self._tick_seconds() * 1000.0)
+            self._alive.move_to_end(relay_id)
+            while len(self._alive) > self._cache_max:
+                self._alive.popitem(last=False)
+            return alive
+
+        return self._commands.call("exists", liveness_key(self._prefix, relay_id)).addCallbacks(
+            answered, lambda _: True
+        )
+
+    def dead_relays(self, relay_ids: Collection[str]) -> "Deferred[frozenset[str]]":
+        """
+        The relays among ``relay_ids`` whose liveness record is gone; cached presences naming
+        them are dropped. Only relays that announced a liveness record are judged. Never fails.
+        """
+        tracked = [relay_id for relay_id in set(relay_ids) if relay_id != self.relay_id and relay_id in self._tracked]
+        if self._stopped or not tracked:
+            return succeed(frozenset())
+        checks = [self._relay_alive(relay_id, fresh=True) for relay_id in tracked]
+
+        def collect(results: List[bool]) -> frozenset[str]:
+            gone = frozenset(relay_id for relay_id, alive in zip(tracked, results) if not alive)
+            if gone:
+                for key, (presence, _) in list(self._cache.items()):
+                    if presence.relay_id in gone:
+                        del self._cache[key]
+            return gone
+
+        return gatherResults(checks).addCallbacks(collect, lambda _: frozenset())
 
     def _resolve_failed(self, failure: Failure, workspace_id: str) -> None:
         self._count("relay_presence_resolve_failed")

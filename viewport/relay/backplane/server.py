@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Generator, Optional, Tuple
+from typing import Any, Callable, Collection, Generator, Optional
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
@@ -16,9 +16,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from viewport.relay.backplane.batching import OrderedBatcher
 from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
 from viewport.relay.interfaces import BusFrame, Direction, IBackplane, Presence, Side
+from viewport.relay.logs import RepeatedWarning
 from viewport.tokens import as_json_integer
 
 __all__ = ["ServerBackplane"]
@@ -28,6 +30,13 @@ UPSERT_PATH = API_PREFIX + "/presence/upsert"
 RESOLVE_PATH = API_PREFIX + "/presence/resolve"
 PUBLISH_PATH = API_PREFIX + "/bus/publish"
 PULL_PATH = API_PREFIX + "/bus/pull"
+HEARTBEAT_PATH = API_PREFIX + "/relays/heartbeat"
+ALIVE_PATH = API_PREFIX + "/relays/alive"
+
+#: What a bus may say it can do (in its pull answers): take several frames per publish, and keep
+#: relay liveness records. The Viewport platform has neither: one frame per call, no liveness.
+CAPABILITY_BATCH = "batch"
+CAPABILITY_LIVENESS = "liveness"
 
 #: The longest long-poll the contract allows (§6.4).
 MAX_PULL_WAIT_MS = 2000
@@ -104,6 +113,10 @@ class ServerBackplane:
         resolve_cache_ms: int = 2000,
         resolve_cache_max: int = 10000,
         presence_refresh_ms: int = 20000,
+        liveness_ttl_ms: int = 3000,
+        max_batch: int = 200,
+        queue_max_bytes: int = 4 * 1024 * 1024,
+        queue_max_age_ms: int = 2000,
         metrics: Optional[Any] = None,
     ) -> None:
         """
@@ -111,7 +124,10 @@ class ServerBackplane:
         required of pulled ones (None disables both, for platforms without signing).
         ``pull_wait_ms`` is clamped to 0..2000; a pull's HTTP timeout is that wait plus
         ``timeout_ms``, and its response cap is large enough for one frame of
-        ``max_payload_bytes`` even when ``max_response_bytes`` is smaller.
+        ``max_payload_bytes`` even when ``max_response_bytes`` is smaller. Publishes of one scope
+        and direction go one request at a time, with up to ``max_batch`` frames per request when the
+        bus takes batches; at most ``queue_max_bytes`` wait per scope and direction, for at most
+        ``queue_max_age_ms`` (beyond either, the frame is refused: the caller tells its peer).
         """
         parts = urlsplit(server_url)
         host = parts.netloc.rpartition("@")[2]
@@ -127,6 +143,8 @@ class ServerBackplane:
             ("resolve_cache_max", resolve_cache_max),
             ("presence_refresh_ms", presence_refresh_ms),
             ("freshness_track_max", freshness_track_max),
+            ("liveness_ttl_ms", liveness_ttl_ms),
+            ("max_batch", max_batch),
         ):
             if value <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -159,6 +177,19 @@ class ServerBackplane:
         )
 
         self._deliver: Optional[Callable[[BusFrame], None]] = None
+        self._path_changed: Optional[Callable[[bool], None]] = None
+        self._capabilities: frozenset[str] = frozenset()
+        self._liveness_ttl_ms = liveness_ttl_ms
+        self._liveness: Optional[LoopingCall] = None
+        self._publish_warning = RepeatedWarning(self._log, clock, "relay_bus_publish_error")
+        self._batcher: OrderedBatcher[dict[str, Any]] = OrderedBatcher(
+            clock,
+            self._send_batch,
+            max_batch=lambda: max_batch if CAPABILITY_BATCH in self._capabilities else 1,
+            max_queue_bytes=queue_max_bytes,
+            max_age_ms=queue_max_age_ms,
+            refused=self._queue_refused,
+        )
         self._started = False
         self._stopped = False
         self._watched: set[tuple[str, Optional[str], Side]] = set()
@@ -170,8 +201,6 @@ class ServerBackplane:
         self._syncing = False
         self._loop_done: Optional[Deferred[None]] = None
         self._in_flight: Optional[Deferred[Any]] = None
-        self._publishing: set[Deferred[bool]] = set()
-        self._publish_tails: dict[Tuple[str, str, str], Deferred[None]] = {}
         self._pause: Optional[IDelayedCall] = None
         self._pause_d: Optional[Deferred[None]] = None
         self._failures = 0
@@ -179,12 +208,19 @@ class ServerBackplane:
 
     # --- IBackplane --------------------------------------------------------------------------
 
-    def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[None]":
-        """Find the bus head (so only new frames are delivered) and start the presence refresh."""
+    def start(
+        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+    ) -> "Deferred[None]":
+        """
+        Find the bus head (so only new frames are delivered) and what the bus can do, then start
+        the presence refresh and, on a bus with liveness records, this relay's heartbeat.
+        ``path_changed`` follows ``healthy``.
+        """
         if self._started:
             return succeed(None)
         self._started = True
         self._deliver = deliver
+        self._path_changed = path_changed
         refresh = LoopingCall(self._refresh_presences)
         refresh.clock = self._clock
         refresh.start(self._presence_refresh_s, now=False).addErrback(
@@ -195,6 +231,7 @@ class ServerBackplane:
 
         def synced(_: bool) -> None:
             self._syncing = False
+            self._start_liveness()
             self._maybe_loop()
 
         return self._sync_head().addCallback(synced)
@@ -209,6 +246,11 @@ class ServerBackplane:
         withdrawals = [
             self._upsert(replace(presence, daemon_connected=False)) for presence in self._presences.values()
         ]
+        if self._liveness is not None and self._liveness.running:
+            self._liveness.stop()
+        self._liveness = None
+        if CAPABILITY_LIVENESS in self._capabilities:
+            withdrawals.append(self._heartbeat(gone=True))
         self._presences.clear()
         self._resolved.clear()
         self._stopped = True
@@ -216,9 +258,10 @@ class ServerBackplane:
         if self._in_flight is not None:
             self._in_flight.cancel()
         self._wake()
-        # Publishes already under way (e.g. the notice that a daemon left, sent as the relay
-        # closes its sockets) still reach the platform before the process exits.
-        waits: list[Deferred[Any]] = list(withdrawals) + list(self._publishing)
+        # Publishes already queued or under way (e.g. the notice that a daemon left, sent as the
+        # relay closes its sockets) still reach the platform before the process exits.
+        self._publish_warning.cancel()
+        waits: list[Deferred[Any]] = list(withdrawals) + [self._batcher.drain()]
         if self._loop_done is not None:
             waits.append(self._loop_done)
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
@@ -227,6 +270,38 @@ class ServerBackplane:
     def healthy(self) -> bool:
         """False after several consecutive failed pulls, until one succeeds."""
         return self._failures < UNHEALTHY_AFTER_FAILURES
+
+    def _tell_path(self, working: bool) -> None:
+        path_changed = self._path_changed
+        if path_changed is None:
+            return
+        try:
+            path_changed(working)
+        except Exception:
+            self._log.failure("{relay_event}", relay_event="relay_bus_path_change_error")
+
+    def dead_relays(self, relay_ids: Collection[str]) -> "Deferred[frozenset[str]]":
+        """
+        The relays among ``relay_ids`` whose liveness record on the bus expired (or that said
+        goodbye); cached presences naming them are dropped. Empty on a bus without liveness
+        records, or when the bus cannot be asked. Never fails.
+        """
+        asked = sorted({relay_id for relay_id in relay_ids if relay_id and relay_id != self.relay_id})
+        if self._stopped or not asked or CAPABILITY_LIVENESS not in self._capabilities:
+            return succeed(frozenset())
+
+        def answered(answer: HttpAnswer) -> frozenset[str]:
+            document = _ok_document(answer)
+            dead = document.get("dead") if document is not None else None
+            if not isinstance(dead, list):
+                return frozenset()
+            gone = frozenset(relay_id for relay_id in dead if isinstance(relay_id, str) and relay_id in asked)
+            for key, cached in list(self._resolved.items()):
+                if cached.presence.relay_id in gone:
+                    del self._resolved[key]
+            return gone
+
+        return self._post(ALIVE_PATH, {"relayIds": asked}).addCallbacks(answered, lambda _: frozenset())
 
     def announce_presence(self, presence: Presence) -> "Deferred[None]":
         """Upsert now (never fails); a connected presence is also re-sent every refresh period."""
@@ -329,71 +404,41 @@ class ServerBackplane:
             body["issuedAtMs"] = issued_at_ms
             body["signature"] = sign(self._hmac_key, frame, issued_at_ms)
 
+        def counted(ok: bool) -> bool:
+            self._count("relay_bus_publish_ok" if ok else "relay_bus_publish_failed")
+            return ok
+
+        size = len(frame.payload)
+        stream = (frame.workspace_id, frame.runtime_target_id, frame.direction)
+        return self._batcher.submit(stream, body, size).addCallback(counted)
+
+    def _send_batch(self, bodies: list[dict[str, Any]]) -> "Deferred[bool]":
+        """One publish request: the frame itself, or ``{"frames": [...]}`` to a bus that takes batches."""
+        document: dict[str, Any] = bodies[0] if len(bodies) == 1 and CAPABILITY_BATCH not in self._capabilities else {
+            "frames": bodies
+        }
+        first = bodies[0]
+
         def answered(answer: HttpAnswer) -> bool:
             if _ok_document(answer) is not None:
-                self._count("relay_bus_publish_ok")
                 return True
-            self._count("relay_bus_publish_failed")
-            self._log.warn(
-                "{relay_event}",
-                relay_event="relay_bus_publish_failed",
-                workspaceId=frame.workspace_id,
-                direction=frame.direction,
-                targetRelayId=target,
+            self._publish_warning.warn(
+                workspaceId=first["workspaceId"], direction=first["direction"], frames=len(bodies),
                 status=answer.status,
             )
             return False
 
         def failed(failure: Failure) -> bool:
-            self._count("relay_bus_publish_failed")
-            self._log.warn(
-                "{relay_event}",
-                relay_event="relay_bus_publish_error",
-                workspaceId=frame.workspace_id,
-                direction=frame.direction,
+            self._publish_warning.warn(
+                workspaceId=first["workspaceId"], direction=first["direction"], frames=len(bodies),
                 error=_describe(failure),
             )
             return False
 
-        key = (frame.workspace_id, frame.runtime_target_id, frame.direction)
-        published = self._in_order(key, lambda: self._post(PUBLISH_PATH, body).addCallbacks(answered, failed))
-        if not published.called:
-            self._publishing.add(published)
+        return self._post(PUBLISH_PATH, document).addCallbacks(answered, failed)
 
-            def settled(ok: bool) -> bool:
-                self._publishing.discard(published)
-                return ok
-
-            published.addCallback(settled)
-        return published
-
-    def _in_order(self, key: Tuple[str, str, str], send: Callable[[], "Deferred[bool]"]) -> "Deferred[bool]":
-        """
-        Run ``send`` once the previous publish with the same key has been answered.
-
-        Concurrent HTTP requests reach the platform in any order, and the bus numbers frames in
-        arrival order: without this, pipelined frames of one scope and direction were delivered
-        out of order (40–50 % of them in the cross-relay benchmark).
-        """
-        previous = self._publish_tails.get(key)
-        result: Deferred[bool] = Deferred()
-        settled: Deferred[None] = Deferred()
-        self._publish_tails[key] = settled
-
-        def run(_: object = None) -> None:
-            def finish(ok: bool) -> None:
-                if self._publish_tails.get(key) is settled:
-                    del self._publish_tails[key]
-                settled.callback(None)
-                result.callback(ok)
-
-            send().addCallback(finish)
-
-        if previous is None:
-            run()
-        else:
-            previous.addCallback(run)
-        return result
+    def _queue_refused(self, reason: str, count: int) -> None:
+        self._publish_warning.warn(reason=reason, frames=count)
 
     def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """Deliver that side's frames of the scope; the pull loop runs while anything is watched."""
@@ -405,6 +450,44 @@ class ServerBackplane:
     def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """Stop delivering that side's frames of the scope."""
         self._watched.discard((workspace_id, runtime_target_id or None, side))
+
+    # --- liveness ----------------------------------------------------------------------------
+
+    def _start_liveness(self) -> None:
+        """On a bus that keeps liveness records, refresh ours every third of its TTL."""
+        if self._stopped or self._liveness is not None or CAPABILITY_LIVENESS not in self._capabilities:
+            return
+        beat = LoopingCall(self._heartbeat)
+        beat.clock = self._clock
+        beat.start(self._liveness_ttl_ms / 3000.0, now=True).addErrback(
+            lambda f: self._log.failure("{relay_event}", f, relay_event="relay_bus_heartbeat_error")
+        )
+        self._liveness = beat
+
+    def _heartbeat(self, gone: bool = False) -> "Deferred[None]":
+        body: dict[str, Any] = {"relayId": self.relay_id}
+        if gone:
+            body["gone"] = True
+        else:
+            body["ttlMs"] = self._liveness_ttl_ms
+
+        def answered(answer: HttpAnswer) -> None:
+            if answer.status == 404:
+                # Not our bus after all: carry on without liveness records.
+                self._capabilities = self._capabilities - {CAPABILITY_LIVENESS}
+                if self._liveness is not None and self._liveness.running:
+                    self._liveness.stop()
+                self._liveness = None
+
+        return self._post(HEARTBEAT_PATH, body).addCallbacks(answered, lambda _: None)
+
+    def _note_capabilities(self, document: dict[str, Any]) -> None:
+        offered = document.get("capabilities")
+        if isinstance(offered, list):
+            known = frozenset(name for name in offered if name in (CAPABILITY_BATCH, CAPABILITY_LIVENESS))
+            if known != self._capabilities:
+                self._capabilities = known
+                self._start_liveness()
 
     # --- HTTP --------------------------------------------------------------------------------
 
@@ -490,6 +573,7 @@ class ServerBackplane:
                 self._count("relay_bus_pull_failed")
                 self._log_failure(f"status {answer.status}")
                 return False
+            self._note_capabilities(document)
             head = as_json_integer(document.get("headId"))
             if head is not None and head >= 0:
                 self._cursor = head
@@ -534,9 +618,13 @@ class ServerBackplane:
                 if ok:
                     if self._failures >= UNHEALTHY_AFTER_FAILURES:
                         self._log.info("{relay_event}", relay_event="relay_bus_pull_recovered")
+                        self._failures = 0
+                        self._tell_path(True)
                     self._failures = 0
                     continue
                 self._failures += 1
+                if self._failures == UNHEALTHY_AFTER_FAILURES:
+                    self._tell_path(False)
                 yield self._sleep(min(PULL_RETRY_FIRST_S * 2 ** (self._failures - 1), PULL_RETRY_MAX_S))
         except Exception:
             self._log.failure("{relay_event}", relay_event="relay_bus_pull_error")
@@ -580,6 +668,7 @@ class ServerBackplane:
                 self._log_failure(f"status {answer.status}")
                 return False
             self._limit_now = self._pull_limit
+            self._note_capabilities(document)
             accepted = self._accept_page(document)
             if accepted:
                 self._count("relay_bus_pull_ok")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -19,9 +19,15 @@ class SingleBackplane:
     def __init__(self, relay_id: str) -> None:
         self.relay_id = relay_id
 
-    def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[None]":
+    def start(
+        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+    ) -> "Deferred[None]":
         """Nothing to connect to."""
         return succeed(None)
+
+    def dead_relays(self, relay_ids: Collection[str]) -> "Deferred[frozenset[str]]":
+        """No other relay is known."""
+        return succeed(frozenset())
 
     def stop(self) -> "Deferred[None]":
         """Nothing to release."""
