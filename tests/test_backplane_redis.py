@@ -12,6 +12,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import gatherResults
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -698,3 +699,41 @@ def test_presence_of_a_relay_that_died_is_ignored(redis_server: RedisServer, rel
     assert (yield b.resolve_presence("w:1", "rt:1")) is None
     assert redis_command(redis_server.port, "EXISTS", presence_key("viewport-test", "w:1", "rt:1")) == 1
     assert _count(relays.metrics["relay-b"], "relay_presence_dead_relay") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stopped_redis_that_accepts_tcp_is_not_reported_connected(redis_server: RedisServer, relays: Relays) -> Any:
+    """A SIGSTOPped Redis still accepts TCP connections: the backplane stays degraded and never logs relay_redis_connected."""
+    events: List[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    redis_server.pause()
+    try:
+        a = relays.make(redis_server.url, "relay-a", connect_timeout_ms=800)
+        assert (yield relays.start(a)) is False
+        assert not a.healthy
+        assert [e for e in events if e.get("relay_event") == "relay_redis_connected"] == []
+        redis_server.resume()
+        yield _poll(lambda: a.healthy, "connected once Redis answers")
+        assert len([e for e in events if e.get("relay_event") == "relay_redis_connected"]) == 1
+    finally:
+        redis_server.resume()
+        globalLogPublisher.removeObserver(events.append)
+
+
+@pytest_twisted.inlineCallbacks
+def test_publish_errors_of_an_outage_are_logged_once_with_a_count(redis_server: RedisServer, relays: Relays) -> Any:
+    """Hundreds of publishes failing in a Redis stall give one relay_bus_publish_error line (and a count later), not hundreds."""
+    events: List[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        a = relays.make(redis_server.url, "relay-a")
+        yield relays.start(a)
+        redis_server.pause()
+        results = yield gatherResults([a.publish(_frame("relay-a", "relay-b", payload=f'{{"n":{n}}}'))
+                                       for n in range(300)])
+        assert results == [False] * 300
+        logged = [e for e in events if e.get("relay_event") == "relay_bus_publish_error"]
+        assert len(logged) == 1
+    finally:
+        redis_server.resume()
+        globalLogPublisher.removeObserver(events.append)

@@ -26,6 +26,7 @@ from viewport.relay.backplane.redis_connection import (
 )
 from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
+from viewport.relay.logs import RepeatedWarning
 
 if TYPE_CHECKING:
     from viewport.relay.metrics import RelayMetrics
@@ -300,6 +301,7 @@ class RedisBackplane:
         self._cache_max = resolve_cache_max
         self._metrics = metrics
         self._verifier = FrameVerifier(hmac_key, max_skew_ms, freshness_track_max)
+        self._publish_warning = RepeatedWarning(self._log, reactor, "relay_bus_publish_error")
         self._random = random.Random()
 
         self._deliver: Optional[Callable[[BusFrame], None]] = None
@@ -418,6 +420,7 @@ class RedisBackplane:
         self._cache.clear()
         self._deliver = None
         self._path_changed = None
+        self._publish_warning.cancel()
 
         def disconnect(_: object) -> "Deferred[Any]":
             return gatherResults([self._commands.stop(), self._subscriber.stop()], consumeErrors=True)
@@ -604,8 +607,9 @@ class RedisBackplane:
 
     def _publish_failed(self, failure: Failure, frame: BusFrame) -> bool:
         self._count("relay_bus_publish_failed")
-        self._log.warn("bus publish failed: {error}", relay_event="relay_bus_publish_error",
-                       workspaceId=frame.workspace_id, direction=frame.direction, error=describe_failure(failure))
+        # Once per burst with a count: an outage fails every frame of every scope.
+        self._publish_warning.warn(workspaceId=frame.workspace_id, direction=frame.direction,
+                                   error=describe_failure(failure))
         return False
 
     def _on_message(self, channel: object, message: object) -> None:
