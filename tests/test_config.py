@@ -166,6 +166,10 @@ class DefaultTests(ConfigTestCase):
             "redirect_allowed_hosts": (),
             "trusted_proxies": (),
             "allowed_origins": ("*",),
+            "liveness_ttl_ms": 3000,
+            "bus_queue_max_bytes": 4194304,
+            "bus_queue_max_age_ms": 2000,
+            "bus_publish_batch_max": 200,
             "relay_mode": "dev",
         }
         self.assertEqual({name: getattr(config, name) for name in expected}, expected)

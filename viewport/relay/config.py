@@ -76,6 +76,10 @@ _INT_KNOBS: dict[str, tuple[str, int]] = {
     "bus_pull_wait_ms": ("RELAY_BUS_PULL_WAIT_MS", 1000),
     "bus_signature_max_skew_ms": ("RELAY_BUS_SIGNATURE_MAX_SKEW_MS", 15000),
     "bus_freshness_track_max": ("RELAY_BUS_FRESHNESS_TRACK_MAX", 20000),
+    "liveness_ttl_ms": ("RELAY_LIVENESS_TTL_MS", 3000),
+    "bus_queue_max_bytes": ("RELAY_BUS_QUEUE_MAX_BYTES", 4 * 1024 * 1024),
+    "bus_queue_max_age_ms": ("RELAY_BUS_QUEUE_MAX_AGE_MS", 2000),
+    "bus_publish_batch_max": ("RELAY_BUS_PUBLISH_BATCH_MAX", 200),
 }
 
 _T = TypeVar("_T", bound=str)
@@ -182,6 +186,10 @@ class RelayConfig:
     bus_pull_wait_ms: int
     bus_signature_max_skew_ms: int
     bus_freshness_track_max: int
+    liveness_ttl_ms: int
+    bus_queue_max_bytes: int
+    bus_queue_max_age_ms: int
+    bus_publish_batch_max: int
     client_redirect_enabled: bool
     redirect_allowed_hosts: tuple[str, ...]
     trusted_proxies: tuple[str, ...]

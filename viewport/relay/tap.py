@@ -150,6 +150,7 @@ def build_backplane(config: RelayConfig, reactor: Any, metrics: RelayMetrics) ->
             freshness_track_max=config.bus_freshness_track_max,
             max_payload_bytes=config.max_frame_bytes,
             resolve_cache_max=config.presence_resolve_cache_max,
+            liveness_ttl_ms=config.liveness_ttl_ms,
             metrics=metrics,
         )
     if config.backplane_mode == "server":
@@ -176,6 +177,10 @@ def build_backplane(config: RelayConfig, reactor: Any, metrics: RelayMetrics) ->
             max_payload_bytes=config.max_frame_bytes,
             resolve_cache_max=config.presence_resolve_cache_max,
             presence_refresh_ms=config.presence_sync_interval_ms,
+            liveness_ttl_ms=config.liveness_ttl_ms,
+            max_batch=config.bus_publish_batch_max,
+            queue_max_bytes=config.bus_queue_max_bytes,
+            queue_max_age_ms=config.bus_queue_max_age_ms,
             metrics=metrics,
         )
     return SingleBackplane(config.relay_id)
