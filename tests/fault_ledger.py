@@ -142,10 +142,18 @@ def back_after(ledger: Ledger, fault_at: Optional[float], stopped_at: float,
     return resumed
 
 
+#: An undelivered frame is also signalled when a signal reached its sender within this long after it was
+#: sent: the relays promise to notice a broken path (a dead relay, a lost subscription) within 3 s.
+TOLD_WITHIN_SECONDS = 3.0
+
+
 def _window_signalled(ledger: Ledger, signals: Sequence[float]) -> Set[str]:
     """
     The window rule: for a signal at time T, with N the highest envelope number received by T (0 if
-    none), every undelivered envelope numbered above N and sent at or before T. Their keys.
+    none), every undelivered envelope numbered above N and sent at or before T; and every undelivered
+    envelope sent at most ``TOLD_WITHIN_SECONDS`` before a signal (frames sent after the lost ones can
+    be delivered before the signal arrives, e.g. to a daemon that reconnected elsewhere, which would
+    otherwise push N past them). Their keys.
     """
     envelopes = ledger.envelopes()
     sent_times = [frame.sent_at for frame in envelopes]
@@ -160,8 +168,14 @@ def _window_signalled(ledger: Ledger, signals: Sequence[float]) -> Set[str]:
         count = bisect.bisect_right(sent_times, at)
         if count:
             windows.append((highest, number_of(envelopes[count - 1].key)))
+    ordered = sorted(signals)
+
+    def told_soon(sent_at: float) -> bool:
+        index = bisect.bisect_left(ordered, sent_at)
+        return index < len(ordered) and ordered[index] - sent_at <= TOLD_WITHIN_SECONDS
+
     return {frame.key for frame in envelopes if frame.key not in ledger.arrivals
-            and any(low < number_of(frame.key) <= high for low, high in windows)}
+            and (any(low < number_of(frame.key) <= high for low, high in windows) or told_soon(frame.sent_at))}
 
 
 def _one_per_frame(ledger: Ledger, refusals: Sequence[float], excluded: Set[str]) -> Set[str]:
@@ -187,8 +201,8 @@ def classify_client_to_daemon(ledger: Ledger, refusals: Sequence[float], closes:
     Status frames do not carry the number of the frame they answer, so a ``DAEMON_UNAVAILABLE`` the client
     received at time T (the answer to a refused frame or to a failed publish, or the notice that the daemon
     left) is attributed to the oldest sent-but-undelivered envelopes sent before it: those numbered above
-    the last envelope the daemon had received by T, and sent at or before T (the window rule, as for
-    daemon→client). A close of the client's connection is such a signal too, and also covers every
+    the last envelope the daemon had received by T, and sent at or before T, or sent at most
+    ``TOLD_WITHIN_SECONDS`` before T (the window rule, as for daemon→client). A close of the client's connection is such a signal too, and also covers every
     undelivered frame sent on that connection. Every other undelivered envelope is lost silently, except
     those still in flight when the drain gave up (``late``).
 
@@ -227,7 +241,8 @@ def classify_daemon_to_client(ledger: Ledger, signals: Sequence[float], abandone
        ``RELAY_REDIRECT`` status, or its connection closing), let N be the highest envelope number the
        client had received by T (0 if none): every undelivered envelope numbered above N and sent by the
        daemon at or before T is signalled. That is, the frames sent between the last delivered frame and
-       the status, which the status told the client are gone.
+       the status, which the status told the client are gone; and every undelivered envelope sent at
+       most ``TOLD_WITHIN_SECONDS`` before a signal.
     2. Abandoned sessions. Once a signal made the client give a session up and start a new key
        exchange (at time A for session S: the session it held, or the one of the key exchange it was
        still waiting for), an undelivered envelope for S sent at or after A is signalled too (counted in

@@ -134,3 +134,18 @@ class RecoveryTests(SynchronousTestCase):
     def test_a_200_answered_before_the_relay_was_stopped_is_not_wrong(self) -> None:
         """After the relay was killed, only a 200 it answered afterwards counts."""
         self.assertEqual(wrong_ready_seconds([(0.0, 200), (1.0, None)], None, 0.98, 2.0), (0.0, 0.0))
+
+
+def test_a_signal_soon_after_covers_frames_a_later_delivery_overtook() -> None:
+    """Frames lost before a notice stay signalled even if a later frame reached a new daemon before the notice arrived."""
+    from tests.fault_ledger import Ledger, classify_client_to_daemon
+
+    ledger = Ledger()
+    for n in range(1, 6):
+        ledger.record_sent(f"e{n}", "envelope", 1.0 + 0.5 * n, "s1", 1)
+    ledger.record_arrival("e1", 1.6)
+    ledger.record_arrival("e5", 3.6)  # sent after e2..e4, delivered to the daemon's new connection
+    counts = classify_client_to_daemon(ledger, [3.7], [], fault_at=1.7, stopped_at=10.0)
+    assert (counts.signalled, counts.silent) == (3, 0)
+    late = classify_client_to_daemon(ledger, [9.5], [], fault_at=1.5, stopped_at=10.0)
+    assert late.silent == 3

@@ -267,8 +267,8 @@ class RedisBackplane:
         max_payload_bytes: int = 1048576,
         resolve_cache_ms: int = 2000,
         resolve_cache_max: int = 10000,
-        retry_initial_ms: int = 500,
-        retry_max_ms: int = 10000,
+        retry_initial_ms: int = 250,
+        retry_max_ms: int = 2000,
         liveness_ttl_ms: int = 3000,
         metrics: Optional["RelayMetrics"] = None,
     ) -> None:
