@@ -65,9 +65,23 @@ class CheckConfigTests(SynchronousTestCase):
         code, out, _ = _run(["check-config"], {"RELAY_TOKEN_SECRET": SECRET, "RELAY_ADMIN_TOKEN": "admin-token-value"})
         self.assertEqual(code, 0)
         shown = json.loads(out)
-        self.assertEqual(shown["token_secret"], "***")
+        self.assertEqual(shown["settings"]["RELAY_TOKEN_SECRET"], "***")
+        self.assertEqual(shown["settings"]["RELAY_ADMIN_TOKEN"], "***")
         self.assertNotIn(SECRET, out)
-        self.assertEqual(shown["backplane_mode"], "single")
+        self.assertNotIn("admin-token-value", out)
+        self.assertEqual(shown["settings"]["RELAY_BACKPLANE_MODE"], "single")
+        self.assertEqual(shown["derived"]["admission"], "local_secret")
+        self.assertTrue(all(name.isupper() for name in shown["settings"]), "environment variable names only")
+
+    def test_version(self) -> None:
+        """viewport-relay --version prints the package version."""
+        from viewport import __version__
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            with self.assertRaises(SystemExit) as stop:
+                main(["--version"], {})
+        self.assertEqual((stop.exception.code, out.getvalue().strip()), (0, f"viewport-relay {__version__}"))
 
     def test_invalid_environment_names_variable(self) -> None:
         """An invalid value exits 2 with one line naming the variable."""
@@ -75,6 +89,26 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertEqual(code, 2)
         self.assertIn("RELAY_MAX_FRAME_BYTES", err)
         self.assertEqual(len(err.strip().splitlines()), 1)
+
+
+class TokenMismatchTests(SynchronousTestCase):
+    """token refuses to mint what the relay configured by the same environment would refuse."""
+
+    def test_platform_admission_refuses(self) -> None:
+        """HOST=0.0.0.0 without a token key means platform admission: token exits 2 saying why, unless --force."""
+        code, out, err = _run(["token", "--role", "client", "--workspace", "w1"], {"HOST": "0.0.0.0"})
+        self.assertEqual((code, out), (2, ""))
+        self.assertIn("admission: platform", err)
+        code, out, err = _run(["token", "--role", "client", "--workspace", "w1", "--force"], {"HOST": "0.0.0.0"})
+        self.assertEqual(code, 0)
+        self.assertEqual(out.count("."), 2)
+        self.assertIn("warning:", err)
+
+    def test_check_config_warns_when_the_host_changed_admission(self) -> None:
+        """check-config shows the admission mode and warns that HOST=0.0.0.0 switched it to the platform."""
+        code, out, err = _run(["check-config"], {"HOST": "0.0.0.0"})
+        self.assertEqual((code, json.loads(out)["derived"]["admission"]), (0, "platform"))
+        self.assertIn("HOST: '0.0.0.0' is not a loopback address", err)
 
 
 class HelpTests(SynchronousTestCase):

@@ -83,7 +83,8 @@ class ConfigTestCase(SynchronousTestCase):
 
     def load(self, environ: Mapping[str, str], overrides: Mapping[str, object] | None = None) -> RelayConfig:
         """Load with the private home and a relayId suffix of ``a``s."""
-        return load_config(environ, overrides, home=self.home, random_hex=lambda n: "a" * n)
+        return load_config(environ, overrides, home=self.home, random_hex=lambda n: "a" * n,
+                           hostname=lambda: "relay-host")
 
     def load_error(self, environ: Mapping[str, str], overrides: Mapping[str, object] | None = None) -> ConfigError:
         """The one-line ConfigError that loading raises; fails the test when loading succeeds."""
@@ -154,7 +155,7 @@ class DefaultTests(ConfigTestCase):
             "server_client_key_path": None,
             "server_client_key_passphrase": None,
             "relay_id": "127.0.0.1:7781:aaaaaaaaaaaa",
-            "public_ws_base_url": "wss://relay.getviewport.com/ws",
+            "public_ws_base_url": "ws://127.0.0.1:7781/ws",
             "internal_key": None,
             "backplane_mode": "single",
             "redis_url": None,
@@ -416,10 +417,12 @@ class BackplaneTests(ConfigTestCase):
         """Outside prod, server mode starts without the internal or HMAC key, with a warning naming each."""
         config = self.load({"RELAY_BACKPLANE_MODE": "server"})
         self.assertEqual(config.backplane_mode, "server")
-        self.assertEqual([w.split(":")[0] for w in config.warnings], ["RELAY_INTERNAL_KEY", "RELAY_BUS_HMAC_KEY"])
+        self.assertEqual([w.split(":")[0] for w in config.warnings],
+                         ["RELAY_INTERNAL_KEY", "RELAY_BUS_HMAC_KEY", "RELAY_PUBLIC_WS_BASE_URL"])
         self.assertIsNotNone(config.bus_hmac_key)
         config = self.load({"RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC})
-        self.assertEqual((config.backplane_mode, config.warnings), ("server", ()))
+        self.assertEqual((config.backplane_mode, [w.split(":")[0] for w in config.warnings]),
+                         ("server", ["RELAY_PUBLIC_WS_BASE_URL"]))
 
     def test_prod_backplane_requires_keys(self) -> None:
         """In prod a cross-relay backplane refuses to start without its internal and HMAC keys."""
@@ -438,12 +441,13 @@ class BackplaneTests(ConfigTestCase):
         server = {**staging, "RELAY_BACKPLANE_MODE": "server", "RELAY_BACKPLANE_URL": "https://api.example.com"}
         self.assertRejected(redis, "RELAY_BUS_HMAC_KEY")
         self.assertRejected({**redis, "RELAY_MODE": "staging", "HOST": "127.0.0.1"}, "RELAY_BUS_HMAC_KEY")
-        self.assertEqual(self.load({**redis, "RELAY_BUS_HMAC_KEY": HMAC}).warnings, ())
+        self.assertEqual([w.split(":")[0] for w in self.load({**redis, "RELAY_BUS_HMAC_KEY": HMAC}).warnings],
+                         ["RELAY_PUBLIC_WS_BASE_URL"])
         self.assertRejected({**server, "RELAY_BUS_HMAC_KEY": HMAC}, "RELAY_INTERNAL_KEY")
         self.assertRejected({**server, "RELAY_INTERNAL_KEY": INTERNAL}, "RELAY_BUS_HMAC_KEY")
         config = self.load({**server, "RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC})
         self.assertEqual((config.relay_mode, config.backplane_mode), ("staging", "server"))
-        self.assertEqual([w.split(":")[0] for w in config.warnings], ["RELAY_MODE"])
+        self.assertEqual([w.split(":")[0] for w in config.warnings], ["RELAY_PUBLIC_WS_BASE_URL", "RELAY_MODE"])
 
     def test_redis_mode_requirements(self) -> None:
         """Redis mode needs a Redis URL and the HMAC key, and the internal key only with platform admission."""
@@ -452,7 +456,8 @@ class BackplaneTests(ConfigTestCase):
             "RELAY_BACKPLANE_URL": "redis://127.0.0.1:6379/0",
             "RELAY_BUS_HMAC_KEY": HMAC,
         }
-        self.assertEqual([w.split(":")[0] for w in self.load(redis).warnings], ["RELAY_INTERNAL_KEY"])
+        self.assertEqual([w.split(":")[0] for w in self.load(redis).warnings],
+                         ["RELAY_INTERNAL_KEY", "RELAY_PUBLIC_WS_BASE_URL"])
         config = self.load({**redis, "RELAY_TOKEN_SECRET": SECRET})
         self.assertEqual((config.backplane_mode, config.admission), ("redis", "local_secret"))
         self.assertIsNone(config.internal_key)
@@ -461,7 +466,7 @@ class BackplaneTests(ConfigTestCase):
         without_url = {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BUS_HMAC_KEY": HMAC, "RELAY_TOKEN_SECRET": SECRET}
         self.assertRejected(without_url, "RELAY_BACKPLANE_URL")
         blank_key = self.load({**redis, "RELAY_TOKEN_SECRET": SECRET, "RELAY_BUS_HMAC_KEY": " "})
-        self.assertEqual([w.split(":")[0] for w in blank_key.warnings], ["RELAY_BUS_HMAC_KEY"])
+        self.assertEqual([w.split(":")[0] for w in blank_key.warnings], ["RELAY_BUS_HMAC_KEY", "RELAY_PUBLIC_WS_BASE_URL"])
 
     def test_backplane_url_is_the_server_url_in_server_mode(self) -> None:
         """In server mode RELAY_BACKPLANE_URL is the platform URL and counts as set explicitly."""
@@ -625,7 +630,7 @@ class ProdTests(ConfigTestCase):
             (config.relay_mode, config.backplane_mode, config.tls_enabled, config.server_mtls_enabled),
             ("prod", "server", True, True),
         )
-        self.assertEqual(config.public_ws_base_url, "wss://relay.getviewport.com/ws")
+        self.assertEqual(config.public_ws_base_url, "wss://relay-host:7781/ws")
 
     def test_each_hardening_check(self) -> None:
         """Each missing hardening step is refused naming its variable."""
@@ -768,13 +773,24 @@ class PublicUrlTests(ConfigTestCase):
     """The advertised public WebSocket URL."""
 
     def test_derived(self) -> None:
-        """The default host on port 7781 is always wss without a port; otherwise host, port and TLS decide."""
-        self.assertEqual(self.load({}).public_ws_base_url, "wss://relay.getviewport.com/ws")
-        self.assertEqual(self.load({"PORT": "8000"}).public_ws_base_url, "ws://relay.getviewport.com:8000/ws")
+        """Unset, the URL is where the relay listens: the TLS host name if set, else HOST, else (HOST=0.0.0.0) the host name."""
+        self.assertEqual(self.load({}).public_ws_base_url, "ws://127.0.0.1:7781/ws")
+        self.assertEqual(self.load({"PORT": "8000"}).public_ws_base_url, "ws://127.0.0.1:8000/ws")
+        self.assertEqual(self.load({"HOST": "::1"}).public_ws_base_url, "ws://[::1]:7781/ws")
         self.assertEqual(
             self.load({"RELAY_TLS_HOST": "relay.example.com"}).public_ws_base_url, "ws://relay.example.com:7781/ws"
         )
-        self.assertEqual(self.load({}, {"port": 9000}).public_ws_base_url, "ws://relay.getviewport.com:9000/ws")
+        self.assertEqual(self.load({"HOST": "0.0.0.0"}).public_ws_base_url, "ws://relay-host:7781/ws")
+        self.assertEqual(self.load({"HOST": "10.1.2.3", "PORT": "80"}).public_ws_base_url, "ws://10.1.2.3/ws")
+        self.assertEqual(self.load({}, {"port": 9000}).public_ws_base_url, "ws://127.0.0.1:9000/ws")
+
+    def test_cross_relay_modes_warn_when_it_is_derived(self) -> None:
+        """Other relays and redirected browsers use this URL, so a cross-relay relay warns when it was not set."""
+        redis = {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BACKPLANE_URL": "redis://127.0.0.1:6379",
+                 "RELAY_TOKEN_SECRET": SECRET, "RELAY_BUS_HMAC_KEY": HMAC}
+        self.assertIn("RELAY_PUBLIC_WS_BASE_URL", [w.split(":")[0] for w in self.load(redis).warnings])
+        explicit = self.load({**redis, "RELAY_PUBLIC_WS_BASE_URL": "ws://127.0.0.1:7781/ws"})
+        self.assertNotIn("RELAY_PUBLIC_WS_BASE_URL", [w.split(":")[0] for w in explicit.warnings])
 
     def test_explicit(self) -> None:
         """An explicit public URL is kept as given after trimming."""

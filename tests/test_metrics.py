@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter
 from twisted.trial.unittest import SynchronousTestCase
 
+from viewport import __version__
 from viewport.relay.metrics import (
     CONTENT_TYPE,
     FORWARD_LATENCY_BUCKETS,
@@ -100,6 +101,8 @@ OWN_COUNTERS = frozenset({
     "relay_bus_loss_notices_sent_total",
 })
 COUNTERS = SPEC_COUNTERS | OWN_COUNTERS
+#: Our gauge beyond the contract's: the version, as a label (docs/protocol.md §8).
+BUILD_INFO = "relay_build_info"
 HISTOGRAMS = ("relay_forward_client_to_daemon_seconds", "relay_forward_daemon_to_client_seconds")
 
 
@@ -136,7 +139,7 @@ class RelayMetricsTests(SynchronousTestCase):
         exposed = {
             name for name in samples(RelayMetrics().render()) if not name.startswith(HISTOGRAMS)
         }
-        self.assertEqual(exposed, COUNTERS | SPEC_GAUGES)
+        self.assertEqual(exposed, COUNTERS | SPEC_GAUGES | {f'{BUILD_INFO}{{version="{__version__}"}}'})
 
     def test_types(self) -> None:
         """Counters are typed counter, the two gauges gauge and the latencies histogram."""
@@ -144,6 +147,7 @@ class RelayMetricsTests(SynchronousTestCase):
         expected = {name: "counter" for name in COUNTERS}
         expected.update({name: "gauge" for name in SPEC_GAUGES})
         expected.update({name: "histogram" for name in HISTOGRAMS})
+        expected[BUILD_INFO] = "gauge"
         self.assertEqual(declared, expected)
 
     def test_counter_names_attribute(self) -> None:

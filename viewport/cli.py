@@ -10,7 +10,8 @@ import sys
 import time
 from typing import Mapping, Optional, Sequence
 
-from viewport.relay.config import ConfigError, load_config, masked
+from viewport import __version__
+from viewport.relay.config import ConfigError, by_variable, load_config
 from viewport.tokens import load_or_create_secret, mint_token
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
@@ -52,6 +53,8 @@ def _token_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") ->
     parser.add_argument("--private-key", help="PEM private key (EdDSA or RS256) instead of the HS256 secret")
     parser.add_argument("--algorithm", choices=("EdDSA", "RS256"), default="EdDSA",
                         help="algorithm for --private-key (default EdDSA)")
+    parser.add_argument("--force", action="store_true",
+                        help="mint even when the relay this environment configures would refuse the token")
 
 
 def _check_config_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -93,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="viewport-relay",
         description="Operator commands of the Viewport relay. Run the relay itself with: twistd -n viewport-relay",
     )
+    parser.add_argument("--version", action="version", version=f"viewport-relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _check_config_parser(sub)
     _token_parser(sub)
@@ -138,7 +142,7 @@ def run_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> in
     config = load_config(environ, overrides, home=environ.get("HOME"))
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(json.dumps(masked(config), indent=2, sort_keys=True))
+    print(json.dumps(by_variable(config), indent=2))
     return 0
 
 
@@ -161,9 +165,30 @@ def token_claims(args: argparse.Namespace) -> dict[str, object]:
     return claims
 
 
+def _token_mismatch(admission: str, private_key: bool) -> Optional[str]:
+    """Why the relay this environment configures would refuse a token minted this way (None: it accepts it)."""
+    if admission == "platform":
+        return (
+            "the relay this environment configures admits through the Viewport platform (admission: platform), "
+            "so it would refuse a token minted here; set RELAY_TOKEN_SECRET (or RELAY_TOKEN_PUBLIC_KEY with "
+            "--private-key), or HOST to a loopback address for the embedded secret"
+        )
+    if admission == "local_public_key" and not private_key:
+        return "the relay verifies EdDSA/RS256 tokens with RELAY_TOKEN_PUBLIC_KEY: pass --private-key with its private key"
+    if admission in ("local_secret", "embedded_secret_file") and private_key:
+        return "the relay verifies HS256 tokens with its secret; --private-key tokens would be refused"
+    return None
+
+
 def run_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """Print one freshly minted token on stdout."""
+    """Print one freshly minted token on stdout, unless the relay configured here would refuse it."""
     config = load_config(environ, home=environ.get("HOME"))
+    mismatch = _token_mismatch(config.admission, bool(args.private_key))
+    if mismatch is not None:
+        if not args.force:
+            print(f"viewport-relay token: {mismatch} (--force mints it anyway)", file=sys.stderr)
+            return 2
+        print(f"warning: {mismatch}", file=sys.stderr)
     if args.private_key:
         with open(args.private_key, "rb") as handle:
             key: str | bytes = handle.read()

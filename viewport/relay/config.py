@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 from dataclasses import dataclass, fields
 from typing import Callable, Literal, Mapping, NamedTuple, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -237,6 +238,64 @@ def masked(config: RelayConfig) -> dict[str, object]:
     return result
 
 
+#: The environment variable behind each configuration field that has one (the rest are derived).
+VARIABLE_OF: dict[str, str] = {
+    "host": "HOST",
+    "port": "PORT",
+    "server_url": "SERVER_URL",
+    "tls_mode": "RELAY_TLS",
+    "tls_termination": "RELAY_TLS_TERMINATION",
+    "tls_host": "RELAY_TLS_HOST",
+    "tls_cert_dir": "RELAY_TLS_CERT_DIR",
+    "tls_cert_path": "RELAY_TLS_CERT_PATH",
+    "tls_key_path": "RELAY_TLS_KEY_PATH",
+    "admin_token_sha256": "RELAY_ADMIN_TOKEN",
+    "enable_admin_http": "RELAY_ENABLE_ADMIN_HTTP",
+    "health_verbose": "RELAY_HEALTH_VERBOSE",
+    "state_include_client_ids": "RELAY_STATE_INCLUDE_CLIENT_IDS",
+    "token_secret": "RELAY_TOKEN_SECRET",
+    "token_public_key_path": "RELAY_TOKEN_PUBLIC_KEY",
+    "token_secret_file": "RELAY_TOKEN_SECRET_FILE",
+    "token_issuer": "RELAY_TOKEN_ISSUER",
+    "token_audience": "RELAY_TOKEN_AUDIENCE",
+    "server_tls_verify_mode": "RELAY_SERVER_TLS_VERIFY",
+    "server_auth_mode": "RELAY_SERVER_AUTH_MODE",
+    "server_ca_cert_path": "RELAY_SERVER_CA_CERT_PATH",
+    "server_mtls_enabled": "RELAY_SERVER_MTLS",
+    "server_client_cert_path": "RELAY_SERVER_CLIENT_CERT_PATH",
+    "server_client_key_path": "RELAY_SERVER_CLIENT_KEY_PATH",
+    "server_client_key_passphrase": "RELAY_SERVER_CLIENT_KEY_PASSPHRASE",
+    "relay_id": "RELAY_ID",
+    "public_ws_base_url": "RELAY_PUBLIC_WS_BASE_URL",
+    "internal_key": "RELAY_INTERNAL_KEY",
+    "backplane_mode": "RELAY_BACKPLANE_MODE",
+    "redis_url": "RELAY_BACKPLANE_URL",
+    "redis_key_prefix": "RELAY_REDIS_KEY_PREFIX",
+    "presence_sync_enabled": "RELAY_PRESENCE_SYNC_ENABLED",
+    "bus_enabled": "RELAY_BUS_ENABLED",
+    "bus_hmac_key": "RELAY_BUS_HMAC_KEY",
+    "client_redirect_enabled": "RELAY_CLIENT_REDIRECT_ENABLED",
+    "redirect_allowed_hosts": "RELAY_REDIRECT_ALLOWED_HOSTS",
+    "trusted_proxies": "RELAY_TRUSTED_PROXIES",
+    "allowed_origins": "RELAY_ALLOWED_ORIGINS",
+    "relay_mode": "RELAY_MODE",
+    **{field: variable for field, (variable, _) in _INT_KNOBS.items()},
+}
+
+
+def by_variable(config: RelayConfig) -> dict[str, object]:
+    """
+    The effective configuration as an operator reads it: ``settings`` keyed by environment variable
+    (defaults filled in, secrets and URL credentials masked), ``derived`` for what the relay worked
+    out from them (admission mode, whether TLS is on, ...), and the startup ``warnings``.
+    """
+    values = masked(config)
+    warnings = values.pop("warnings", [])
+    settings = {VARIABLE_OF[name]: value for name, value in values.items() if name in VARIABLE_OF}
+    derived = {name: value for name, value in values.items() if name not in VARIABLE_OF}
+    return {"settings": dict(sorted(settings.items())), "derived": derived, "warnings": warnings}
+
+
 def _mask_url(url: str) -> str:
     try:
         parts = urlsplit(url)
@@ -392,11 +451,19 @@ def _default_random_hex(length: int) -> str:
     return secrets.token_hex((length + 1) // 2)[:length]
 
 
-def _default_public_url(tls_host: str, port: int, tls_enabled: bool) -> str:
-    if tls_host == DEFAULT_TLS_HOST and port == DEFAULT_PORT:
-        return f"wss://{DEFAULT_TLS_HOST}/ws"
-    shown_host = f"[{tls_host}]" if ":" in tls_host and not tls_host.startswith("[") else tls_host
-    return f"{'wss' if tls_enabled else 'ws'}://{shown_host}:{port}/ws"
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "*", ""})
+
+
+def _default_public_url(host: str, tls_host: str | None, port: int, tls_enabled: bool, hostname: Callable[[], str]) -> str:
+    """
+    This relay's ``/ws`` URL as derived from where it listens: the TLS host name when one is set,
+    else the listen address, else (listening on every interface) the machine's host name.
+    """
+    name = tls_host or (hostname() if host.strip() in _WILDCARD_HOSTS else host.strip())
+    shown = f"[{name}]" if ":" in name and not name.startswith("[") else name
+    scheme = "wss" if tls_enabled else "ws"
+    default_port = 443 if tls_enabled else 80
+    return f"{scheme}://{shown}/ws" if port == default_port else f"{scheme}://{shown}:{port}/ws"
 
 
 def _server_tls_verify(mode: TriState, server_url: str) -> bool:
@@ -628,6 +695,7 @@ def load_config(
     *,
     home: str | None = None,
     random_hex: Callable[[int], str] | None = None,
+    hostname: Callable[[], str] | None = None,
 ) -> RelayConfig:
     """
     Parse and check the environment into a L{RelayConfig}, or raise L{ConfigError} naming the first bad variable.
@@ -691,14 +759,33 @@ def load_config(
     )
     bus_hmac_key = env.text("RELAY_BUS_HMAC_KEY")
 
-    public_ws_base_url = public_url_text or _default_public_url(tls.host, port, tls.enabled)
-    public_url_source = "RELAY_PUBLIC_WS_BASE_URL" if public_url_text else "RELAY_TLS_HOST"
-    _check_local_urls(host, ((urls.server_url_source, urls.server_url), (public_url_source, public_ws_base_url)))
+    public_ws_base_url = public_url_text or _default_public_url(
+        host, env.text("RELAY_TLS_HOST"), port, tls.enabled, hostname or socket.gethostname
+    )
+    explicit_urls = [(urls.server_url_source, urls.server_url)]
+    if public_url_text is not None:
+        explicit_urls.append(("RELAY_PUBLIC_WS_BASE_URL", public_url_text))
+    elif env.text("RELAY_TLS_HOST") is not None:
+        explicit_urls.append(("RELAY_TLS_HOST", public_ws_base_url))
+    _check_local_urls(host, tuple(explicit_urls))
     any_url_explicit = urls.server_url_explicit or public_url_text is not None
-    relay_mode = _infer_relay_mode(relay_mode_setting, host, urls.server_url, public_ws_base_url, any_url_explicit)
+    relay_mode = _infer_relay_mode(
+        relay_mode_setting, host, urls.server_url, public_url_text or "", any_url_explicit
+    )
     warnings = _check_backplane_requirements(
         backplane_mode, admission, internal_key, urls.redis_url, bus_hmac_key, relay_mode
     )
+    if public_url_text is None and backplane_mode != "single":
+        warnings += (
+            f"RELAY_PUBLIC_WS_BASE_URL: not set; other relays (and redirected browsers) are told {public_ws_base_url}, "
+            "derived from the listen address",
+        )
+    if admission == "platform" and not urls.server_url_explicit and backplane_mode == "single":
+        warnings += (
+            f"HOST: {host!r} is not a loopback address, so the embedded token secret is not used: admission is "
+            f"the Viewport platform's validate call at {urls.server_url}; set RELAY_TOKEN_SECRET or "
+            "RELAY_TOKEN_PUBLIC_KEY to admit locally signed tokens",
+        )
     if relay_mode_setting is None and relay_mode == "staging" and any_url_explicit:
         warnings += ("RELAY_MODE: not set; running as staging (set RELAY_MODE=prod for production hardening)",)
     if bus_hmac_key is None and backplane_mode != "single":

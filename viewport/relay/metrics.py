@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from viewport import __version__
+
 #: The ``/metrics`` content type of the contract. Spelled out because prometheus-client's
 #: ``CONTENT_TYPE_LATEST`` moved to ``version=1.0.0``.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -305,6 +307,11 @@ class RelayMetrics:
         self.relay_workspaces_total = Gauge(
             "relay_workspaces_total", "Scope entries in the registry, empty ones included.",
             registry=self.registry)
+
+        # Which build is running: one sample, always 1, the version as a label (the usual *_build_info).
+        build_info = Gauge(
+            "relay_build_info", "The running relay's version (always 1).", ["version"], registry=self.registry)
+        build_info.labels(version=__version__).set(1)
 
         self.relay_forward_client_to_daemon_seconds = LatencyHistogram(
             "relay_forward_client_to_daemon_seconds",

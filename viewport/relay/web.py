@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from viewport import __version__
 from viewport.relay.upgrade import SERVER_HEADER
 
 if TYPE_CHECKING:
@@ -101,7 +102,10 @@ class RelayRoot(Resource):
         }
         if config.health_verbose:
             body.update(
-                tlsEnabled=config.tls_enabled, relayMode=config.relay_mode, relayId=config.relay_id
+                tlsEnabled=config.tls_enabled,
+                relayMode=config.relay_mode,
+                relayId=config.relay_id,
+                version=__version__,
             )
         return _json(request, 200, body)
 
