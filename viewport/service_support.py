@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+import sys
+from typing import Any, Mapping, Optional, Sequence, TextIO
 
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
@@ -65,6 +66,55 @@ def listen_now(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> IL
         outcome[0].raiseException()
     port: IListeningPort = outcome[0]
     return port
+
+
+#: twistd's own default log file when it daemonizes without ``--logfile``.
+TWISTD_DEFAULT_LOGFILE = "twistd.log"
+# twistd options written with their value as the next argument (``--pidfile twistd.pid``).
+_TWISTD_OPTIONS_WITH_VALUES = frozenset({
+    "--pidfile", "-r", "--reactor", "--umask", "-d", "--rundir", "-u", "--uid", "-g", "--gid", "--prefix",
+    "--logger", "-p", "--profile", "--profiler", "--chroot", "--syslog-prefix", "-f", "--file", "-y", "--python",
+    "-s", "--source",
+})
+
+def twistd_log_target(argv: Sequence[str]) -> Optional[str]:
+    """
+    Where twistd was told to log, read from its command line (the options before the plugin name):
+    None for standard output (``--nodaemon`` without ``--logfile``, or ``--logfile=-``), else the
+    file (``--logfile``, or ``twistd.log`` when it daemonizes). Our JSON observer replaces twistd's
+    own, so it has to honour these options itself.
+    """
+    logfile: Optional[str] = None
+    nodaemon = False
+    args = list(argv[1:])
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("-"):
+            break  # the plugin name: what follows are the plugin's options
+        if arg in ("-n", "--nodaemon"):
+            nodaemon = True
+        elif arg in ("-l", "--logfile") and index + 1 < len(args):
+            index += 1
+            logfile = args[index]
+        elif arg.startswith("--logfile="):
+            logfile = arg[len("--logfile="):]
+        elif arg.startswith("-l") and len(arg) > 2:
+            logfile = arg[2:]
+        elif arg in _TWISTD_OPTIONS_WITH_VALUES:
+            index += 1
+        index += 1
+    if logfile == "-" or (logfile is None and nodaemon):
+        return None
+    return logfile or TWISTD_DEFAULT_LOGFILE
+
+
+def log_stream(argv: Sequence[str]) -> TextIO:
+    """The stream JSON log lines go to: standard output, or twistd's log file (opened for appending)."""
+    target = twistd_log_target(argv)
+    if target is None:
+        return sys.stdout
+    return open(target, "a", encoding="utf-8", buffering=1)
 
 
 class JsonLoggingService(MultiService):

@@ -18,7 +18,7 @@ from viewport.bus.config import BusConfig, load_bus_config
 from viewport.bus.listener import NotificationListener
 from viewport.bus.store import BusStore, DatabaseUnavailable
 from viewport.relay.logs import JsonLineObserver
-from viewport.service_support import EnvironmentOptions, JsonLoggingService, listen_now, tcp_endpoint
+from viewport.service_support import log_stream, EnvironmentOptions, JsonLoggingService, listen_now, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
 #: Log entries kept in memory by the JSON observer (the bus has no /logs endpoint).
@@ -185,7 +185,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options.postOptions()
         config = options.config
     assert config is not None
-    observer = JsonLineObserver(sys.stdout, _MAX_LOGS)
+    observer = JsonLineObserver(log_stream(sys.argv), _MAX_LOGS)
     store = BusStore(config.database_url, loop)
     waiters = PullWaiters(reactor)
     listener = NotificationListener(store.pool, loop, waiters.notify, waiters.notify)

@@ -28,7 +28,7 @@ from viewport.relay.logs import JsonLineObserver
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.service import ListeningService
 from viewport.relay.worker import WorkerForwarder
-from viewport.service_support import EnvironmentOptions, tcp_endpoint
+from viewport.service_support import log_stream, EnvironmentOptions, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
 _log = Logger()
@@ -197,7 +197,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options.postOptions()
         config = options.config
     assert config is not None
-    observer = JsonLineObserver(sys.stdout, config.max_logs)
+    observer = JsonLineObserver(log_stream(sys.argv), config.max_logs)
     for warning in config.warnings:
         _log.warn("{relay_event}", relay_event="config_warning", warning=warning)
     metrics = RelayMetrics()
