@@ -49,3 +49,27 @@ def test_daemonized_relay_writes_its_log_file() -> None:
     finally:
         if os.path.exists(pidfile):
             os.kill(int(open(pidfile).read()), signal.SIGTERM)
+
+
+def test_a_port_in_use_is_one_line_and_exit_status_2() -> None:
+    """A relay whose port is taken exits 2 with one error line naming the address, and no traceback."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        workdir = tempfile.mkdtemp(prefix="relay-port-")
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": workdir, "PYTHONPATH": REPO_ROOT,
+               "RELAY_TOKEN_SECRET": TEST_SECRET}
+        done = subprocess.run(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=",
+             "viewport-relay", "--port", str(port)],
+            env=env, cwd=workdir, capture_output=True, text=True, timeout=30,
+        )
+    output = done.stdout + done.stderr
+    errors = [json.loads(line) for line in done.stdout.splitlines() if '"level":"error"' in line]
+    assert done.returncode == 2, output
+    assert [e["event"] for e in errors] == ["listen_failed"]
+    assert errors[0]["details"]["address"] == f"127.0.0.1:{port}"
+    assert "Traceback" not in output

@@ -9,7 +9,8 @@ from typing import Any, Mapping, Optional, Sequence, TextIO
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
-from twisted.logger import ILogObserver
+from twisted.internet.error import CannotListenError
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -56,17 +57,34 @@ def tcp_endpoint(reactor: Any, host: str, port: int) -> IStreamServerEndpoint:
     return TCP4ServerEndpoint(reactor, port, interface=host)
 
 
+#: Exit status when the listening address cannot be bound (a usage problem, as for a bad variable).
+EXIT_CANNOT_LISTEN = 2
+
+
 def listen_now(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> IListeningPort:
-    """Bind at once (TCP/TLS endpoints listen synchronously); raise if the port cannot be bound."""
+    """
+    Bind at once (TCP/TLS endpoints listen synchronously). A port that cannot be bound (in use,
+    not permitted, no such address) stops the process with one line naming the address and why,
+    exit status 2 — not a traceback.
+    """
     outcome: list[Any] = []
     endpoint.listen(factory).addBoth(outcome.append)
     if not outcome:
         raise RuntimeError("listening did not complete synchronously")
     if isinstance(outcome[0], Failure):
-        outcome[0].raiseException()
+        failure = outcome[0]
+        if failure.check(CannotListenError):
+            error = failure.value
+            reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+            _log.error("cannot listen on {address}: {error}", relay_event="listen_failed",
+                       address=f"{error.interface or '*'}:{error.port}", error=reason)
+            raise SystemExit(EXIT_CANNOT_LISTEN)
+        failure.raiseException()
     port: IListeningPort = outcome[0]
     return port
 
+
+_log = Logger()
 
 #: twistd's own default log file when it daemonizes without ``--logfile``.
 TWISTD_DEFAULT_LOGFILE = "twistd.log"
