@@ -53,8 +53,8 @@ def _single() -> "Deferred[BackplaneHarness]":
     ).start()
 
 
-#: The machine's shared Redis; each harness uses its own key prefix, so runs never see each other.
-SHARED_REDIS_URL = "redis://127.0.0.1:6379"
+#: The machine's shared Redis (VIEWPORT_TEST_REDIS_URL); each harness uses its own key prefix.
+from tests.redis_server import SHARED_REDIS_URL  # noqa: E402
 
 
 class RedisHarness(BackplaneHarness):

@@ -13,6 +13,11 @@ from typing import Callable, List, Optional
 
 READY_DEADLINE_SECONDS = 10.0
 
+#: The Redis every relay test may share (the machine's), as ``VIEWPORT_TEST_REDIS_URL`` names it.
+SHARED_REDIS_URL = os.environ.get("VIEWPORT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+SHARED_REDIS_HOST = SHARED_REDIS_URL.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0] or "127.0.0.1"
+SHARED_REDIS_PORT = int(SHARED_REDIS_URL.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
 
 def redis_server_binary() -> str:
     """
@@ -159,13 +164,13 @@ class SentinelServer(RedisServer):
             return False
 
 
-def redis_command(port: int, *args: str, db: int = 0) -> object:
+def redis_command(port: int, *args: str, db: int = 0, host: str = "127.0.0.1") -> object:
     """
     Run one command on a fresh blocking connection (for assertions about what Redis holds).
 
     Returns an int, a str, None (nil) or a list of those; raises ``RuntimeError`` on an error reply.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+    with socket.create_connection((host, port), timeout=5) as conn:
         reader = conn.makefile("rb")
         commands = ([("SELECT", str(db))] if db else []) + [args]
         for command in commands:

@@ -9,12 +9,12 @@ from typing import Any, Dict, Iterable, Optional
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 
 from tests.pg_server import INTERNAL_KEY, BusProcess, ScratchDatabase
-from tests.redis_server import free_port, redis_command
+from tests.redis_server import SHARED_REDIS_HOST, SHARED_REDIS_PORT, free_port, redis_command
 from tests.support import RelayProcess, e2e_env, http_request, kex_init, kex_response, poll_until
 from viewport.client import RelayConnection, is_status
 from viewport.relay.backplane.redis import presence_key
 
-MACHINE_REDIS_PORT = 6379
+MACHINE_REDIS_PORT = SHARED_REDIS_PORT
 HMAC_KEY = "cross-relay-test-bus-hmac-key-0123456789"
 MODES = ("redis", "server")
 
@@ -29,6 +29,8 @@ class Backplane:
         self.mode = mode
         self.bus_url = bus_url
         self.redis_port = redis_port
+        #: The machine's Redis may live elsewhere (VIEWPORT_TEST_REDIS_URL); private servers are local.
+        self.redis_host = SHARED_REDIS_HOST if redis_port == SHARED_REDIS_PORT else "127.0.0.1"
         self.prefix = f"viewport-test:{uuid.uuid4().hex[:12]}"
         self.tag = uuid.uuid4().hex[:8]
 
@@ -36,7 +38,7 @@ class Backplane:
         """A relay environment on this backplane (admin HTTP on, bus forwarding by default)."""
         env = e2e_env(RELAY_BACKPLANE_MODE=self.mode, RELAY_BUS_HMAC_KEY=HMAC_KEY, RELAY_ID=relay_id)
         if self.mode == "redis":
-            env.update(RELAY_BACKPLANE_URL=f"redis://127.0.0.1:{self.redis_port}", RELAY_REDIS_KEY_PREFIX=self.prefix)
+            env.update(RELAY_BACKPLANE_URL=f"redis://{self.redis_host}:{self.redis_port}", RELAY_REDIS_KEY_PREFIX=self.prefix)
         elif self.mode == "server":
             env.update(RELAY_BACKPLANE_URL=self.bus_url, RELAY_INTERNAL_KEY=INTERNAL_KEY)
         env.update(extra)
@@ -58,7 +60,8 @@ class Backplane:
     def presence(self, workspace: str, runtime_target: str) -> Any:
         """The relay id the backplane names for the scope's daemon right now (None when none)."""
         if self.mode == "redis":
-            raw = redis_command(self.redis_port, "GET", presence_key(self.prefix, workspace, runtime_target))
+            raw = redis_command(self.redis_port, "GET", presence_key(self.prefix, workspace, runtime_target),
+                                host=self.redis_host)
             return json.loads(raw)["relayId"] if isinstance(raw, str) else None
         body = json.dumps({"workspaceId": workspace, "runtimeTargetId": runtime_target}).encode()
         status, _, answer = yield http_request(

@@ -264,7 +264,8 @@ def test_redis_publish_reaching_nobody_gives_daemon_unavailable(cluster: Cluster
     key = presence_key(cluster.backplane.prefix, ws, "rt1")
     stale = {"relayId": relay_id_of(cluster.c), "relayWsBaseUrl": "ws://127.0.0.1:9/ws", "daemonConnected": True,
              "runtimeTargetId": "rt1", "updatedAtMs": 0}
-    redis_command(cluster.backplane.redis_port, "SET", key, json.dumps(stale), "PX", "30000")
+    redis_command(cluster.backplane.redis_port, "SET", key, json.dumps(stale), "PX", "30000",
+                  host=cluster.backplane.redis_host)
     before = yield fetch_metrics(cluster.b)
     # B looks the presence up when the client registers and for its frame (once if the first answer is cached by then).
     client = yield open_peer(cluster.b, "client", ws, "rt1")
@@ -275,7 +276,7 @@ def test_redis_publish_reaching_nobody_gives_daemon_unavailable(cluster: Cluster
         assert after["relay_bus_publish_failed_total"] == before["relay_bus_publish_failed_total"] + 1
         assert after["relay_presence_resolve_ok_total"] - before["relay_presence_resolve_ok_total"] in (1, 2)
     finally:
-        redis_command(cluster.backplane.redis_port, "DEL", key)
+        redis_command(cluster.backplane.redis_port, "DEL", key, host=cluster.backplane.redis_host)
         yield stop_all(client)
 
 

@@ -18,6 +18,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from tests.certs import make_certificates
+from tests.redis_server import SHARED_REDIS_URL
 from tests.test_backplane_redis import KEY
 from viewport.relay.backplane.redis import RedisBackplane
 from viewport.sockets import NoDelayAgentEndpoints, set_no_delay
@@ -77,7 +78,7 @@ def test_transports_without_the_option_are_left_alone() -> None:
 def test_redis_connections_have_nodelay() -> Any:
     """Both connections of the redis backplane (commands and pub/sub) to the machine's Redis set TCP_NODELAY."""
     backplane = RedisBackplane(
-        relay_id="nodelay", redis_url="redis://127.0.0.1:6379/0", hmac_key=KEY, reactor=reactor, key_prefix="viewport-test"
+        relay_id="nodelay", redis_url=SHARED_REDIS_URL, hmac_key=KEY, reactor=reactor, key_prefix="viewport-test"
     )
     try:
         yield backplane.start(lambda frame: None)
