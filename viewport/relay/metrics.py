@@ -67,6 +67,10 @@ class LatencyHistogram:
         """Total number of observations."""
         return sum(self._counts)
 
+    def counts(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """The bucket upper bounds and the (non-cumulative) count per bucket, +Inf last."""
+        return tuple(self._bounds), tuple(self._counts)
+
     @property
     def sum(self) -> float:
         """Sum of all observed durations in seconds."""

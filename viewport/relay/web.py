@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
@@ -12,6 +13,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from viewport import __version__
+from viewport.relay.status import status_page, status_snapshot
 from viewport.relay.upgrade import SERVER_HEADER
 
 if TYPE_CHECKING:
@@ -22,8 +24,9 @@ JSON_TYPE = b"application/json"
 
 def admin_authorized(expected_sha256: Optional[str], authorization: Optional[str], header_token: Optional[str]) -> bool:
     """
-    True when the request carries the admin token: ``Authorization: Bearer`` first, else
-    ``X-Relay-Admin-Token``; compared as SHA-256 hex digests in constant time.
+    True when the request carries the admin token: ``Authorization: Bearer <token>`` or ``Basic``
+    with the token as password (what a browser sends after its login prompt, for the status page)
+    first, else ``X-Relay-Admin-Token``; compared as SHA-256 hex digests in constant time.
     """
     if not expected_sha256:
         return False
@@ -32,6 +35,11 @@ def admin_authorized(expected_sha256: Optional[str], authorization: Optional[str
         scheme, _, rest = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and rest.strip():
             provided = rest.strip()
+        elif scheme.lower() == "basic" and rest.strip():
+            try:
+                provided = base64.b64decode(rest.strip(), validate=True).decode("utf-8").partition(":")[2] or None
+            except (ValueError, UnicodeDecodeError):
+                provided = None
     if provided is None and header_token:
         provided = header_token.strip()
     if not provided:
@@ -70,7 +78,7 @@ class RelayRoot(Resource):
                 return self._health(request)
             if path == b"/ready":
                 return self._ready(request)
-            if path in (b"/state", b"/logs", b"/metrics"):
+            if path in (b"/state", b"/logs", b"/metrics", b"/admin", b"/admin/status"):
                 denied = self._admin_gate(request)
                 if denied is not None:
                     return denied
@@ -78,6 +86,10 @@ class RelayRoot(Resource):
                     return self._state(request)
                 if path == b"/logs":
                     return self._logs(request)
+                if path == b"/admin":
+                    return self._status_page(request)
+                if path == b"/admin/status":
+                    return _json(request, 200, status_snapshot(self._relay))
                 return self._metrics(request)
         return _json(request, 404, {"ok": False, "reason": "NOT_FOUND"})
 
@@ -90,7 +102,19 @@ class RelayRoot(Resource):
         if admin_authorized(relay.config.admin_token_sha256, authorization, header_token):
             return None
         relay.metrics.relay_admin_unauthorized.inc()
+        # A browser opening /admin then asks for the token (as the password) and sends it along.
+        request.setHeader(b"www-authenticate", b'Basic realm="viewport-relay admin", charset="UTF-8"')
         return _json(request, 401, {"ok": False, "reason": "ADMIN_UNAUTHORIZED"})
+
+    def _status_page(self, request: Request) -> bytes:
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+        )
+        return status_page()
 
     def _health(self, request: Request) -> bytes:
         relay = self._relay
