@@ -76,6 +76,10 @@ def outage_then_recovery(backplane: Backplane, relays: List[RelayProcess], down:
 
         yield down()
         yield all_ready(relays, 503)
+        # /metrics says the same as /ready, for alerting.
+        for relay in relays:
+            values = yield fetch_metrics(relay)
+            assert (values["relay_ready"], values["relay_backplane_healthy"]) == (0.0, 0.0)
         # B tells its client as soon as it lost its path (and again for each frame it cannot pass on).
         yield expect_status(client, "DAEMON_UNAVAILABLE")
         client.send_text(kex_init("r-down"))
@@ -87,6 +91,7 @@ def outage_then_recovery(backplane: Backplane, relays: List[RelayProcess], down:
 
         yield up()
         yield all_ready(relays, 200, timeout=20)
+        assert (yield fetch_metrics(a))["relay_ready"] == 1.0
         yield backplane.presence_at(ws, "rt1", a)
         # Once A can publish again, B's clients hear that a frame for them was lost.
         yield metric_reaches(a, "relay_bus_loss_notices_sent_total", 1, timeout=10)

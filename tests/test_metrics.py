@@ -103,6 +103,8 @@ OWN_COUNTERS = frozenset({
 COUNTERS = SPEC_COUNTERS | OWN_COUNTERS
 #: Our gauge beyond the contract's: the version, as a label (docs/protocol.md §8).
 BUILD_INFO = "relay_build_info"
+#: Our gauges of /ready's answer.
+OWN_GAUGES = frozenset({"relay_ready", "relay_backplane_healthy"})
 HISTOGRAMS = ("relay_forward_client_to_daemon_seconds", "relay_forward_daemon_to_client_seconds")
 
 
@@ -139,7 +141,7 @@ class RelayMetricsTests(SynchronousTestCase):
         exposed = {
             name for name in samples(RelayMetrics().render()) if not name.startswith(HISTOGRAMS)
         }
-        self.assertEqual(exposed, COUNTERS | SPEC_GAUGES | {f'{BUILD_INFO}{{version="{__version__}"}}'})
+        self.assertEqual(exposed, COUNTERS | SPEC_GAUGES | OWN_GAUGES | {f'{BUILD_INFO}{{version="{__version__}"}}'})
 
     def test_types(self) -> None:
         """Counters are typed counter, the two gauges gauge and the latencies histogram."""
@@ -148,6 +150,7 @@ class RelayMetricsTests(SynchronousTestCase):
         expected.update({name: "gauge" for name in SPEC_GAUGES})
         expected.update({name: "histogram" for name in HISTOGRAMS})
         expected[BUILD_INFO] = "gauge"
+        expected.update({name: "gauge" for name in OWN_GAUGES})
         self.assertEqual(declared, expected)
 
     def test_counter_names_attribute(self) -> None:

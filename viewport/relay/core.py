@@ -68,6 +68,8 @@ class Relay:
             limiters=self.limiters,
             worker_forward=worker_forward,
         )
+        self.metrics.relay_ready.set_function(lambda: float(self.accepting and bool(self.backplane.healthy)))
+        self.metrics.relay_backplane_healthy.set_function(lambda: float(bool(self.backplane.healthy)))
         self.connections: Set[Any] = set()
         self._heartbeat_slots: List[Set[Any]] = [set() for _ in range(HEARTBEAT_SLICES)]
         self._next_slot = 0

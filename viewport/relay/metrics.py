@@ -312,6 +312,14 @@ class RelayMetrics:
             "relay_workspaces_total", "Scope entries in the registry, empty ones included.",
             registry=self.registry)
 
+        # What /ready answers, as numbers a scrape can alert on (their values are read at scrape time).
+        self.relay_ready = Gauge(
+            "relay_ready", "1 while /ready answers 200 (accepting upgrades, backplane working), else 0.",
+            registry=self.registry)
+        self.relay_backplane_healthy = Gauge(
+            "relay_backplane_healthy", "1 while the backplane reaches its Redis or bus (always 1 in single mode).",
+            registry=self.registry)
+
         # Which build is running: one sample, always 1, the version as a label (the usual *_build_info).
         build_info = Gauge(
             "relay_build_info", "The running relay's version (always 1).", ["version"], registry=self.registry)
