@@ -28,6 +28,12 @@ nothing about speed.
     /work/venv/bin/python benchmarks/cross_relay.py                       # ~35 s, all three modes
     /work/venv/bin/python benchmarks/cross_relay.py --modes redis --samples 500 --duration 3
     /work/venv/bin/python benchmarks/cross_relay.py --profile /tmp/xrelay  # py-spy raw stacks per phase (slower)
+
+``--issue8`` runs the issue-8 figure instead (``cross_flow.py``: 4 workspaces × 50 frames in flight, one
+direction at a time, frames lost counted); ``--against-original`` runs it for ours and the original relay
+alternately (``original.py``) and prints the ratios (``flow_report.py``):
+
+    .venv/bin/python benchmarks/cross_relay.py --against-original --modes server --rounds 3
 """
 
 from __future__ import annotations
@@ -629,6 +635,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", help="py-spy record the relays (and the bus) during each phase")
     parser.add_argument("--keep", action="store_true", help="keep the relays' and the bus's log directories")
     parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
+    from benchmarks.cross_flow import add_arguments
+
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -642,6 +651,10 @@ def measure(args: argparse.Namespace) -> int:
         raise SystemExit("--size must be at least 200 bytes (the envelope's fixed fields)")
     if args.profile:
         args.profile = os.path.abspath(args.profile)
+    if args.issue8 or args.against_original:
+        from benchmarks.flow_report import measure as measure_flow
+
+        return measure_flow(args, [m for m in modes if m != "single"] or ["server"])
     started = time.perf_counter()
     results = []
     for mode in modes:

@@ -353,6 +353,23 @@ class ScratchDatabase:
             return 0
         return int(row[0]) if row is not None else 0
 
+    def publish_stats(self, after_id: int) -> Tuple[int, int, int]:
+        """
+        ``(frames, publishes, highest id)`` of the frames stored after ``after_id``: a publish request is
+        one transaction, and every row of a transaction has the same ``created_at`` (``now()``), so the
+        distinct values count the requests. Zeros before the migration.
+        """
+        try:
+            with self._psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                row = conn.execute(
+                    "SELECT count(*), count(DISTINCT created_at), COALESCE(max(id), %s) FROM relay_bus_frames"
+                    " WHERE id > %s",
+                    (after_id, after_id),
+                ).fetchone()
+        except self._psycopg.Error:
+            return 0, 0, after_id
+        return (int(row[0]), int(row[1]), int(row[2])) if row is not None else (0, 0, after_id)
+
     def drop(self) -> None:
         """Drop the database, terminating its connections (PostgreSQL 13+)."""
         try:
