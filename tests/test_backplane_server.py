@@ -106,7 +106,10 @@ class _Harness:
         self.backplane = ServerBackplane(**settings)
 
     def flush(self) -> None:
-        self.stub.flush()
+        """Run what is due now (publishes leave at the end of a reactor turn) and answer what can be."""
+        for _ in range(3):
+            self.clock.advance(0)
+            self.stub.flush()
 
     def start(self, head: Optional[int] = 10) -> None:
         """Start; answer the head pull."""
@@ -384,20 +387,23 @@ class ServerBackplaneBatchAndLivenessTests(SynchronousTestCase):
         harness.backplane.publish(frame).addCallback(results.append)
 
     def test_frames_queued_behind_a_publish_go_in_one_batch_in_order(self) -> None:
-        """While one publish is in flight, the frames of that scope queue up and go in a single {"frames": [...]} request."""
+        """Frames of one reactor turn go in one request; those queued while it is in flight go in the next, in order."""
         harness = self.start(["batch"])
         results: List[bool] = []
-        for n in range(5):
+        for n in range(3):
             self.publish(harness, n, results)
         harness.flush()
-        first = harness.platform.answer(200, {"ok": True, "ids": [1]})
+        for n in range(3, 6):
+            self.publish(harness, n, results)
         harness.flush()
-        second = harness.platform.answer(200, {"ok": True, "ids": [2, 3, 4, 5]})
+        first = harness.platform.answer(200, {"ok": True, "ids": [1, 2, 3]})
         harness.flush()
-        self.assertEqual([json.loads(f["payload"])["n"] for f in first["body"]["frames"]], [0])
-        self.assertEqual([json.loads(f["payload"])["n"] for f in second["body"]["frames"]], [1, 2, 3, 4])
-        self.assertEqual(results, [True] * 5)
-        self.assertEqual(harness.counter("relay_bus_publish_ok"), 5)
+        second = harness.platform.answer(200, {"ok": True, "ids": [4, 5, 6]})
+        harness.flush()
+        self.assertEqual([json.loads(f["payload"])["n"] for f in first["body"]["frames"]], [0, 1, 2])
+        self.assertEqual([json.loads(f["payload"])["n"] for f in second["body"]["frames"]], [3, 4, 5])
+        self.assertEqual(results, [True] * 6)
+        self.assertEqual(harness.counter("relay_bus_publish_ok"), 6)
 
     def test_a_platform_without_batches_gets_one_frame_per_call(self) -> None:
         """Without the batch capability every publish is the contract's single-frame body, still one at a time, in order."""
@@ -418,7 +424,9 @@ class ServerBackplaneBatchAndLivenessTests(SynchronousTestCase):
         """Frames beyond the queue's bytes are refused at once; frames that waited too long are refused, not sent."""
         harness = self.start(["batch"], queue_max_bytes=20, queue_max_age_ms=500)
         results: List[bool] = []
-        for n in range(4):
+        self.publish(harness, 0, results)
+        harness.flush()
+        for n in range(1, 4):
             self.publish(harness, n, results)
         harness.flush()
         self.assertEqual(results, [False])  # frames 1 and 2 wait (14 bytes), frame 3 would pass 20 bytes

@@ -31,8 +31,10 @@ class OrderedBatcher(Generic[Item]):
     """
     Sends items per stream (a scope and direction) in order, never more than one request at a
     time per stream: items submitted while a request is in flight wait, and all of them (up to
-    ``max_batch``) go in the next request. So a stream is not capped at one HTTP round trip per
-    item, and the bus still stores a stream's items in submission order.
+    ``max_batch``) go in the next request; the first request of a burst leaves at the end of the
+    reactor turn that queued it, so it carries what arrived in the same read. So a stream is not
+    capped at one HTTP round trip per item, and the bus still stores a stream's items in
+    submission order.
 
     The wait is bounded: an item that would take a stream's queue past ``max_queue_bytes`` is
     refused at once, and one that waited longer than ``max_age_ms`` is refused instead of sent.
@@ -82,7 +84,10 @@ class OrderedBatcher(Generic[Item]):
         stream.waiting.append(queued)
         stream.waiting_bytes += size
         if not stream.in_flight:
-            self._next(stream_key, stream)
+            # Not at once: the frames that arrive in the same reactor turn (one socket read often
+            # holds dozens) then go in the first request too, instead of the first one alone.
+            stream.in_flight = True
+            self._clock.callLater(0, self._next, stream_key, stream)
         return queued.result
 
     def drain(self) -> "Deferred[None]":
