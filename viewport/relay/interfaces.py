@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Collection, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Collection, Literal, Optional
 
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 Direction = Literal["client_to_daemon", "daemon_to_clients"]
 Side = Literal["daemon", "clients"]
@@ -54,7 +57,7 @@ class IBackplane(Interface):
 
     def start(
         deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
-    ) -> object:
+    ) -> "Deferred[Any]":
         """
         Begin receiving frames addressed to this relay and keep this relay's liveness record
         fresh; ``deliver`` is called once per accepted frame, in arrival order.
@@ -65,13 +68,13 @@ class IBackplane(Interface):
         reconnecting in the background afterwards).
         """
 
-    def stop() -> object:
+    def stop() -> "Deferred[None]":
         """
         Say goodbye (withdraw this relay's presences and its liveness record), stop receiving,
         release connections. Returns a Deferred that fires when done.
         """
 
-    def dead_relays(relay_ids: Collection[str]) -> object:
+    def dead_relays(relay_ids: Collection[str]) -> "Deferred[frozenset[str]]":
         """
         Returns a Deferred firing with the subset of ``relay_ids`` known to be gone: relays whose
         liveness record expired (they died without a goodbye) or that said goodbye. Presences of
@@ -79,19 +82,19 @@ class IBackplane(Interface):
         not reported dead. Never fails.
         """
 
-    def announce_presence(presence: Presence) -> object:
+    def announce_presence(presence: Presence) -> "Deferred[None]":
         """
         Record (``daemon_connected`` true) or clear (false) this relay's daemon for a runtime
         target. Returns a Deferred firing with None; never fails.
         """
 
-    def resolve_presence(workspace_id: str, runtime_target_id: Optional[str]) -> object:
+    def resolve_presence(workspace_id: str, runtime_target_id: Optional[str]) -> "Deferred[Optional[Presence]]":
         """
         Returns a Deferred firing with the connected daemon's ``Presence`` (on any relay whose
         liveness record is fresh), or None when no live relay reports one.
         """
 
-    def publish(frame: BusFrame) -> object:
+    def publish(frame: BusFrame) -> "Deferred[bool]":
         """
         Send a frame to another relay. Returns a Deferred firing with True when at least one
         relay accepted it for delivery, False when it could not be delivered.

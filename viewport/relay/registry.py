@@ -236,6 +236,59 @@ class ScopeState:
         """True when the scope holds no daemon and no client."""
         return self.daemon is None and not self.clients
 
+    def attach_daemon(self, daemon: Connection) -> None:
+        """
+        Make ``daemon`` the scope's daemon: record its generation, and start with no key-exchange
+        or session owners (a daemon forgets every session when it connects). Pairing requests stay.
+        """
+        daemon.scope = self
+        self.daemon = daemon
+        self.remote_daemon_relay = None
+        generation = daemon.claims.daemon_issue_generation
+        if generation is not None:
+            self.daemon_issue_generation = generation
+        self.kex_requests.clear()
+        self.session_owners.clear()
+
+    def detach_daemon(self, daemon: Connection) -> bool:
+        """
+        ``daemon`` closed: when it is the current daemon, forget it and every table it answered
+        for, and say True; a replaced or rejected daemon's close changes nothing (False).
+        """
+        if self.daemon is not daemon:
+            return False
+        self.daemon = None
+        self.kex_requests.clear()
+        self.session_owners.clear()
+        self.pairing_requests.clear()
+        return True
+
+    def add_client(self, client: Connection) -> None:
+        """Register a client in the scope."""
+        client.scope = self
+        self.clients[client] = None
+
+    def remove_client(self, client: Connection) -> bool:
+        """Forget a client and everything it owned or subscribed to; True when it was the last one."""
+        self.clients.pop(client, None)
+        self.kex_requests.drop_connection(client)
+        self.pairing_requests.drop_connection(client)
+        self.session_owners.drop_connection(client)
+        self.unsubscribe_everywhere(client)
+        return not self.clients
+
+    def subscribe(self, client: Connection, channel: str) -> None:
+        """Add ``client`` to a session-event channel."""
+        self.subscribers.setdefault(channel, set()).add(client)
+
+    def unsubscribe(self, client: Connection, channel: str) -> None:
+        """Remove ``client`` from a channel, dropping the channel when it empties."""
+        members = self.subscribers.get(channel)
+        if members is not None:
+            members.discard(client)
+            if not members:
+                del self.subscribers[channel]
+
     def unsubscribe_everywhere(self, connection: Connection) -> None:
         """Remove a connection from every channel, dropping empty channels."""
         empty = []
@@ -280,6 +333,23 @@ class Registry:
             )
             self.scopes[key] = scope
         return scope
+
+    def accept(self, conn: Connection) -> None:
+        """An upgraded socket passed its checks: it counts toward its IP (and, with a scope, the total)."""
+        conn.registered = True
+        self.add_ip(conn.ip)
+        if conn.role != "worker":
+            self.registered_connections += 1
+
+    def release(self, conn: Connection) -> bool:
+        """A registered socket closed: uncount it; False when it was not registered (nothing to do)."""
+        if not conn.registered:
+            return False
+        conn.registered = False
+        self.remove_ip(conn.ip)
+        if conn.role != "worker":
+            self.registered_connections -= 1
+        return True
 
     def ip_count(self, ip: str) -> int:
         """Accepted connections from one IP."""

@@ -3,56 +3,59 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
-from twisted.logger import LogLevel
 
 from viewport.relay import frames
+from viewport.relay.config import RelayConfig
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence
+from viewport.relay.metrics import RelayMetrics
 from viewport.relay.redirects import redirect_url_allowed
 from viewport.relay.registry import Connection
+from viewport.relay.routing.delivery import Delivery
+from viewport.relay.routing.events import Refusals, RoutingLog
 
-CLOSE_POLICY = 4008
 
+class RemoteForwarding:
+    """Sends a client's frames to the relay holding its daemon, in order, and tells clients about redirects."""
 
-class RemoteRouting:
-    """
-    The part of the router that sends a client's frames to a daemon on another relay.
+    def __init__(
+        self,
+        *,
+        config: RelayConfig,
+        backplane: IBackplane,
+        metrics: RelayMetrics,
+        log: RoutingLog,
+        refusals: Refusals,
+        delivery: Delivery,
+        relay_id: str,
+    ) -> None:
+        self._config = config
+        self._backplane = backplane
+        self._m = metrics
+        self._log = log
+        self._refusals = refusals
+        self._delivery = delivery
+        self._relay_id = relay_id
 
-    A mixin of ``Router``: it uses the router's configuration, backplane and metrics.
-    """
-
-    _config: Any
-    _backplane: IBackplane
-    _m: Any
-    _relay_id: str
-    _event: Callable[..., None]
-    _log_failure: Callable[[Any, str], None]
-    _daemon_unavailable: Callable[[Connection], None]
-
-    def _no_local_daemon(self, conn: Connection, payload: bytes) -> None:
-        """Contract §5.6.5: look for the daemon on another relay, else say it is unavailable."""
-        m = self._m
+    def no_local_daemon(self, conn: Connection, payload: bytes) -> None:
+        """docs/protocol.md §4.4 step 10: look for the daemon on another relay, else say it is unavailable."""
         if conn.runtime_target_id is None:
-            m.relay_client_messages_dropped.inc()
-            self._event(
-                LogLevel.warn,
-                "client_message_dropped",
-                workspaceId=conn.workspace_id,
-                clientId=conn.client_id,
-                reason="missing_runtime_target",
+            self._refusals.refuse(
+                conn, self._m.relay_client_messages_dropped, event="client_message_dropped",
+                reply=frames.runtime_target_required(conn.workspace_id), workspaceId=conn.workspace_id,
+                clientId=conn.client_id, reason="missing_runtime_target",
             )
-            conn.peer.send_text(frames.runtime_target_required(conn.workspace_id))
             return
         if not self._backplane.cross_relay:
-            self._daemon_unavailable(conn)
+            self._delivery.daemon_unavailable(conn)
             return
         if conn.bus_queue is not None:
             self.queue_behind_remote(conn, payload)
             return
         conn.bus_queue = deque()
-        self._route_remote_next(conn, payload)
+        self._route_next(conn, payload)
 
     def queue_behind_remote(self, conn: Connection, payload: bytes) -> None:
         """Keep a frame behind the ones still on their way to another relay (bounded by max pending bytes)."""
@@ -61,28 +64,26 @@ class RemoteRouting:
         waiting.append(payload)
         if sum(len(p) for p in waiting) > self._config.max_pending_bytes:
             waiting.clear()
-            self._m.relay_ws_slow_client_terminated.inc()
-            conn.peer.close(CLOSE_POLICY, "buffer overflow")
+            self._refusals.refuse(conn, self._m.relay_ws_slow_client_terminated, close="buffer overflow")
 
-    def _route_remote_next(self, conn: Connection, payload: bytes) -> None:
+    def _route_next(self, conn: Connection, payload: bytes) -> None:
         """
         Resolve and publish the connection's waiting frames, one after another.
 
-        Presence lookups and publishes are asynchronous: started side by side, a client's frames
-        could reach the other relay out of order. The loop continues synchronously while lookups
-        and publishes answer at once (a cached presence), and resumes from a callback only when
-        one is really pending, so a long queue never nests calls.
+        Presence lookups are asynchronous: started side by side, a client's frames could reach
+        the other relay out of order. The loop continues synchronously while lookups answer at
+        once (a cached presence), and resumes from a callback only when one is really pending,
+        so a long queue never nests calls. Publishes are not waited for: every backplane keeps
+        one connection's (Redis) or one scope's (server) publishes in order.
         """
         while True:
-            d: Deferred = self._backplane.resolve_presence(  # type: ignore[assignment]
-                conn.workspace_id, conn.runtime_target_id
-            )
+            d = self._backplane.resolve_presence(conn.workspace_id, conn.runtime_target_id)
             d.addCallback(self._route_to_remote, conn, payload)
-            d.addErrback(self._log_failure, "client_route_error")
+            d.addErrback(self._log.failure, "client_route_error")
             finished: list[object] = []
             d.addBoth(finished.append)
             if not finished:
-                d.addCallback(self._route_remote_done, conn)
+                d.addCallback(self._route_done, conn)
                 return
             waiting = conn.bus_queue
             if not waiting:
@@ -90,40 +91,36 @@ class RemoteRouting:
                 return
             payload = waiting.popleft()
 
-    def _route_remote_done(self, _: object, conn: Connection) -> None:
+    def _route_done(self, _: object, conn: Connection) -> None:
         waiting = conn.bus_queue
         if waiting:
-            self._route_remote_next(conn, waiting.popleft())
+            self._route_next(conn, waiting.popleft())
         else:
             conn.bus_queue = None
 
-    def _route_to_remote(
-        self, presence: Optional[Presence], conn: Connection, payload: bytes
-    ) -> Optional[Deferred]:
+    def _route_to_remote(self, presence: Optional[Presence], conn: Connection, payload: bytes) -> None:
         scope = conn.scope
         local = scope.daemon_open() if scope is not None else None
         if local is not None:
             # The daemon connected here while this frame waited: deliver it locally, in order.
-            local.peer.send_payload(payload)
-            self._m.relay_frames_client_to_daemon.inc()
-            self._m.relay_bytes_client_to_daemon.inc(len(payload))
-            return None
+            self._delivery.to_daemon(local, payload)
+            return
         if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
             if scope is not None:
                 scope.remote_daemon_relay = None
-            self._daemon_unavailable(conn)
-            return None
+            self._delivery.daemon_unavailable(conn)
+            return
         if scope is not None:
             scope.remote_daemon_relay = presence.relay_id
         if (
             self._config.client_redirect_enabled
             and not conn.redirect_sent
-            and self._redirect_allowed(presence.relay_ws_base_url)
+            and self.redirect_allowed(presence.relay_ws_base_url)
         ):
             self.send_redirect(conn, presence.relay_ws_base_url, with_runtime_target=True)
         if not self._config.bus_enabled:
-            self._daemon_unavailable(conn)
-            return None
+            self._delivery.daemon_unavailable(conn)
+            return
         assert conn.runtime_target_id is not None
         frame = BusFrame(
             workspace_id=conn.workspace_id,
@@ -134,23 +131,18 @@ class RemoteRouting:
             payload=payload.decode("utf-8"),
             machine_id=conn.machine_id,
         )
-        d: Deferred = self._backplane.publish(frame)  # type: ignore[assignment]
 
         def published(ok: bool) -> None:
             if ok:
                 # Counted, not logged: this is the per-frame path of cross-relay traffic.
                 self._m.relay_client_messages_routed_bus.inc()
             else:
-                self._daemon_unavailable(conn)
+                self._delivery.daemon_unavailable(conn)
 
-        d.addCallback(published)
-        d.addErrback(self._log_failure, "client_route_error")
-        # Not returned: the next frame need not wait for this publish's answer. Every backplane
-        # keeps one connection's (Redis) or one scope's (server) publishes in order, and a server
-        # backplane batches the frames that queue up meanwhile.
-        return None
+        self._backplane.publish(frame).addCallback(published).addErrback(self._log.failure, "client_route_error")
 
-    def _redirect_allowed(self, url: str) -> bool:
+    def redirect_allowed(self, url: str) -> bool:
+        """Whether a presence's URL may be sent to a client as a redirect (docs/protocol.md §10)."""
         config = self._config
         return url != config.public_ws_base_url and redirect_url_allowed(
             url,
@@ -162,20 +154,18 @@ class RemoteRouting:
 
     def redirect_target(self, workspace_id: str, runtime_target_id: str) -> "Deferred[Optional[str]]":
         """The public URL of the relay holding this scope's daemon, when a client should move there."""
-        d: Deferred = self._backplane.resolve_presence(workspace_id, runtime_target_id)  # type: ignore[assignment]
 
         def decide(presence: Optional[Presence]) -> Optional[str]:
             if presence is None or not presence.daemon_connected or presence.relay_id == self._relay_id:
                 return None
             url = presence.relay_ws_base_url
-            return url if self._redirect_allowed(url) else None
+            return url if self.redirect_allowed(url) else None
 
         def failed(failure: Any) -> None:
-            self._log_failure(failure, "relay_presence_resolve_error")
+            self._log.failure(failure, "relay_presence_resolve_error")
             return None
 
-        d.addCallbacks(decide, failed)
-        return d
+        return self._backplane.resolve_presence(workspace_id, runtime_target_id).addCallbacks(decide, failed)
 
     def send_redirect(self, conn: Connection, url: str, with_runtime_target: bool) -> None:
         """Tell a client, once per connection, that its daemon is on the relay at ``url``."""
@@ -183,7 +173,5 @@ class RemoteRouting:
             return
         conn.redirect_sent = True
         conn.peer.send_text(
-            frames.relay_redirect(
-                conn.workspace_id, url, conn.runtime_target_id if with_runtime_target else None
-            )
+            frames.relay_redirect(conn.workspace_id, url, conn.runtime_target_id if with_runtime_target else None)
         )

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
-from twisted.logger import LogLevel
 
 from viewport.relay import frames
 from viewport.relay.interfaces import BusFrame, IBackplane
+from viewport.relay.metrics import RelayMetrics
 from viewport.relay.registry import Registry, ScopeKey, ScopeState
-
-EventLog = Callable[..., None]
+from viewport.relay.routing.events import RoutingLog
 
 #: How long a notice owed to another relay's clients is retried before it is given up.
 OWED_NOTICE_TTL_MS = 60_000
@@ -37,14 +36,14 @@ class RemotePath:
         *,
         registry: Registry,
         backplane: IBackplane,
-        metrics: Any,
-        event: EventLog,
+        metrics: RelayMetrics,
+        log: RoutingLog,
         relay_id: str,
     ) -> None:
         self._registry = registry
         self._backplane = backplane
         self._m = metrics
-        self._event = event
+        self._log = log
         self._relay_id = relay_id
         self._path_working = True
         #: (scope key, target relay id or None) -> when the notice became owed.
@@ -62,9 +61,9 @@ class RemotePath:
                 if scope.clients and scope.daemon_open() is None:
                     told += self._tell_clients(scope)
                     scope.remote_daemon_relay = None
-            self._event(LogLevel.warn, "relay_bus_path_lost", clientsTold=told)
+            self._log.warn("relay_bus_path_lost", clientsTold=told)
         elif working and not was_working:
-            self._event(LogLevel.info, "relay_bus_path_restored", noticesOwed=len(self._owed))
+            self._log.info("relay_bus_path_restored", noticesOwed=len(self._owed))
             self.flush_owed(now_ms)
 
     # -- relays that died ------------------------------------------------------------------------
@@ -86,7 +85,7 @@ class RemotePath:
         if not holders:
             return None
         self._checking = True
-        d: Deferred[Any] = self._backplane.dead_relays(list(holders))  # type: ignore[assignment]
+        d = self._backplane.dead_relays(list(holders))
 
         def judged(dead: Any) -> None:
             self._checking = False
@@ -107,7 +106,7 @@ class RemotePath:
             scope.remote_daemon_relay = None
             told += self._tell_clients(scope)
         self._m.relay_remote_relay_dead.inc()
-        self._event(LogLevel.warn, "relay_remote_relay_dead", deadRelayId=relay_id, clientsTold=told)
+        self._log.warn("relay_remote_relay_dead", deadRelayId=relay_id, clientsTold=told)
 
     # -- frames that could not be published ------------------------------------------------------
 
@@ -130,8 +129,7 @@ class RemotePath:
                 continue
             notice = frames.daemon_unavailable(workspace_id, runtime_target_id)
             frame = BusFrame(workspace_id, runtime_target_id, self._relay_id, target, "daemon_to_clients", notice)
-            d: Deferred[bool] = self._backplane.publish(frame)  # type: ignore[assignment]
-            d.addCallback(self._owed_sent, (key, target))
+            self._backplane.publish(frame).addCallback(self._owed_sent, (key, target))
 
     def _owed_sent(self, ok: bool, owed: Tuple[ScopeKey, Optional[str]]) -> None:
         if ok and self._owed.pop(owed, None) is not None:
