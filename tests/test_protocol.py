@@ -21,6 +21,7 @@ from viewport.relay.backplane.single import SingleBackplane
 from viewport.relay.config import load_config
 from viewport.relay.core import Relay
 from viewport.relay.protocol import RelayPortFactory, RelayWebSocketProtocol
+from viewport.relay.web import make_site
 from viewport.tokens import LocalTokenVerifier
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -79,7 +80,7 @@ class UpgradeRefusalTests(SynchronousTestCase):
 
     def exchange(self, relay: Relay, request: bytes) -> RawClient:
         """Connect a raw client to a fresh relay socket and run the conversation to its end."""
-        server = RelayPortFactory(relay).buildProtocol(None)
+        server = RelayPortFactory(relay, make_site(relay)).buildProtocol(None)
         client = RawClient(request)
         pump = connect(server, FakeTransport(server, True), client, FakeTransport(client, False), greet=True)
         for _ in range(20):
@@ -120,7 +121,7 @@ class UpgradeRefusalTests(SynchronousTestCase):
         """Once a socket (with a large head) has closed, nothing keeps its protocol alive: reference counting frees it."""
         relay = self.relay()
         bearer = mint("client", "w1", "rt1", now=0)
-        server = RelayPortFactory(relay).buildProtocol(None)
+        server = RelayPortFactory(relay, make_site(relay)).buildProtocol(None)
         client = RawClient(head(Authorization=f"Bearer {bearer}", Sec_WebSocket_Protocol=", ".join(
             f"p{n}" for n in range(1500)) + f", auth.{bearer}"))
         was_enabled = gc.isenabled()

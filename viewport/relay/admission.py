@@ -29,9 +29,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
 from viewport.sockets import NoDelayAgentEndpoints
+from viewport.relay.interfaces import AdmissionResult, IAdmission
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
 from viewport.tokens import Claims, LocalTokenVerifier, TokenRejected, validate_claims
 
@@ -61,36 +62,8 @@ _MAX_REASON_CHARS = 200
 _log = Logger()
 
 
-@dataclass(frozen=True)
-class AdmissionResult:
-    """The outcome of one admission: claims on success, else a status and a reason (logged only)."""
-
-    claims: Optional[Claims]
-    status: Optional[int]
-    reason: Optional[str]
-
-    @property
-    def ok(self) -> bool:
-        """True when the connection is admitted."""
-        return self.claims is not None and self.reason is None
-
-
 def _denied(status: Optional[int], reason: str) -> AdmissionResult:
     return AdmissionResult(claims=None, status=status, reason=reason)
-
-
-class IAdmission(Interface):
-    """Decides whether an upgrade's token admits it, before the WebSocket handshake completes."""
-
-    def admit(
-        token: str, role: str, workspace_id: str, runtime_target_id: Optional[str]
-    ) -> "Deferred[AdmissionResult]":
-        """
-        Check ``token`` for a peer asking for ``role`` in the given workspace/runtime target.
-
-        Returns a Deferred that fires with an AdmissionResult and never fails; cancelling it
-        abandons the check (it then fails with CancelledError).
-        """
 
 
 def _role_mismatch(claims: Claims, role: str) -> bool:

@@ -20,6 +20,11 @@ class ConnectionRejection:
     send_runtime_target_required: bool = False
 
 
+def effective_runtime_target(claims: Claims, query_runtime_target_id: Optional[str]) -> Optional[str]:
+    """The runtime target a connection serves: its trimmed claim, else the query's (docs/protocol.md §3.1)."""
+    return (claims.runtime_target_id or "").strip() or query_runtime_target_id
+
+
 def check_connection_claims(
     role: str,
     query_workspace_id: str,
@@ -51,7 +56,7 @@ def check_connection_claims(
         return None, ConnectionRejection(
             "invalid scope claim", "client_connection_rejected", "invalid_scope_claim"
         )
-    runtime_target = claimed_target or query_runtime_target_id
+    runtime_target = effective_runtime_target(claims, query_runtime_target_id)
     needs_target = role == "workspace-daemon" or (
         role == "client" and claims.scope in ("runtime", "session-events")
     )

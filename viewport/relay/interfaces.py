@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Literal, Optional
 
 from zope.interface import Attribute, Interface
 
+from viewport.tokens import Claims
+
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
@@ -124,3 +126,31 @@ class IPeer(Interface):
 
     def can_send() -> bool:
         """True while frames can be sent."""
+
+
+@dataclass(frozen=True)
+class AdmissionResult:
+    """The outcome of one admission: claims on success, else a status and a reason (logged only)."""
+
+    claims: Optional[Claims]
+    status: Optional[int]
+    reason: Optional[str]
+
+    @property
+    def ok(self) -> bool:
+        """True when the connection is admitted."""
+        return self.claims is not None and self.reason is None
+
+
+class IAdmission(Interface):
+    """Decides whether an upgrade's token admits it, before the WebSocket handshake completes."""
+
+    def admit(
+        token: str, role: str, workspace_id: str, runtime_target_id: Optional[str]
+    ) -> "Deferred[AdmissionResult]":
+        """
+        Check ``token`` for a peer asking for ``role`` in the given workspace/runtime target.
+
+        Returns a Deferred that fires with an AdmissionResult and never fails; cancelling it
+        abandons the check (it then fails with CancelledError).
+        """

@@ -5,32 +5,32 @@ from __future__ import annotations
 from http import HTTPStatus
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, cast
-from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 from zope.interface import implementer
 
-from viewport.relay.admission import AdmissionResult
-from viewport.relay.interfaces import IPeer
-from viewport.relay.metrics import LatencyHistogram
-from viewport.relay.redirects import redirect_location
+from viewport.relay.heartbeat import OpenSockets
+from viewport.relay.interfaces import AdmissionResult, IAdmission, IPeer
+from viewport.relay.metrics import LatencyHistogram, RelayMetrics
 from viewport.relay.registry import Connection
+from viewport.relay.router import Router
+from viewport.relay.routing.upgrades import UpgradeOutcome
+from viewport.relay.upgrade_gate import UpgradeGate
 from viewport.sockets import set_no_delay
 from viewport.relay.upgrade import (
     SERVER_HEADER,
     UpgradeAccepted,
     UpgradeRefused,
     bare_refusal_bytes,
-    client_ip,
-    precheck_upgrade,
     select_subprotocol,
 )
 
@@ -98,9 +98,21 @@ class HandshakeDispatcher(Protocol):
     _log = Logger()
     transport: Any
 
-    def __init__(self, relay: "Relay", ws_factory: "RelayWebSocketFactory", addr: IAddress) -> None:
-        self._relay = relay
+    def __init__(
+        self,
+        *,
+        gate: UpgradeGate,
+        site: Site,
+        ws_factory: "RelayWebSocketFactory",
+        clock: IReactorTime,
+        metrics: RelayMetrics,
+        addr: IAddress,
+    ) -> None:
+        self._gate = gate
+        self._site = site
         self._ws_factory = ws_factory
+        self._clock = clock
+        self._m = metrics
         self._addr = addr
         self._buffer = b""
         self._timeout: Any = None
@@ -112,7 +124,7 @@ class HandshakeDispatcher(Protocol):
         give the client a bounded time to send its request head.
         """
         set_no_delay(self.transport)
-        self._timeout = self._relay.clock.callLater(HEAD_TIMEOUT_SECONDS, self._head_timed_out)
+        self._timeout = self._clock.callLater(HEAD_TIMEOUT_SECONDS, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._timeout = None
@@ -142,8 +154,7 @@ class HandshakeDispatcher(Protocol):
         try:
             self._dispatch(self._buffer[: end + 4])
         except Exception:
-            relay = self._relay
-            relay.metrics.relay_upgrade_errors.inc()
+            self._m.relay_upgrade_errors.inc()
             self._log.failure("{relay_event}", relay_event="upgrade_error")
             if self._handed_over:
                 self.transport.abortConnection()
@@ -156,7 +167,6 @@ class HandshakeDispatcher(Protocol):
         self.transport.loseConnection()
 
     def _dispatch(self, head: bytes) -> None:
-        relay = self._relay
         parsed = parse_head(head)
         if parsed is None:
             self._refuse(400)
@@ -165,39 +175,21 @@ class HandshakeDispatcher(Protocol):
         transport = self.transport
         if "upgrade" not in headers:
             self._handed_over = True
-            hand_over(transport, relay.site.buildProtocol(self._addr), self._buffer)  # type: ignore[arg-type]
+            hand_over(transport, self._site.buildProtocol(self._addr), self._buffer)  # type: ignore[arg-type]
             return
-        if not relay.accepting:
+        gate = self._gate
+        if not gate.accepting:
             self._refuse(503)
             return
-        peer = transport.getPeer()  # type: ignore[union-attr]
-        ip = client_ip(getattr(peer, "host", None), headers.get("x-forwarded-for"), relay.trusted_proxies)
-        split = urlsplit(target)
-        config = relay.config
-        decision = precheck_upgrade(
-            path=split.path,
-            params=parse_qs(split.query, keep_blank_values=True),
-            authorization=headers.get("authorization"),
-            websocket_protocol=headers.get("sec-websocket-protocol"),
-            relay_mode=config.relay_mode,
-            ip=ip,
-            now_ms=relay.now_ms(),
-            upgrade_limiter=relay.upgrade_limiter,
-            registered_connections=relay.registry.registered_connections,
-            max_total_connections=config.max_total_connections,
-            ip_connections=relay.registry.ip_count(ip),
-            max_connections_per_ip=config.max_connections_per_ip,
-            origin=headers.get("origin"),
-            origin_policy=relay.origin_policy,
-        )
+        peer = transport.getPeer()
+        ip = gate.client_ip(getattr(peer, "host", None), headers.get("x-forwarded-for"))
+        decision = gate.check(target, headers, ip, self._clock.seconds() * 1000.0)
         if isinstance(decision, UpgradeRefused):
-            refusal = decision.refusal
-            if refusal.counter is not None:
-                getattr(relay.metrics, refusal.counter[: -len("_total")]).inc()
-            if refusal.status is None:
-                transport.abortConnection()  # type: ignore[union-attr]
+            status = decision.refusal.status
+            if status is None:
+                transport.abortConnection()
             else:
-                self._refuse(refusal.status)
+                self._refuse(status)
             return
         protocol = cast(RelayWebSocketProtocol, self._ws_factory.buildProtocol(self._addr))
         protocol.upgrade = decision
@@ -268,6 +260,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     _handler: Optional[Handler] = None
     _back_pressure: Optional[_BackPressure] = None
     on_closed: Optional["Deferred[None]"] = None
+    heartbeat_slot: int = 0
     _latency: Optional[LatencyHistogram] = None
     _redirect_location: Optional[str] = None
     _redirect_in_band: Optional[str] = None
@@ -291,18 +284,16 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
-        The handshake is valid: ask the platform (or the local verifier) about the token.
+        The handshake is valid: ask the platform (or the local verifier) about the token, then the
+        router what becomes of the upgrade (client cap, redirects). The protocol decides nothing.
 
         A bug anywhere in admission or in the decisions after it is logged with its traceback,
         counted, and answered with a bare 500: Autobahn would put the exception's text in the
         response.
         """
         try:
-            relay = self.factory.relay
             query = self.upgrade.query
-            d = relay.admission.admit(
-                self.upgrade.token, query.role, query.workspace_id, query.runtime_target_id
-            )
+            d = self.factory.admission.admit(self.upgrade.token, query.role, query.workspace_id, query.runtime_target_id)
             d.addCallback(self._admitted, request)
         except Exception:
             d = fail()
@@ -312,15 +303,15 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     def _upgrade_failed(self, failure: Failure) -> Failure:
         if failure.check(ConnectionDeny):
             return failure
-        self.factory.relay.metrics.relay_upgrade_errors.inc()
+        self.factory.metrics.relay_upgrade_errors.inc()
         self._log.failure("{relay_event}", failure, relay_event="upgrade_error", ip=self.ip)
         return Failure(ConnectionDeny(500, "Internal Server Error"))
 
     def _admitted(self, result: AdmissionResult, request: ConnectionRequest) -> Any:
-        relay = self.factory.relay
+        factory = self.factory
         query = self.upgrade.query
         if not result.ok or result.claims is None:
-            relay.metrics.relay_admission_denied.inc()
+            factory.metrics.relay_admission_denied.inc()
             self._log.warn(
                 "{relay_event}",
                 relay_event="admission_denied",
@@ -331,33 +322,19 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 ip=self.ip,
             )
             raise ConnectionDeny(401, "Unauthorized")
-        relay.metrics.relay_admission_ok.inc()
-        claims = result.claims
-        self.conn = Connection(self, query.role, query.workspace_id, self.ip, claims, relay.now_ms())
-        if query.role != "client":
-            return select_subprotocol(request.protocols)
-        target = (claims.runtime_target_id or "").strip() or query.runtime_target_id
-        if relay.router.client_cap_reached(query.workspace_id, target):
-            relay.metrics.relay_upgrade_rejected_workspace_clients.inc()
-            raise ConnectionDeny(429, "Too Many Requests")
-        if target is None or not relay.config.client_redirect_enabled or not relay.backplane.cross_relay:
-            return select_subprotocol(request.protocols)
-        d = relay.router.redirect_target(query.workspace_id, target)
-        d.addCallback(self._redirect_decided, request, target)
-        return d
+        factory.metrics.relay_admission_ok.inc()
+        self.conn = Connection(self, query.role, query.workspace_id, self.ip, result.claims, factory.now_ms())
+        http_redirect = request.params.get("redirect", [""])[0] == "http"
+        d = factory.router.upgrade_outcome(query, result.claims, http_redirect)
+        return d.addCallback(self._decided, request)
 
-    def _redirect_decided(self, url: Optional[str], request: ConnectionRequest, target: str) -> Optional[str]:
-        """Daemon on another relay: a 307 if the client asked for HTTP redirects, else a status frame after open."""
-        if url is not None:
-            relay = self.factory.relay
-            relay.metrics.relay_client_redirect.inc()
-            if request.params.get("redirect", [""])[0] == "http":
-                query = self.upgrade.query
-                self._redirect_location = redirect_location(
-                    url, query.role, query.workspace_id, query.runtime_target_id, [("redirect", "http")]
-                )
-                raise ConnectionDeny(307, "Temporary Redirect")
-            self._redirect_in_band = url
+    def _decided(self, outcome: UpgradeOutcome, request: ConnectionRequest) -> Optional[str]:
+        if outcome.refuse_status is not None:
+            raise ConnectionDeny(outcome.refuse_status, _status_phrase(outcome.refuse_status))
+        if outcome.location is not None:
+            self._redirect_location = outcome.location
+            raise ConnectionDeny(307, "Temporary Redirect")
+        self._redirect_in_band = outcome.in_band_redirect
         return select_subprotocol(request.protocols)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
@@ -381,17 +358,17 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         """Register with the router; from here on frames flow."""
-        relay = self.factory.relay
+        factory = self.factory
         conn = self.conn
         assert conn is not None
         try:
             back_pressure = _BackPressure()
             self.transport.registerProducer(back_pressure, True)  # type: ignore[union-attr]
             self._back_pressure = back_pressure
-            relay.add_connection(self)
-            router = relay.router
+            factory.sockets.add(self)
+            router = factory.router
             role = conn.role
-            metrics = relay.metrics
+            metrics = factory.metrics
             self._latency = (
                 metrics.relay_forward_daemon_to_client_seconds
                 if role == "workspace-daemon"
@@ -402,7 +379,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 if role == "workspace-daemon"
                 else router.client_frame if role == "client" else router.worker_frame
             )
-            opened = router.open_connection(conn, self.upgrade.query.runtime_target_id, relay.now_ms())
+            opened = router.open_connection(conn, self.upgrade.query.runtime_target_id, factory.now_ms())
             if opened and self._redirect_in_band is not None:
                 router.send_redirect(conn, self._redirect_in_band, with_runtime_target=False)
         except Exception:
@@ -436,7 +413,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 return
         started = perf_counter()
         try:
-            handler(conn, payload, self.factory.relay.now_ms())
+            handler(conn, payload, self.factory.now_ms())
         except Exception:
             self._internal_error()
             return
@@ -449,16 +426,16 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         conn = self.conn
         if conn is not None:
             conn.awaiting_pong = False
-            conn.last_activity_ms = self.factory.relay.now_ms()
+            conn.last_activity_ms = self.factory.now_ms()
 
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:
         """Unregister; the router tells a scope's clients when their daemon left."""
-        relay = self.factory.relay
-        relay.remove_connection(self)
+        factory = self.factory
+        factory.sockets.remove(self)
         conn = self.conn
         if conn is not None:
             try:
-                relay.router.close_connection(conn, relay.now_ms())
+                factory.router.close_connection(conn, factory.now_ms())
             except Exception:
                 self._log.failure("{relay_event}", relay_event="close_error")
         if self.on_closed is not None and not self.on_closed.called:
@@ -486,7 +463,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             return
         back_pressure = self._back_pressure
         if back_pressure is not None and back_pressure.paused:
-            limit = self.factory.relay.config.max_pending_bytes
+            limit = self.factory.max_pending_bytes
             pending = pending_write_bytes(self.transport, back_pressure.queued_since_pause)
             back_pressure.queued_since_pause += len(payload)
             if pending > limit:
@@ -509,8 +486,8 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         grace. The close frame sits behind the peer's own unread backlog, so a peer that does not
         catch up within the grace never sees it (it sees the connection drop: 1006).
         """
-        relay = self.factory.relay
-        relay.metrics.relay_ws_slow_client_terminated.inc()
+        factory = self.factory
+        factory.metrics.relay_ws_slow_client_terminated.inc()
         conn = self.conn
         self._log.warn(
             "{relay_event}",
@@ -522,7 +499,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             ip=getattr(self, "ip", None),
         )
         self.close(4008, "buffer overflow")
-        relay.clock.callLater(SLOW_PEER_ABORT_SECONDS, self._abort_if_connected)
+        factory.clock.callLater(SLOW_PEER_ABORT_SECONDS, self._abort_if_connected)
 
     def _abort_if_connected(self) -> None:
         transport = self.transport
@@ -554,29 +531,51 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 
 
 class RelayWebSocketFactory(WebSocketServerFactory):
-    """Autobahn settings of the contract: no compression, max message size, no auto-ping."""
+    """
+    Autobahn settings of the contract (no compression, max message size, no auto-ping), and what
+    each socket works with: admission, the router, the open-socket set, metrics and the clock.
+    """
 
     protocol = RelayWebSocketProtocol  # type: ignore[assignment]
 
-    def __init__(self, relay: "Relay") -> None:
-        super().__init__(reactor=relay.clock, server=SERVER_HEADER)
-        self.relay = relay
-        size = relay.config.max_frame_bytes
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        admission: IAdmission,
+        router: Router,
+        sockets: OpenSockets,
+        metrics: RelayMetrics,
+        max_frame_bytes: int,
+        max_pending_bytes: int,
+        admission_timeout_ms: int,
+    ) -> None:
+        super().__init__(reactor=clock, server=SERVER_HEADER)
+        self.clock = clock
+        self.admission = admission
+        self.router = router
+        self.sockets = sockets
+        self.metrics = metrics
+        self.max_pending_bytes = max_pending_bytes
         self.setProtocolOptions(
             # Text is validated once per message in onMessage: Autobahn's incremental validator
             # costs ~30 µs per 16 KiB, a strict bytes.decode under 1 µs.
             utf8validateIncoming=False,
-            maxFramePayloadSize=size,
-            maxMessagePayloadSize=size,
+            maxFramePayloadSize=max_frame_bytes,
+            maxMessagePayloadSize=max_frame_bytes,
             perMessageCompressionAccept=lambda offers: None,
             autoPingInterval=0,
             failByDrop=False,
             # Origins are the relay's own check (RELAY_ALLOWED_ORIGINS, before admission); Autobahn's
             # default here refuses ``Origin: null`` (a file:// page) with a 400.
             allowNullOrigin=True,
-            openHandshakeTimeout=10 + relay.config.admission_timeout_ms / 1000.0,
+            openHandshakeTimeout=10 + admission_timeout_ms / 1000.0,
             closeHandshakeTimeout=5,
         )
+
+    def now_ms(self) -> float:
+        """The clock, in milliseconds."""
+        return self.clock.seconds() * 1000.0
 
 
 class RelayPortFactory(Factory):
@@ -584,12 +583,27 @@ class RelayPortFactory(Factory):
 
     noisy = False
 
-    def __init__(self, relay: "Relay") -> None:
-        self.relay = relay
-        self.ws_factory = RelayWebSocketFactory(relay)
+    def __init__(self, relay: "Relay", site: Site) -> None:
+        self._relay = relay
+        self._site = site
+        config = relay.config
+        self.ws_factory = RelayWebSocketFactory(
+            clock=relay.clock,
+            admission=relay.admission,
+            router=relay.router,
+            sockets=relay.sockets,
+            metrics=relay.metrics,
+            max_frame_bytes=config.max_frame_bytes,
+            max_pending_bytes=config.max_pending_bytes,
+            admission_timeout_ms=config.admission_timeout_ms,
+        )
 
     def buildProtocol(self, addr: Any) -> HandshakeDispatcher:
         """A dispatcher for one new socket."""
-        protocol = HandshakeDispatcher(self.relay, self.ws_factory, addr)
+        relay = self._relay
+        protocol = HandshakeDispatcher(
+            gate=relay.gate, site=self._site, ws_factory=self.ws_factory, clock=relay.clock,
+            metrics=relay.metrics, addr=addr,
+        )
         protocol.factory = self
         return protocol

@@ -19,6 +19,9 @@ from viewport.relay.routing.events import Refusals, RoutingLog
 from viewport.relay.routing.lifecycle import ConnectionLifecycle
 from viewport.relay.routing.remote_forwarding import RemoteForwarding
 from viewport.relay.routing.remote_path import RemotePath
+from viewport.relay.routing.upgrades import UpgradeDecisions, UpgradeOutcome
+from viewport.relay.upgrade import UpgradeQuery
+from viewport.tokens import Claims
 from viewport.relay.routing.worker_pipeline import WorkerForward, WorkerPipeline
 
 __all__ = ["Router", "WorkerForward"]
@@ -68,6 +71,9 @@ class Router:
             registry=registry, metrics=metrics, log=log, delivery=delivery, daemon_pipeline=self._daemons,
             client_pipeline=self._clients,
         )
+        self._upgrades = UpgradeDecisions(
+            config=config, backplane=backplane, metrics=metrics, lifecycle=self._lifecycle, remote=self._remote
+        )
         self._workers = WorkerPipeline(
             config=config, metrics=metrics, limiters=limiters, refusals=refusals, forward=worker_forward
         )
@@ -81,6 +87,10 @@ class Router:
     def close_connection(self, conn: Connection, now_ms: float) -> None:
         """Forget a registered socket that closed; tell a scope's clients when its daemon left."""
         self._lifecycle.close_connection(conn, now_ms)
+
+    def upgrade_outcome(self, query: UpgradeQuery, claims: Claims, http_redirect: bool) -> "Deferred[UpgradeOutcome]":
+        """For an admitted upgrade: refuse (client cap), redirect over HTTP, or open (maybe with an in-band redirect)."""
+        return self._upgrades.decide(query, claims, http_redirect)
 
     def client_cap_reached(self, workspace_id: str, runtime_target_id: Optional[str]) -> bool:
         """True when the scope already holds the maximum number of open clients (no side effect)."""

@@ -76,7 +76,7 @@ def status_snapshot(relay: "Relay") -> Dict[str, Any]:
             "busEnabled": config.bus_enabled,
             "clientRedirectEnabled": config.client_redirect_enabled,
         },
-        "connections": {"daemons": daemons, "clients": clients, "sockets": len(relay.connections)},
+        "connections": {"daemons": daemons, "clients": clients, "sockets": len(relay.sockets)},
         "scopeCount": len(relay.registry.scopes),
         "scopes": scopes,
         "frames": {

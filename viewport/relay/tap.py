@@ -23,10 +23,11 @@ from viewport.relay.admission import (
 from viewport.relay.backplane.single import SingleBackplane
 from viewport.relay.config import RelayConfig, load_config
 from viewport.relay.core import Relay
-from viewport.relay.interfaces import IBackplane
+from viewport.relay.interfaces import IAdmission, IBackplane
 from viewport.relay.logs import JsonLineObserver
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.service import ListeningService
+from viewport.relay.web import make_site
 from viewport.relay.worker import WorkerForwarder
 from viewport.service_support import log_stream, EnvironmentOptions, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
@@ -97,7 +98,7 @@ def platform_policy(config: RelayConfig) -> Any:
     )
 
 
-def build_admission(config: RelayConfig, reactor: Any) -> Any:
+def build_admission(config: RelayConfig, reactor: Any) -> IAdmission:
     """Local token verification when a key is configured (or embedded), else the platform call."""
     if config.admission == "local_secret":
         assert config.token_secret is not None
@@ -187,7 +188,11 @@ def build_backplane(config: RelayConfig, reactor: Any, metrics: RelayMetrics) ->
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    """The relay's service tree for twistd."""
+    """
+    The relay's service tree for twistd. Without a ``reactor`` (twistd's own call) this is the
+    process's entry point, and the service also tunes the garbage collector for a long-lived relay.
+    """
+    process_entry = reactor is None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -217,6 +222,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         log_observer=observer,
         worker_forward=worker_forward,
     )
-    service = ListeningService(relay, listening_endpoint(reactor, config), config.shutdown_grace_ms / 1000.0)
+    service = ListeningService(
+        relay, listening_endpoint(reactor, config), config.shutdown_grace_ms / 1000.0, make_site(relay),
+        tune_gc=process_entry,
+    )
     service.log_observer = observer
     return service
