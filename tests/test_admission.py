@@ -272,7 +272,7 @@ async def test_invalid_claims(platform: Platform) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_role_claim_mismatch(platform: Platform) -> None:
-    """Claims naming another role than the requested one are refused (FIX of §11 item 9)."""
+    """Claims naming another role than the requested one are refused (docs/protocol.md §9, item 9)."""
     admission = platform.admission()
     platform.resource.answer = json_answer({"ok": True, "claims": dict(GOOD_CLAIMS, role="client")})
     result = await _admit(admission)
@@ -325,7 +325,7 @@ def _single_write_response(body: bytes, content_length: bool) -> bytes:
 @pytest.mark.parametrize("content_length", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_oversized_single_write(platform: Platform, content_length: bool) -> None:
-    """An oversized answer arriving in one write gives 502 TOO_LARGE, and admission keeps working (§11 item 21)."""
+    """An oversized answer arriving in one write gives 502 TOO_LARGE, and admission keeps working (docs/protocol.md §9, item 21)."""
     padding = "x" * 8000
     body = json.dumps({"ok": True, "claims": GOOD_CLAIMS, "padding": padding}).encode()
     url = _raw_server(platform, _single_write_response(body, content_length), close=not content_length)

@@ -48,7 +48,7 @@ OTHER = "ws://relay-b.test:7781/ws"
 
 
 def redirect_frame(url: str) -> str:
-    """A RELAY_REDIRECT status frame as the relay sends it right after an upgrade (§5.7)."""
+    """A RELAY_REDIRECT status frame as the relay sends it right after an upgrade (docs/protocol.md §5.1)."""
     return json.dumps(
         {
             "type": "relay_status",

@@ -62,7 +62,7 @@ def ws_target(role: str = "client", workspace: str = "w1", runtime_target: str |
     return f"/ws?{query}"
 
 
-# -- §2.3 refusals before the handshake -------------------------------------------------------------
+# -- docs/protocol.md §2.3: refusals before the handshake ------------------------------------------
 
 
 @pytest_twisted.inlineCallbacks
@@ -278,7 +278,7 @@ def test_malformed_handshake_is_refused_before_admission(relays: Any) -> Any:
     assert len(relay.events("admission_denied")) == denied_logs
 
 
-# -- §3.4 and §4.4: 4008 after the upgrade ------------------------------------------------------------
+# -- docs/protocol.md §3.1, §3.2: 4008 after the upgrade -------------------------------------------
 
 
 @inlineCallbacks

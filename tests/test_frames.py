@@ -294,7 +294,7 @@ class JsTypingTests(SynchronousTestCase):
 
 
 class ClientFrameTests(SynchronousTestCase):
-    """``classify_client_frame`` applies the client table of §5.2."""
+    """``classify_client_frame`` applies the client table of docs/protocol.md §4.2."""
 
     def assertClient(self, frame: Frame, expected: ClientKind | None) -> None:
         """Assert the client classification of ``frame``."""
@@ -454,7 +454,7 @@ class ClientFrameTests(SynchronousTestCase):
 
 
 class DaemonFrameTests(SynchronousTestCase):
-    """``classify_daemon_frame`` applies the daemon table of §5.2."""
+    """``classify_daemon_frame`` applies the daemon table of docs/protocol.md §4.2."""
 
     def assertDaemon(self, frame: Frame, expected: DaemonKind | None) -> None:
         """Assert the daemon classification of ``frame``."""
@@ -583,7 +583,7 @@ class DaemonFrameTests(SynchronousTestCase):
 
 
 class WorkerFrameTests(SynchronousTestCase):
-    """``is_worker_request`` applies the worker row of §5.2."""
+    """``is_worker_request`` applies the worker row of docs/protocol.md §4.2."""
 
     def test_valid(self) -> None:
         """GET, POST and PATCH requests with optional headers and body are valid."""
@@ -624,7 +624,7 @@ class WorkerFrameTests(SynchronousTestCase):
 
 
 class ReferenceFrameValidationScenarios(SynchronousTestCase):
-    """The reference suite's relay-frame-validation scenarios (§9)."""
+    """The reference suite's relay-frame-validation scenarios (the reference description's test list)."""
 
     def test_e2ee_both_directions(self) -> None:
         """A valid E2EE envelope is accepted from clients and from daemons."""
@@ -684,7 +684,7 @@ class ReferenceFrameValidationScenarios(SynchronousTestCase):
 
 
 class ProfileTests(SynchronousTestCase):
-    """Profile strength and the client/daemon profile checks of §5.4 and §5.5."""
+    """Profile strength and the client/daemon profile checks of docs/protocol.md §4.4 and §4.5."""
 
     def test_strength(self) -> None:
         """``noise-ikpsk2`` is stronger than ``noise-ik``."""
@@ -711,7 +711,7 @@ class ProfileTests(SynchronousTestCase):
 
 
 class ScopeDecisionTests(SynchronousTestCase):
-    """``client_scope_decision`` implements the table of §5.3 with the precedence of §5.4."""
+    """``client_scope_decision`` implements the table of docs/protocol.md §4.3 with the precedence of §4.4."""
 
     TABLE = {
         "runtime": {
@@ -792,14 +792,14 @@ class ScopeDecisionTests(SynchronousTestCase):
                 )
 
     def test_unknown_scope_is_runtime(self) -> None:
-        """A scope other than pairing or session-events behaves as runtime (§4.5)."""
+        """A scope other than pairing or session-events behaves as runtime (docs/protocol.md §1, Client scopes)."""
         for kind in ClientKind:
             with self.subTest(kind=kind):
                 self.assertIs(client_scope_decision("other", kind), self.TABLE["runtime"][kind])
 
 
 class RelayFrameTests(SynchronousTestCase):
-    """Relay-originated frames have the exact text of §5.7 and §5.6."""
+    """Relay-originated frames have the exact text of docs/protocol.md §5."""
 
     def test_status_frames(self) -> None:
         """Each ``relay_status`` frame has its exact key order, message and optional keys."""
@@ -934,7 +934,7 @@ PREFIX = "/api/runtime/workspaces/ws1/managed-executors/ex1"
 
 
 class WorkerPathTests(SynchronousTestCase):
-    """``worker_path_allowed`` confines a worker to its executor prefix (fixes §11 item 3)."""
+    """``worker_path_allowed`` confines a worker to its executor prefix (docs/protocol.md §9, item 3)."""
 
     def test_allowed(self) -> None:
         """The prefix itself and paths below it are forwarded; the fragment is dropped."""
@@ -1005,10 +1005,10 @@ class WorkerPathTests(SynchronousTestCase):
 
 
 class WorkerHeaderTests(SynchronousTestCase):
-    """Header allow-lists for the worker transport (§5.6.6)."""
+    """Header allow-lists for the worker transport (docs/protocol.md §4.8)."""
 
     def test_allow_list(self) -> None:
-        """The forwarded request header names are exactly the eleven of §5.6.6 step 5."""
+        """The forwarded request header names are exactly the eleven of docs/protocol.md §4.8 step 5."""
         self.assertEqual(len(WORKER_FORWARD_HEADERS), 11)
         self.assertIn("x-viewport-worker-body-sha256", WORKER_FORWARD_HEADERS)
         self.assertNotIn("cookie", WORKER_FORWARD_HEADERS)
@@ -1046,7 +1046,7 @@ class WorkerHeaderTests(SynchronousTestCase):
 
 
 class AllowedChannelsTests(SynchronousTestCase):
-    """``allowed_channels`` derives the channel set from the ``sessionChannels`` claim (§5.6.3)."""
+    """``allowed_channels`` derives the channel set from the ``sessionChannels`` claim (docs/protocol.md §4.7)."""
 
     def test_absent(self) -> None:
         """No claim allows no channel."""

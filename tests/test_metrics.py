@@ -13,7 +13,7 @@ from viewport.relay.metrics import (
     RelayMetrics,
 )
 
-# Typed out from the contract (§7.1), independently of the module under test.
+# Typed out from the contract (the reference description's metrics list; docs/protocol.md §8), independently of the module under test.
 SPEC_COUNTERS = frozenset(
     """
     relay_upgrade_rate_limited_total
@@ -153,11 +153,11 @@ class RelayMetricsTests(SynchronousTestCase):
         expected.update({name: "gauge" for name in OWN_GAUGES})
         self.assertEqual(declared, expected)
 
-    def test_counter_names_attribute(self) -> None:
-        """``counter_names`` lists every counter once: the contract's and our own."""
+    def test_counters_attribute(self) -> None:
+        """``counters`` lists every counter once: the contract's and our own."""
         metrics = RelayMetrics()
-        self.assertEqual(len(metrics.counter_names), len(COUNTERS))
-        self.assertEqual(set(metrics.counter_names), COUNTERS)
+        self.assertEqual(len(metrics.counters), len(COUNTERS))
+        self.assertEqual(set(metrics.counters), COUNTERS)
 
     def test_starts_at_zero(self) -> None:
         """Every counter and gauge is exposed at zero before any use."""

@@ -1,4 +1,4 @@
-"""The redirect URL policy (contract §6.3) and the 307 Location."""
+"""The redirect URL policy (docs/backplanes.md, How client redirect works) and the 307 Location."""
 
 from __future__ import annotations
 

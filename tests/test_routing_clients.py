@@ -39,7 +39,7 @@ from viewport.tokens import Claims
 
 
 class StatusFrameTests(SynchronousTestCase):
-    """Every relay_status frame of §5.7, with its exact text."""
+    """Every relay_status frame of docs/protocol.md §5.1, with its exact text."""
 
     def setUp(self) -> None:
         self.h = Harness()
@@ -178,7 +178,7 @@ class StatusFrameTests(SynchronousTestCase):
 
 
 class CloseCodeTests(SynchronousTestCase):
-    """Every close of the §5.8 table the router produces after admission."""
+    """Every close of the docs/protocol.md §6 table the router produces after admission."""
 
     def harness(self, **env: str) -> Harness:
         """A harness with ``RELAY_<NAME>`` settings given as lower-case keywords."""
@@ -350,7 +350,7 @@ class CloseCodeTests(SynchronousTestCase):
 
 
 class SessionEventTests(SynchronousTestCase):
-    """Subscriptions, session event delivery and viewer presence (§5.6.3, §5.6.4)."""
+    """Subscriptions, session event delivery and viewer presence (docs/protocol.md §4.7)."""
 
     def setUp(self) -> None:
         self.h = Harness()
@@ -396,7 +396,7 @@ class SessionEventTests(SynchronousTestCase):
         self.assertEqual(self.h.count("relay_session_event_unsubscribed"), 1)
 
     def test_unsubscribe_denied(self) -> None:
-        """An unsubscribe from a channel outside the claims gets the unsubscribe_denied frame (§11 item 20)."""
+        """An unsubscribe from a channel outside the claims gets the unsubscribe_denied frame (docs/protocol.md §9, item 20)."""
         self.h.router.client_frame(self.v1, unsubscribe("agent-session:secret"), 0)
         self.assertEqual(peer(self.v1).texts, [
             '{"type":"viewport.session_events.unsubscribe_denied/v1","channel":"agent-session:secret",'
@@ -409,7 +409,7 @@ class SessionEventTests(SynchronousTestCase):
         self.assertEqual(peer(self.daemon).frames, [])
 
     def test_local_daemon_session_event_to_channel_subscribers(self) -> None:
-        """A local daemon's session event reaches the channel's subscribers only (§11 item 4)."""
+        """A local daemon's session event reaches the channel's subscribers only (docs/protocol.md §9, item 4)."""
         runtime = self.h.client(client_id="r")
         self.h.router.client_frame(self.v1, subscribe(CHANNEL), 0)
         self.h.router.client_frame(self.v2, subscribe(OTHER_CHANNEL), 0)

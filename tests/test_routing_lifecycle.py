@@ -55,7 +55,7 @@ class FakesTests(SynchronousTestCase):
 
 
 class CheckConnectionClaimsTests(SynchronousTestCase):
-    """The claims-versus-query checks of contract §3.4, in order."""
+    """The claims-versus-query checks of docs/protocol.md §3.1, in order."""
 
     def check(self, role: str, query_rt: Optional[str], **claims: Any) -> tuple[Optional[str], Optional[str]]:
         """The effective target and the close reason (or None) for workspace ``ws1``."""
@@ -131,7 +131,7 @@ class CheckConnectionClaimsTests(SynchronousTestCase):
 
 
 class AdmissionCloseTests(SynchronousTestCase):
-    """Each §3.4 refusal closes 4008 with its reason, registers nothing and counts a rejection."""
+    """Each docs/protocol.md §3.1 refusal closes 4008 with its reason, registers nothing and counts a rejection."""
 
     def setUp(self) -> None:
         self.h = Harness()
@@ -173,7 +173,7 @@ class AdmissionCloseTests(SynchronousTestCase):
 
 
 class DaemonGenerationTests(SynchronousTestCase):
-    """Daemon fencing by issue generation and the one-daemon-per-scope rule (§4.4)."""
+    """Daemon fencing by issue generation and the one-daemon-per-scope rule (docs/protocol.md §3.2)."""
 
     def setUp(self) -> None:
         self.h = Harness()
@@ -251,7 +251,7 @@ class DaemonGenerationTests(SynchronousTestCase):
 
 
 class RegistrationTests(SynchronousTestCase):
-    """Side effects of registering and closing connections (§4.3–4.6)."""
+    """Side effects of registering and closing connections (docs/protocol.md §3)."""
 
     def setUp(self) -> None:
         self.h = Harness()
@@ -368,7 +368,7 @@ class RegistrationTests(SynchronousTestCase):
 
 
 class EvictionTests(SynchronousTestCase):
-    """Empty scope eviction (§4.7)."""
+    """Empty scope eviction (docs/protocol.md §7.5)."""
 
     def setUp(self) -> None:
         self.h = Harness({"RELAY_EMPTY_WORKSPACE_TTL_MS": "1000"})
@@ -404,7 +404,7 @@ class EvictionTests(SynchronousTestCase):
 
 
 class ScopeCollisionTests(SynchronousTestCase):
-    """IDs containing ``:`` never make two scopes share state (§11 item 2)."""
+    """IDs containing ``:`` never make two scopes share state (docs/protocol.md §9, item 2)."""
 
     def test_pairing_client_does_not_reach_other_scope(self) -> None:
         """A pairing client of workspace ``a:b`` without target does not reach the daemon of ``a``/``b``."""

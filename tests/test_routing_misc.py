@@ -17,7 +17,7 @@ from viewport.relay.router import Router
 
 
 class WorkerTests(SynchronousTestCase):
-    """The worker transport decisions the router makes (§5.6.6)."""
+    """The worker transport decisions the router makes (docs/protocol.md §4.8)."""
 
     def setUp(self) -> None:
         self.h = Harness()

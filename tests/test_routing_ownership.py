@@ -26,7 +26,7 @@ from viewport.relay.router import Router
 
 
 class RoutingTests(SynchronousTestCase):
-    """Request/response ownership and session-owned frames (§5.6.1, §5.6.2)."""
+    """Request/response ownership and session-owned frames (docs/protocol.md §4.6)."""
 
     def setUp(self) -> None:
         self.h = Harness()
@@ -242,7 +242,7 @@ class RoutingTests(SynchronousTestCase):
 
 
 class RateLimitTests(SynchronousTestCase):
-    """The process-wide limiters (§5.9)."""
+    """The process-wide limiters (docs/protocol.md §7.1)."""
 
     def test_kex_fixed_window(self) -> None:
         """The key exchange window allows N inits until 60 s after the first, then refuses."""

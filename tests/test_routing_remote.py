@@ -30,7 +30,7 @@ from viewport.relay.router import Router
 
 
 class BusTests(SynchronousTestCase):
-    """Frames from other relays (§6.8), with the reply path of §11 item 1 fixed."""
+    """Frames from other relays (docs/protocol.md §10), with the reply path of §9 item 1 fixed."""
 
     def setUp(self) -> None:
         self.h = Harness()

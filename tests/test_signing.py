@@ -72,7 +72,7 @@ class VerifierTests(SynchronousTestCase):
             self.assertEqual(self.verifier.check(_frame(), issued, signature, self.now), Verdict.STALE)
 
     def test_older_frame_after_newer_is_accepted(self) -> None:
-        """Concurrent publishes may arrive out of order: an older frame is still delivered (reference §11 item 18)."""
+        """Concurrent publishes may arrive out of order: an older frame is still delivered (docs/protocol.md §9, item 18)."""
         newer, older = _frame(payload='{"n":2}'), _frame(payload='{"n":1}')
         self.assertEqual(
             self.verifier.check(newer, self.now, sign(KEY, newer, self.now), self.now), Verdict.ACCEPTED

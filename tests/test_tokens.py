@@ -50,7 +50,7 @@ def _public_pem(key: object) -> bytes:
 
 
 class ClaimsSchemaTests(SynchronousTestCase):
-    """The strict §3.3 claims schema."""
+    """The strict claims schema (docs/protocol.md §2.5)."""
 
     def test_empty_object_passes(self) -> None:
         """An empty claims object is valid (later admission steps reject it)."""

@@ -251,7 +251,7 @@ class FuzzDriver:
             want = expected_echo(case.offers)
             got = echoed.group(1) if echoed else None
             if got != want:
-                self._finding("subprotocol-echo", name, f"echoed {got!r}, §2.7 wants {want!r}", repro)
+                self._finding("subprotocol-echo", name, f"echoed {got!r}, docs/protocol.md §2.7 wants {want!r}", repro)
             if want is not None and want.startswith("auth."):
                 needles = [n for n in needles if n not in want]
         if markers or needles:
@@ -442,7 +442,7 @@ class FuzzDriver:
 
     @inlineCallbacks
     def _scenario_ownership(self, scope: Scope, rng: random.Random, batch: int) -> Any:
-        """§4.4/§4.6: a reused requestId and sessionId stay with their first live owner."""
+        """docs/protocol.md §4.4/§4.6: a reused requestId and sessionId stay with their first live owner."""
         for name in ("daemon", "a", "b"):
             if scope.live.get(name) is None or not scope.live[name].is_open:
                 yield self._open(scope, name, rng)
@@ -490,7 +490,7 @@ class FuzzDriver:
 
     @inlineCallbacks
     def _scenario_session_events(self, scope: Scope, rng: random.Random, batch: int) -> Any:
-        """§4.7: presence goes to the other subscribers of the channel, session events to subscribers only."""
+        """docs/protocol.md §4.7: presence goes to the other subscribers of the channel, session events to subscribers only."""
         for peer_name in ("s1", "s2"):  # fresh sockets: fuzz frames may have subscribed the old ones
             old = scope.live.pop(peer_name, None)
             if old is not None:

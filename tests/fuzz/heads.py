@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set
 from tests.fuzz.tokens import Tokens
 from tests.fuzz.wire import build_head, ws_frame, ws_target
 
-#: The relay's origin allow-list during a fuzz run (§2.8), and origins on either side of it.
+#: The relay's origin allow-list during a fuzz run (docs/protocol.md §2.8), and origins on either side of it.
 ALLOWED_ORIGINS = "https://app.example,https://*.example.org,null"
 GOOD_ORIGINS = ["https://app.example", "HTTPS://App.Example", "https://app.example:443", "https://a.example.org",
                 "https://a.b.example.org:8443", "null"]
@@ -27,7 +27,7 @@ HEAD_TIMEOUT = 10.0
 
 
 def expected_echo(offers: Sequence[str]) -> Optional[str]:
-    """The subprotocol §2.7 says the relay echoes for these offers."""
+    """The subprotocol §2.7 says the relay echoes for these offers (docs/protocol.md §2.7)."""
     entries = [o.strip() for o in offers if o.strip()]
     for entry in entries:
         if not entry.startswith("auth."):
@@ -173,7 +173,7 @@ def head_cases(rng: random.Random, tokens: Tokens, workspace: str, target: str, 
             ("two-authorization-same", [("Authorization", f"Bearer {tok}"), ("Authorization", f"Bearer {tok}")], {401}),
             ("two-authorization-different", [("Authorization", f"Bearer {tok}"), ("Authorization", f"Bearer {other}")], {401}),
             ("two-versions", [("Authorization", f"Bearer {tok}"), ("Sec-WebSocket-Version", "13")], {400}),
-            # Two empty entries are a duplicate "" to Autobahn (§2.3 step 8); a single one is skipped (§2.2).
+            # Two empty entries are a duplicate "" to Autobahn (docs/protocol.md §2.3 step 8); a single one is skipped (§2.2).
             ("two-empty-protocol-entries", [("Sec-WebSocket-Protocol", f"viewport-relay-v1, , ,auth.{tok}")], {400}),
         ]
         name, hdrs, expect = rng.choice(options)

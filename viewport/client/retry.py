@@ -10,7 +10,7 @@ from viewport.client.connection import CloseInfo
 from viewport.client.errors import UpgradeRefused
 
 POLICY_CLOSE_CODE = 4008
-"""The one application close code the relay uses for post-upgrade policy failures (contract §5.8)."""
+"""The one application close code the relay uses for post-upgrade policy failures (docs/protocol.md §6)."""
 
 DEFAULT_FATAL_STATUSES: frozenset[int] = frozenset({401, 403})
 """Upgrade answers that no retry can fix: authentication and authorisation failures."""
@@ -28,7 +28,7 @@ DEFAULT_FATAL_CLOSE_REASONS: frozenset[str] = frozenset(
 """Reasons of a 4008 close that mean the token or the configuration is wrong, so a retry would loop.
 
 ``daemon already connected`` is deliberately absent: the other daemon may go away, so it is retried with
-backoff (the original daemon retried it at once, in a tight loop, §11.17).
+backoff (the original daemon retried it at once, in a tight loop: docs/protocol.md §9, item 17).
 """
 
 _MAX_EXPONENT = 64

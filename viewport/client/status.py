@@ -1,4 +1,4 @@
-"""Recognising the relay's own ``relay_status`` frames (contract §5.7)."""
+"""Recognising the relay's own ``relay_status`` frames (docs/protocol.md §5.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Upgrade URL, token placement and redirect targets for a relay connection (contract §2.4, §2.6, §8.2, §8.6)."""
+"""Upgrade URL, token placement and redirect targets for a relay connection (docs/protocol.md §2.1, §2.2, §5.1)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ def _denied(status: Optional[int], reason: str) -> AdmissionResult:
 
 
 def _role_mismatch(claims: Claims, role: str) -> bool:
-    # The original relay trusted the platform to compare roles (§11 item 9); we check as well.
+    # The original relay trusted the platform to compare roles (docs/protocol.md §9, item 9); we check as well.
     return claims.role is not None and claims.role != role
 
 
@@ -82,7 +82,7 @@ def _reason_text(value: object) -> Optional[str]:
 
 
 def _interpret(status: int, body: bytes, role: str) -> AdmissionResult:
-    """Map the platform's answer to a result (§3.2)."""
+    """Map the platform's answer to a result (docs/protocol.md §2.4)."""
     try:
         document = json.loads(body.decode("utf-8", "replace"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -101,7 +101,7 @@ def _interpret(status: int, body: bytes, role: str) -> AdmissionResult:
 
 @implementer(IAdmission)
 class PlatformAdmission:
-    """Admission by the platform: ``POST /api/runtime/internal/relay/validate`` (§3.1, §3.2)."""
+    """Admission by the platform: ``POST /api/runtime/internal/relay/validate`` (docs/protocol.md §2.4)."""
 
     def __init__(
         self,
@@ -354,7 +354,7 @@ def platform_tls_policy(
     client_key_passphrase: Optional[str],
 ) -> IPolicyForHTTPS:
     """
-    The HTTPS policy for platform calls (§3.1): verification on/off, a CA file, an mTLS client cert.
+    The HTTPS policy for platform calls (docs/protocol.md §2.4): verification on/off, a CA file, an mTLS client cert.
 
     With ``verify`` the certificate chain and host name are checked against the CA file when
     one is given (it then replaces the platform trust roots), else against the platform roots.

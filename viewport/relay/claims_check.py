@@ -1,4 +1,4 @@
-"""The checks of an upgraded socket's claims against its query, before it is registered (contract §3.4)."""
+"""The checks of an upgraded socket's claims against its query, before it is registered (docs/protocol.md §3.1)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ _JSON_WHITESPACE = " \t\n\r"
 
 
 class ClientKind(enum.Enum):
-    """A valid frame a client may send (§5.2)."""
+    """A valid frame a client may send (docs/protocol.md §4.2)."""
 
     E2EE = "e2ee"
     KEX_INIT = "kex_init"
@@ -49,7 +49,7 @@ class ClientKind(enum.Enum):
 
 
 class DaemonKind(enum.Enum):
-    """A valid frame a daemon (or the bus, daemon→clients) may carry (§5.2)."""
+    """A valid frame a daemon (or the bus, daemon→clients) may carry (docs/protocol.md §4.2)."""
 
     E2EE = "e2ee"
     KEY_UPDATE_REQUIRED = "key_update_required"
@@ -60,7 +60,7 @@ class DaemonKind(enum.Enum):
 
 
 class WorkerKind(enum.Enum):
-    """A valid frame a worker may send (§5.2)."""
+    """A valid frame a worker may send (docs/protocol.md §4.2)."""
 
     WORKER_REQUEST = "worker_request"
 
@@ -257,7 +257,7 @@ _CLIENT_RULES: dict[str, tuple[Callable[[dict[str, object]], bool], ClientKind]]
 
 
 def classify_client_frame(frame: dict[str, object]) -> ClientKind | None:
-    """The kind of a valid client frame, or ``None`` when it is no valid client frame (§5.2)."""
+    """The kind of a valid client frame, or ``None`` when it is no valid client frame (docs/protocol.md §4.2)."""
     frame_type = frame.get("type")
     if type(frame_type) is not str:
         return None
@@ -334,7 +334,7 @@ _DAEMON_RULES: dict[str, tuple[Callable[[dict[str, object]], bool], DaemonKind]]
 
 
 def classify_daemon_frame(frame: dict[str, object]) -> DaemonKind | None:
-    """The kind of a valid daemon→clients frame, or ``None`` when it is no valid daemon frame (§5.2)."""
+    """The kind of a valid daemon→clients frame, or ``None`` when it is no valid daemon frame (docs/protocol.md §4.2)."""
     frame_type = frame.get("type")
     if type(frame_type) is str:
         rule = _DAEMON_RULES.get(frame_type)
@@ -346,7 +346,7 @@ def classify_daemon_frame(frame: dict[str, object]) -> DaemonKind | None:
 
 
 def is_worker_request(frame: dict[str, object]) -> bool:
-    """True for a valid worker transport request frame (§5.2, §5.6.6 step 3)."""
+    """True for a valid worker transport request frame (docs/protocol.md §4.2, §4.8 step 3)."""
     if frame.get("type") != WORKER_REQUEST_TYPE or not is_non_empty_string(frame.get("requestId")):
         return False
     if frame.get("method") not in ("GET", "POST", "PATCH"):
@@ -371,7 +371,7 @@ def frame_profile(frame: Mapping[str, object]) -> str | None:
 
 
 def client_profile_mismatch(claimed: str | None, frame: Mapping[str, object]) -> bool:
-    """True when a client frame's known profile differs from the claimed ``e2eeProfile`` (§5.4 step 8)."""
+    """True when a client frame's known profile differs from the claimed ``e2eeProfile`` (docs/protocol.md §4.4 step 7)."""
     if not claimed:
         return False
     profile = frame_profile(frame)
@@ -379,7 +379,7 @@ def client_profile_mismatch(claimed: str | None, frame: Mapping[str, object]) ->
 
 
 def daemon_profile_too_weak(claimed: str | None, frame: Mapping[str, object]) -> bool:
-    """True when a daemon frame's profile is weaker than the claimed ``e2eeProfile`` (§5.5 step 5)."""
+    """True when a daemon frame's profile is weaker than the claimed ``e2eeProfile`` (docs/protocol.md §4.5 step 4)."""
     required = PROFILE_STRENGTH.get(claimed) if claimed else None
     profile = frame_profile(frame)
     return required is not None and profile is not None and PROFILE_STRENGTH[profile] < required
@@ -395,7 +395,7 @@ class ScopeAction(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ScopeDecision:
-    """The outcome of the scope rules (§5.3) for one frame."""
+    """The outcome of the scope rules (docs/protocol.md §4.3) for one frame."""
 
     action: ScopeAction
     close_code: int | None = None
@@ -450,7 +450,7 @@ _SCOPE_TABLES = {scope: _scope_table(scope) for scope in (SCOPE_RUNTIME, SCOPE_P
 
 
 def client_scope_decision(scope: str, kind: ClientKind) -> ScopeDecision:
-    """Apply §5.4 steps 4, 5 and 7; any scope other than pairing/session-events is runtime (§4.5)."""
+    """Apply the scope rules of docs/protocol.md §4.3 (§4.4 step 4); any scope other than pairing/session-events is runtime (§1, Client scopes)."""
     return _SCOPE_TABLES.get(scope, _SCOPE_TABLES[SCOPE_RUNTIME])[kind]
 
 
@@ -567,7 +567,7 @@ def subscribe_denied(channel: str, workspace_id: str) -> str:
 
 
 def unsubscribe_denied(channel: str, workspace_id: str) -> str:
-    """The reply to an unsubscribe on a channel outside the claims (fixes §11 item 20)."""
+    """The reply to an unsubscribe on a channel outside the claims (docs/protocol.md §9, item 20)."""
     return _denied("viewport.session_events.unsubscribe_denied/v1", channel, workspace_id)
 
 
@@ -593,13 +593,13 @@ _JSON_HEADERS = {"content-type": "application/json"}
 
 
 def worker_path_denied(request_id: str) -> str:
-    """The 403 response for a path outside the worker's managed executor (§5.6.6 step 4)."""
+    """The 403 response for a path outside the worker's managed executor (docs/protocol.md §4.8 step 4)."""
     body = '{"ok":false,"reason":"WORKER_TRANSPORT_PATH_DENIED"}'
     return worker_response(request_id, 403, _JSON_HEADERS, body)
 
 
 def worker_forward_failed(request_id: str) -> str:
-    """The 502 response when the upstream request fails (§5.6.6 step 6)."""
+    """The 502 response when the upstream request fails (docs/protocol.md §4.8 step 6)."""
     body = '{"ok":false,"reason":"WORKER_TRANSPORT_FORWARD_FAILED"}'
     return worker_response(request_id, 502, _JSON_HEADERS, body)
 
@@ -669,7 +669,7 @@ def _header_value_ok(value: str) -> bool:
 
 
 def filter_worker_request_headers(headers: Mapping[str, object]) -> dict[str, str]:
-    """Allow-listed request headers with string values, original spelling kept (§5.6.6 step 5)."""
+    """Allow-listed request headers with string values, original spelling kept (docs/protocol.md §4.8 step 5)."""
     return {
         name: value
         for name, value in headers.items()
@@ -678,7 +678,7 @@ def filter_worker_request_headers(headers: Mapping[str, object]) -> dict[str, st
 
 
 def filter_worker_response_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Upstream headers lower-cased, repeats joined by ``", "``, credentials removed (§5.6.6 step 6)."""
+    """Upstream headers lower-cased, repeats joined by ``", "``, credentials removed (docs/protocol.md §4.8 step 6)."""
     result: dict[str, str] = {}
     for name, value in headers:
         key = name.lower()
@@ -689,7 +689,7 @@ def filter_worker_response_headers(headers: Iterable[tuple[str, str]]) -> dict[s
 
 
 def allowed_channels(session_channels: Sequence[object] | None) -> frozenset[str]:
-    """The channels a session-events client may use: trimmed claims starting ``agent-session:`` (§5.6.3)."""
+    """The channels a session-events client may use: trimmed claims starting ``agent-session:`` (docs/protocol.md §4.7)."""
     if not session_channels:
         return frozenset()
     trimmed = (js_trim(channel) for channel in session_channels if type(channel) is str)

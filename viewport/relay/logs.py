@@ -35,7 +35,7 @@ TWISTED_EVENT = "twisted"
 
 REDACTED = "[redacted]"
 
-#: Lower-cased substrings that mark a detail key as sensitive (contract §7.2).
+#: Lower-cased substrings that mark a detail key as sensitive (docs/protocol.md §8).
 SENSITIVE_KEY_PARTS: tuple[str, ...] = (
     "authorization",
     "credential",

@@ -130,8 +130,8 @@ class RelayMetrics:
         # _created series are switched off process-wide by prometheus-client; idempotent.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
-        #: Exposed counter names (with ``_total``), in registration order.
-        self.counter_names: list[str] = []
+        #: Every counter by its exposed name (with ``_total``), in registration order.
+        self.counters: dict[str, Counter] = {}
 
         # upgrade
         self.relay_upgrade_rate_limited = self._counter(
@@ -345,15 +345,16 @@ class RelayMetrics:
         """Create and register one counter; ``name`` is the exposed name, ending in ``_total``."""
         if not name.endswith("_total"):
             raise ValueError(f"counter name {name!r} must end in _total")
-        self.counter_names.append(name)
         # prometheus-client strips a trailing _total and adds it back to the sample.
-        return Counter(name[: -len("_total")], documentation, registry=self.registry)
+        counter = Counter(name[: -len("_total")], documentation, registry=self.registry)
+        self.counters[name] = counter
+        return counter
 
     def counter_values(self) -> dict[str, int]:
         """Every counter that moved, by its exposed name (logged when the relay stops)."""
         values: dict[str, int] = {}
-        for name in self.counter_names:
-            value = int(getattr(self, name[: -len("_total")])._value.get())
+        for name, counter in self.counters.items():
+            value = int(counter._value.get())
             if value:
                 values[name] = value
         return values

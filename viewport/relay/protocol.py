@@ -175,7 +175,7 @@ class HandshakeDispatcher(Protocol):
         transport = self.transport
         if "upgrade" not in headers:
             self._handed_over = True
-            hand_over(transport, self._site.buildProtocol(self._addr), self._buffer)  # type: ignore[arg-type]
+            hand_over(transport, self._site.buildProtocol(self._addr), self._buffer)
             return
         gate = self._gate
         if not gate.accepting:
@@ -238,7 +238,7 @@ def pending_write_bytes(transport: Any, queued_since_pause: int) -> int:
     transport's pause threshold plus what was queued since it paused us.
     """
     try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except AttributeError:
         return TRANSPORT_PAUSE_THRESHOLD + queued_since_pause
 
@@ -516,7 +516,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
 
     def can_send(self) -> bool:
         """True while the WebSocket is open."""
-        return self.state == STATE_OPEN  # type: ignore[no-any-return]
+        return self.state == STATE_OPEN
 
     def send_ping(self) -> None:
         """An empty ping frame, written directly (the heartbeat sends thousands per interval)."""

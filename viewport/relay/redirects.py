@@ -1,4 +1,4 @@
-"""Which relay URLs a client may be sent to (contract §6.3), and the redirect target for a client."""
+"""Which relay URLs a client may be sent to (docs/backplanes.md, How client redirect works), and the redirect target for a client."""
 
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ class ListeningService(JsonLoggingService):
         # Goodbyes first, bounded: other relays must hear them before our sockets and backplane go.
         yield _bounded(relay.router.withdraw_presence(), clock, min(GOODBYE_SECONDS, self._grace_seconds / 2))
         yield relay.shutdown(max(0.0, deadline - clock.seconds() - BACKPLANE_STOP_SECONDS))
-        stopped: Deferred[Any] = relay.backplane.stop()  # type: ignore[assignment]
+        stopped: Deferred[Any] = relay.backplane.stop()
         yield _bounded(stopped, clock, max(0.1, deadline - clock.seconds()))
         yield super().stopService()
         self._log.info(

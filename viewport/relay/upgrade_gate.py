@@ -25,7 +25,7 @@ from viewport.relay.upgrade import (
 class UpgradeGate:
     """
     Rate, capacity, path, origin, query and token checks of one upgrade request (docs/protocol.md
-    §2.3 steps 1–7), each refusal counted; ``accepting`` is False while the relay drains.
+    docs/protocol.md §2.3 steps 1–7), each refusal counted; ``accepting`` is False while the relay drains.
     """
 
     def __init__(self, *, config: RelayConfig, registry: Registry, metrics: RelayMetrics) -> None:

@@ -69,7 +69,7 @@ class RelayRoot(Resource):
         super().__init__()
         self._relay = relay
 
-    def render(self, request: Request) -> bytes:  # type: ignore[override]
+    def render(self, request: Request) -> bytes:
         """Dispatch one request."""
         request.setHeader(b"server", SERVER_HEADER.encode("ascii"))
         path = request.path

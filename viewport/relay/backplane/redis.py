@@ -8,7 +8,7 @@ import random
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -27,20 +27,13 @@ from viewport.relay.backplane.redis_connection import (
 from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
 from viewport.relay.logs import RepeatedWarning
-
-if TYPE_CHECKING:
-    from viewport.relay.metrics import RelayMetrics
+from viewport.relay.metrics import RelayMetrics
 
 DEFAULT_KEY_PREFIX = "viewport:relay"
 _SIDE_OF: Dict[str, Side] = {"client_to_daemon": "daemon", "daemon_to_clients": "clients"}
-_VERDICT_COUNTERS = {
-    Verdict.INVALID: "relay_bus_pull_invalid_signature",
-    Verdict.STALE: "relay_bus_pull_stale_signature",
-    Verdict.REPLAYED: "relay_bus_pull_replayed_signature",
-}
 
 #: Delete the presence key only while it still names this relay (``ARGV[1]``), so a relay whose
-#: daemon left cannot erase the presence written by the relay the daemon moved to (§11 item 11).
+#: daemon left cannot erase the presence written by the relay the daemon moved to (docs/protocol.md §9, item 11).
 COMPARE_AND_DELETE = """
 local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
@@ -146,7 +139,7 @@ def parse_envelope(raw: object) -> Optional[Envelope]:
         runtime_target_id=runtime_target_id,
         source_relay_id=source,
         target_relay_id=target or None,
-        direction=direction,  # type: ignore[arg-type]
+        direction=direction,
         payload=payload,
         machine_id=machine_id,
     )
@@ -270,7 +263,7 @@ class RedisBackplane:
         retry_initial_ms: int = 250,
         retry_max_ms: int = 2000,
         liveness_ttl_ms: int = 3000,
-        metrics: Optional["RelayMetrics"] = None,
+        metrics: Optional[RelayMetrics] = None,
     ) -> None:
         """Parse the URL and prepare both connections; nothing connects before ``start``."""
         positive = dict(
@@ -299,7 +292,13 @@ class RedisBackplane:
         self._max_payload_bytes = max_payload_bytes
         self._cache_ms = min(resolve_cache_ms, presence_ttl_ms)
         self._cache_max = resolve_cache_max
-        self._metrics = metrics
+        #: A private set when the caller keeps none (tests), so every count is a plain attribute call.
+        self._metrics = metrics if metrics is not None else RelayMetrics()
+        self._verdict_counters = {
+            Verdict.INVALID: self._metrics.relay_bus_pull_invalid_signature,
+            Verdict.STALE: self._metrics.relay_bus_pull_stale_signature,
+            Verdict.REPLAYED: self._metrics.relay_bus_pull_replayed_signature,
+        }
         self._verifier = FrameVerifier(hmac_key, max_skew_ms, freshness_track_max)
         self._publish_warning = RepeatedWarning(self._log, reactor, "relay_bus_publish_error")
         self._random = random.Random()
@@ -554,7 +553,7 @@ class RedisBackplane:
             self._pending_subscriptions.add(d)  # type: ignore[arg-type]
 
             def settled(result: bool) -> bool:
-                self._pending_subscriptions.discard(d)  # type: ignore[arg-type]
+                self._pending_subscriptions.discard(d)
                 return result
 
             d.addCallback(settled)
@@ -566,7 +565,7 @@ class RedisBackplane:
             return self._publish(frame)
         except Exception:
             self._log.failure("bus publish failed", relay_event="relay_bus_publish_error")
-            self._count("relay_bus_publish_failed")
+            self._metrics.relay_bus_publish_failed.inc()
             return succeed(False)
 
     def _publish(self, frame: BusFrame) -> "Deferred[bool]":
@@ -582,7 +581,7 @@ class RedisBackplane:
         elif size is None or size > self._max_payload_bytes:
             reason = "frame_too_large"
         if reason is not None or side is None or self._commands.protocol is None:
-            self._count("relay_bus_publish_failed")
+            self._metrics.relay_bus_publish_failed.inc()
             if reason is not None and reason != "not_running":
                 self._log.warn("bus publish refused: {reason}", relay_event="relay_bus_publish_failed",
                                workspaceId=frame.workspace_id, direction=frame.direction, reason=reason)
@@ -602,11 +601,11 @@ class RedisBackplane:
 
     def _published(self, receivers: object) -> bool:
         delivered = type(receivers) is int and receivers > 0
-        self._count("relay_bus_publish_ok" if delivered else "relay_bus_publish_failed")
+        (self._metrics.relay_bus_publish_ok if delivered else self._metrics.relay_bus_publish_failed).inc()
         return delivered
 
     def _publish_failed(self, failure: Failure, frame: BusFrame) -> bool:
-        self._count("relay_bus_publish_failed")
+        self._metrics.relay_bus_publish_failed.inc()
         # Once per burst with a count: an outage fails every frame of every scope.
         self._publish_warning.warn(workspaceId=frame.workspace_id, direction=frame.direction,
                                    error=describe_failure(failure))
@@ -616,7 +615,7 @@ class RedisBackplane:
         try:
             self._receive(channel, message)
         except Exception:
-            self._count("relay_bus_pull_failed")
+            self._metrics.relay_bus_pull_failed.inc()
             self._log.failure("bus frame handling failed", relay_event="relay_bus_pull_error")
 
     def _receive(self, channel: object, message: object) -> None:
@@ -624,14 +623,14 @@ class RedisBackplane:
         if deliver is None:
             return
         if isinstance(message, (str, bytes)) and len(message) > 6 * self._max_payload_bytes + 65536:
-            self._count("relay_bus_pull_frame_too_large")
+            self._metrics.relay_bus_pull_frame_too_large.inc()
             return
         envelope = parse_envelope(message)
         frame = envelope.frame if envelope is not None else None
         if envelope is None or frame is None or channel != bus_channel(
             self._prefix, _SIDE_OF[frame.direction], frame.workspace_id, frame.runtime_target_id
         ):
-            self._count("relay_bus_pull_failed")
+            self._metrics.relay_bus_pull_failed.inc()
             self._log.warn("malformed bus envelope skipped", relay_event="relay_bus_frame_malformed")
             return
         if frame.source_relay_id == self.relay_id:
@@ -646,19 +645,19 @@ class RedisBackplane:
             return
         size = _utf8_size(frame.payload)
         if size is None or size > self._max_payload_bytes:
-            self._count("relay_bus_pull_frame_too_large")
+            self._metrics.relay_bus_pull_frame_too_large.inc()
             return
         now_ms = self._now_ms()
         nonce = envelope.nonce if envelope.nonce is None else signed_nonce(envelope.nonce, envelope.deliver_by_ms)
         verdict = self._verifier.check(frame, envelope.issued_at_ms, envelope.signature, now_ms, nonce=nonce)
         if verdict != Verdict.ACCEPTED:
-            self._count(_VERDICT_COUNTERS.get(verdict, "relay_bus_pull_failed"))
+            self._verdict_counters.get(verdict, self._metrics.relay_bus_pull_failed).inc()
             return
         if envelope.deliver_by_ms is not None and now_ms > envelope.deliver_by_ms:
             # Its sender has reported it undeliverable by now; delivering it would duplicate a retry.
-            self._count("relay_bus_frames_expired")
+            self._metrics.relay_bus_frames_expired.inc()
             return
-        self._count("relay_bus_pull_ok")
+        self._metrics.relay_bus_pull_ok.inc()
         deliver(frame)
 
     # -- presence -----------------------------------------------------------------------------------
@@ -669,7 +668,7 @@ class RedisBackplane:
             return self._announce(presence)
         except Exception:
             self._log.failure("presence upsert failed", relay_event="relay_presence_upsert_error")
-            self._count("relay_presence_upsert_failed")
+            self._metrics.relay_presence_upsert_failed.inc()
             return succeed(None)
 
     def _announce(self, presence: Presence) -> "Deferred[None]":
@@ -686,13 +685,13 @@ class RedisBackplane:
         if self._commands.protocol is None:
             # Applied once reconnected; the key expires anyway, as nothing refreshes it any more.
             self._pending_clears.add(key)
-            self._count("relay_presence_upsert_failed")
+            self._metrics.relay_presence_upsert_failed.inc()
             return succeed(None)
         return self._clear(key)
 
     def _upsert(self, key: str, presence: Presence) -> "Deferred[None]":
         if self._commands.protocol is None:
-            self._count("relay_presence_upsert_failed")
+            self._metrics.relay_presence_upsert_failed.inc()
             return succeed(None)
         value = encode_presence(presence, int(self._now_ms()))
         d = self._commands.call("set", key, value, None, self._ttl_ms)
@@ -703,10 +702,10 @@ class RedisBackplane:
         return d.addCallbacks(self._presence_written, self._presence_failed, errbackArgs=(None,))
 
     def _presence_written(self, _: object) -> None:
-        self._count("relay_presence_upsert_ok")
+        self._metrics.relay_presence_upsert_ok.inc()
 
     def _presence_failed(self, failure: Failure, presence: Optional[Presence]) -> None:
-        self._count("relay_presence_upsert_failed")
+        self._metrics.relay_presence_upsert_failed.inc()
         self._log.warn("presence upsert failed: {error}", relay_event="relay_presence_upsert_error",
                        workspaceId=presence.workspace_id if presence is not None else None,
                        error=describe_failure(failure))
@@ -719,7 +718,7 @@ class RedisBackplane:
             return self._resolve(workspace_id, runtime_target_id)
         except Exception:
             self._log.failure("presence resolve failed", relay_event="relay_presence_resolve_error")
-            self._count("relay_presence_resolve_failed")
+            self._metrics.relay_presence_resolve_failed.inc()
             return succeed(None)
 
     def _resolve(self, workspace_id: str, runtime_target_id: Optional[str]) -> "Deferred[Optional[Presence]]":
@@ -731,7 +730,7 @@ class RedisBackplane:
                 return succeed(cached[0])
             del self._cache[key]
         if self._stopped or self._commands.protocol is None:
-            self._count("relay_presence_resolve_failed")
+            self._metrics.relay_presence_resolve_failed.inc()
             return succeed(None)
         epoch = self._cache_epoch
         d: Deferred[Optional[Presence]] = self._commands.call("get", key).addCallbacks(
@@ -759,14 +758,14 @@ class RedisBackplane:
             if not alive:
                 # A relay that died without a goodbye: its presence lingers until its TTL, unused.
                 self._cache.pop(key, None)
-                self._count("relay_presence_dead_relay")
+                self._metrics.relay_presence_dead_relay.inc()
                 return None
             return self._keep_resolved(presence, key, epoch)
 
         return self._relay_alive(presence.relay_id).addCallback(checked)
 
     def _keep_resolved(self, presence: Presence, key: str, epoch: int) -> Presence:
-        self._count("relay_presence_resolve_ok")
+        self._metrics.relay_presence_resolve_ok.inc()
         # An own announcement made while the GET was in flight makes its answer stale.
         if self._cache_ms > 0 and epoch == self._cache_epoch and not self._stopped:
             self._cache[key] = (presence, self._now_ms() + self._cache_ms)
@@ -817,7 +816,7 @@ class RedisBackplane:
         return gatherResults(checks).addCallbacks(collect, lambda _: frozenset())
 
     def _resolve_failed(self, failure: Failure, workspace_id: str) -> None:
-        self._count("relay_presence_resolve_failed")
+        self._metrics.relay_presence_resolve_failed.inc()
         self._log.warn("presence resolve failed: {error}", relay_event="relay_presence_resolve_error",
                        workspaceId=workspace_id, error=describe_failure(failure))
 
@@ -826,6 +825,3 @@ class RedisBackplane:
     def _now_ms(self) -> float:
         return float(self._reactor.seconds()) * 1000.0
 
-    def _count(self, name: str) -> None:
-        if self._metrics is not None:
-            getattr(self._metrics, name).inc()

@@ -126,7 +126,7 @@ def describe_failure(failure: Failure) -> str:
         return "no answer within the command timeout"
     if failure.check(txredisapi.InvalidData):
         return "a value could not be encoded"
-    return failure.getErrorMessage() or failure.type.__name__  # type: ignore[union-attr]
+    return failure.getErrorMessage() or failure.type.__name__
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, jitter: float, rand: Callable[[], float]) -> float:
@@ -139,7 +139,7 @@ class RedisUnavailable(Exception):
     """The connection a command needs is not usable right now (fail fast instead of queueing)."""
 
 
-class _LinkProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+class _LinkProtocol(txredisapi.RedisProtocol):
     """A txredisapi protocol that reports to its ``RedisLink`` when it connects, disconnects or hears a message."""
 
     link: "RedisLink"
@@ -158,7 +158,7 @@ class _LinkProtocol(txredisapi.RedisProtocol):  # type: ignore[misc]
             self.link.connection_lost(self, reason)
 
 
-class _SubscriberLinkProtocol(_LinkProtocol, txredisapi.SubscriberProtocol):  # type: ignore[misc]
+class _SubscriberLinkProtocol(_LinkProtocol, txredisapi.SubscriberProtocol):
     """The pub/sub connection: messages go to the link's handler, which never raises."""
 
     def messageReceived(self, pattern: object, channel: object, message: object) -> None:

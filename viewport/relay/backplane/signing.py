@@ -69,7 +69,7 @@ class FrameVerifier:
     it once. Redis envelopes sign a random nonce, so every publish has its own signature; a
     server-mode signature covers the contract's eight fields, so only a byte-identical frame
     from the same relay in the same millisecond looks like a replay. Unlike the reference relay
-    (§11 item 18), a frame older than one already accepted from the same source is *not*
+    (docs/protocol.md §9, item 18), a frame older than one already accepted from the same source is *not*
     dropped: concurrent publishes may arrive in any order.
     """
 
