@@ -174,7 +174,7 @@ class _RelayClientProtocol(WebSocketClientProtocol):
         try:
             self.factory.attempt.opened(self)
         except Exception:
-            self._log.failure("relay client failed to handle open")
+            self._log.failure("relay client failed to handle open", relay_event="relay_client_open_error")
             self.dropConnection(abort=True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -185,7 +185,7 @@ class _RelayClientProtocol(WebSocketClientProtocol):
         try:
             connection._message_received(payload, isBinary)
         except Exception:
-            self._log.failure("relay client failed to handle a message")
+            self._log.failure("relay client failed to handle a message", relay_event="relay_client_message_error")
             self._fail_connection(_INTERNAL_ERROR, "internal error")
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
@@ -199,7 +199,7 @@ class _RelayClientProtocol(WebSocketClientProtocol):
             else:
                 self.factory.attempt.closed_before_open(self, info)
         except Exception:
-            self._log.failure("relay client failed to handle close")
+            self._log.failure("relay client failed to handle close", relay_event="relay_client_close_error")
 
 
 class _RelayClientFactory(WebSocketClientFactory):

@@ -324,7 +324,7 @@ class ReconnectingConnection:
         if not self._running:
             self._shut(conn, "")
             return
-        self._log.info("relay connection open to {url}", url=base_url_of(conn.url))
+        self._log.info("relay connection open to {url}", relay_event="relay_connection_open", url=base_url_of(conn.url))
         if conn.redirected_from:
             landed = base_url_of(conn.url)
             if landed != base_url_of(target):
@@ -347,7 +347,7 @@ class ReconnectingConnection:
             return
         status = error.status if isinstance(error, UpgradeRefused) else None
         self._log.info(
-            "relay connection to {url} failed ({error}, status {status})",
+            "relay connection to {url} failed ({error}, status {status})", relay_event="relay_connection_failed",
             url=base_url_of(target),
             error=type(error).__name__,
             status=status,
@@ -364,7 +364,7 @@ class ReconnectingConnection:
         self._cancel_abort()
         stable = self._clock.seconds() - self._opened_at >= self._reset_after
         self._log.info(
-            "relay connection to {url} closed: code {code} reason {reason}",
+            "relay connection to {url} closed: code {code} reason {reason}", relay_event="relay_connection_closed",
             url=base_url_of(conn.url),
             code=info.code,
             reason=info.reason,
@@ -389,14 +389,14 @@ class ReconnectingConnection:
     def _retry_later(self) -> None:
         """Schedule the next attempt after the next backoff delay."""
         delay = self._backoff.next_delay()
-        self._log.debug("next relay connection attempt in {delay:.3f} s", delay=delay)
+        self._log.debug("next relay connection attempt in {delay:.3f} s", relay_event="relay_connection_retry_scheduled", delay=delay)
         self._delayed = self._clock.callLater(delay, self._attempt)
 
     def _give_up(self, error: Exception) -> None:
         """Stop for good after a non-retryable outcome."""
         self._running = False
         self.fatal_error = error
-        self._log.warn("relay connection gave up: {error}", error=type(error).__name__)
+        self._log.warn("relay connection gave up: {error}", relay_event="relay_connection_gave_up", error=type(error).__name__)
         self._notify(self.on_gave_up, error)
         self._check_stopped()
 
@@ -417,18 +417,18 @@ class ReconnectingConnection:
         if conn is None or not self._running or self._redirect_pending is not None:
             return
         if not is_relay_base_url(url):
-            self._log.warn("ignoring a relay redirect to a URL that is not ws/wss")
+            self._log.warn("ignoring a relay redirect to a URL that is not ws/wss", relay_event="relay_redirect_ignored")
             return
         if base_url_of(url) == base_url_of(self._target):
             return
         if self._clock.seconds() - self._opened_at >= self._reset_after:
             self._redirect_streak = 0
         if self._redirect_streak >= self._max_redirects:
-            self._log.warn("ignoring a relay redirect to {url}: too many redirects in a row", url=url)
+            self._log.warn("ignoring a relay redirect to {url}: too many redirects in a row", relay_event="relay_redirect_ignored", url=url)
             return
         self._redirect_streak += 1
         self._redirect_pending = url
-        self._log.info("relay redirects to {url}", url=url)
+        self._log.info("relay redirects to {url}", relay_event="relay_redirect_followed", url=url)
         self._notify(self.on_redirected, url)
         self._shut(conn, "relay redirect")
 
@@ -471,8 +471,8 @@ class ReconnectingConnection:
         try:
             callback(*args)
         except Exception:
-            self._log.failure("relay connection event callback failed")
+            self._log.failure("relay connection event callback failed", relay_event="relay_connection_callback_error")
 
     def _bug(self, failure: Failure) -> None:
         """Log an unexpected error in the reconnector's own callbacks."""
-        self._log.failure("relay reconnector failed", failure)
+        self._log.failure("relay reconnector failed", failure, relay_event="relay_reconnector_error")

@@ -164,7 +164,7 @@ class PlatformAdmission:
         def bug(failure: Failure) -> Union[Failure, AdmissionResult]:
             if failure.check(CancelledError):
                 return failure
-            _log.failure("admission call failed unexpectedly", failure)
+            _log.failure("admission call failed unexpectedly", failure, relay_event="admission_error")
             return _denied(502, INTERNAL_ERROR)
 
         result: Deferred[AdmissionResult] = call.addCallbacks(answered, failed)

@@ -78,23 +78,23 @@ class Relay:
         try:
             self.router.bus_frame(frame, self.now_ms())
         except Exception:
-            self._log.failure("{relay_event}", relay_event="bus_frame_error")
+            self._log.failure("handling a bus frame failed", relay_event="bus_frame_error")
 
     def path_changed(self, working: bool) -> None:
         """Entry point for the backplane losing (False) or regaining (True) its inbound path."""
         try:
             self.router.path_changed(working, self.now_ms())
         except Exception:
-            self._log.failure("{relay_event}", relay_event="path_change_error")
+            self._log.failure("handling a bus path change failed", relay_event="path_change_error")
 
     def check_remote_relays(self) -> None:
         """Periodic (every second): notice relays that died without a goodbye; retry owed notices."""
         try:
             d = self.router.check_remote_relays(self.now_ms())
             if d is not None:
-                d.addErrback(lambda f: self._log.failure("{relay_event}", f, relay_event="liveness_check_error"))
+                d.addErrback(lambda f: self._log.failure("checking remote relays' liveness failed", f, relay_event="liveness_check_error"))
         except Exception:
-            self._log.failure("{relay_event}", relay_event="liveness_check_error")
+            self._log.failure("checking remote relays' liveness failed", relay_event="liveness_check_error")
 
     def heartbeat(self) -> None:
         """One heartbeat tick: a slice of the sockets pinged; once per interval the limiters swept."""
@@ -105,14 +105,14 @@ class Relay:
                 self.gate.sweep(now)
             self.router.reset_log_budget()
         except Exception:
-            self._log.failure("{relay_event}", relay_event="heartbeat_error")
+            self._log.failure("heartbeat tick failed", relay_event="heartbeat_error")
 
     def cleanup(self) -> None:
         """Evict empty scopes and refresh the gauges."""
         try:
             self.router.evict_empty_scopes(self.now_ms())
         except Exception:
-            self._log.failure("{relay_event}", relay_event="cleanup_error")
+            self._log.failure("scope cleanup failed", relay_event="cleanup_error")
 
     def shutdown(self, grace_seconds: float) -> "Deferred[None]":
         """Refuse new upgrades, close every socket with 1001, fire when all are gone (or grace ends)."""

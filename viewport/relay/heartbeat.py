@@ -112,14 +112,14 @@ class OpenSockets:
                 if conn.awaiting_pong and conn.ping_sent_ms == sent_ms:
                     self._terminate(socket, "heartbeat timeout")
         except Exception:
-            self._log.failure("{relay_event}", relay_event="heartbeat_error")
+            self._log.failure("heartbeat tick failed", relay_event="heartbeat_error")
 
     def _terminate(self, socket: Socket, reason: str) -> None:
         if reason == "idle timeout":
             self._m.relay_ws_idle_terminated.inc()
         elif reason == "heartbeat timeout":
             self._m.relay_ws_stale_terminated.inc()
-        self._log.warn("{relay_event}", relay_event="ws_terminated", reason=reason)
+        self._log.warn("socket terminated: {reason}", relay_event="ws_terminated", reason=reason)
         socket.terminate()
 
     def close_all(self, grace_seconds: float) -> "Deferred[None]":

@@ -192,7 +192,7 @@ class BoundedCall:
             self._settle(HttpCallFailed("network", f"response failed: {describe_failure(failure)}"))
 
     def _bug(self, failure: Failure) -> None:
-        _log.failure("bounded HTTP call failed unexpectedly", failure)
+        _log.failure("bounded HTTP call failed unexpectedly", failure, relay_event="http_call_error")
         self._settle(HttpCallFailed("network", "internal error"))
         self._abandon()
 

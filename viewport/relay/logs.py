@@ -9,7 +9,8 @@ fields as keyword arguments::
     self._log.warn("bus pull failed", relay_event="relay_bus_pull_error", error=str(reason))
     self._log.failure("upgrade failed", relay_event="upgrade_error", ip=ip)  # inside ``except``
 
-The format string is for humans reading Twisted's own log; ``JsonLineObserver`` writes only the
+The format string is for humans reading Twisted's own log (a sentence; emitters that log events by
+name, such as the router's budgeted log, use ``in_words(name)``); ``JsonLineObserver`` writes only the
 event name and the (redacted) details. Detail keys must not start with ``log_`` and must not be
 one of Twisted's legacy keys (``message``, ``time``, ``system``, ``format``, ``isError``,
 ``failure``, ``why``), which a legacy observer may add to the shared event.
@@ -174,6 +175,11 @@ def format_timestamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + ".%03dZ" % millis
 
 
+
+def in_words(event_name: str) -> str:
+    """A human format string for an event logged by name: ``client_frame_rejected`` → "client frame rejected"."""
+    return event_name.replace("_", " ").replace("{", "{{").replace("}", "}}")
+
 @implementer(ILogObserver)
 class JsonLineObserver:
     """
@@ -274,7 +280,7 @@ class RepeatedWarning:
     def warn(self, **details: Any) -> None:
         """Log now if this is the first of a burst, else count it (the latest details are kept)."""
         if self._timer is None:
-            self._log.warn("{relay_event}", relay_event=self._event, **details)
+            self._log.warn(in_words(self._event), relay_event=self._event, **details)
             self._timer = self._clock.callLater(self._interval_s, self._flush)
             return
         self._held += 1
@@ -284,7 +290,7 @@ class RepeatedWarning:
         self._timer = None
         if self._held:
             held, self._held = self._held, 0
-            self._log.warn("{relay_event}", relay_event=self._event, repeated=held, **self._last)
+            self._log.warn(in_words(self._event) + " ({repeated} more)", relay_event=self._event, repeated=held, **self._last)
             self._timer = self._clock.callLater(self._interval_s, self._flush)
 
     def cancel(self) -> None:
@@ -294,4 +300,4 @@ class RepeatedWarning:
         self._timer = None
         if self._held:
             held, self._held = self._held, 0
-            self._log.warn("{relay_event}", relay_event=self._event, repeated=held, **self._last)
+            self._log.warn(in_words(self._event) + " ({repeated} more)", relay_event=self._event, repeated=held, **self._last)

@@ -155,7 +155,7 @@ class HandshakeDispatcher(Protocol):
             self._dispatch(self._buffer[: end + 4])
         except Exception:
             self._m.relay_upgrade_errors.inc()
-            self._log.failure("{relay_event}", relay_event="upgrade_error")
+            self._log.failure("upgrade failed", relay_event="upgrade_error")
             if self._handed_over:
                 self.transport.abortConnection()
             else:
@@ -304,7 +304,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         if failure.check(ConnectionDeny):
             return failure
         self.factory.metrics.relay_upgrade_errors.inc()
-        self._log.failure("{relay_event}", failure, relay_event="upgrade_error", ip=self.ip)
+        self._log.failure("upgrade failed", failure, relay_event="upgrade_error", ip=self.ip)
         return Failure(ConnectionDeny(500, "Internal Server Error"))
 
     def _admitted(self, result: AdmissionResult, request: ConnectionRequest) -> Any:
@@ -313,7 +313,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         if not result.ok or result.claims is None:
             factory.metrics.relay_admission_denied.inc()
             self._log.warn(
-                "{relay_event}",
+                "admission denied for a {role} of workspace {workspaceId}",
                 relay_event="admission_denied",
                 role=query.role,
                 workspaceId=query.workspace_id,
@@ -347,7 +347,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             responseHeaders = [("Location", self._redirect_location)]
         self.wasNotCleanReason = "opening handshake refused"
         self._log.info(
-            "{relay_event}",
+            "handshake refused with {status}",
             relay_event="handshake_refused",
             status=code,
             reason=reason[:MAX_LOGGED_REASON_CHARS],
@@ -437,12 +437,12 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             try:
                 factory.router.close_connection(conn, factory.now_ms())
             except Exception:
-                self._log.failure("{relay_event}", relay_event="close_error")
+                self._log.failure("closing a socket failed", relay_event="close_error")
         if self.on_closed is not None and not self.on_closed.called:
             self.on_closed.callback(None)
 
     def _internal_error(self) -> None:
-        self._log.failure("{relay_event}", relay_event="ws_handler_error")
+        self._log.failure("a WebSocket handler failed; closing 1011", relay_event="ws_handler_error")
         self.close(1011, "internal error")
 
     # IPeer
@@ -490,7 +490,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         factory.metrics.relay_ws_slow_client_terminated.inc()
         conn = self.conn
         self._log.warn(
-            "{relay_event}",
+            "slow peer closed: {pendingBytes} bytes pending",
             relay_event="ws_slow_peer_closed",
             role=conn.role if conn is not None else None,
             workspaceId=conn.workspace_id if conn is not None else None,

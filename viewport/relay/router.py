@@ -47,16 +47,16 @@ class Router:
         worker_forward: Optional[WorkerForward] = None,
     ) -> None:
         relay_id: str = backplane.relay_id
-        self._log = log = RoutingLog()
-        refusals = Refusals(log)
-        self._remote_path = RemotePath(registry=registry, backplane=backplane, metrics=metrics, log=log, relay_id=relay_id)
-        delivery = Delivery(backplane=backplane, metrics=metrics, log=log, remote_path=self._remote_path, relay_id=relay_id)
+        self._events = events = RoutingLog()
+        refusals = Refusals(events)
+        self._remote_path = RemotePath(registry=registry, backplane=backplane, metrics=metrics, events=events, relay_id=relay_id)
+        delivery = Delivery(backplane=backplane, metrics=metrics, events=events, remote_path=self._remote_path, relay_id=relay_id)
         self._lifecycle = ConnectionLifecycle(
-            config=config, registry=registry, backplane=backplane, metrics=metrics, log=log, refusals=refusals,
+            config=config, registry=registry, backplane=backplane, metrics=metrics, events=events, refusals=refusals,
             delivery=delivery, relay_id=relay_id,
         )
         self._remote = RemoteForwarding(
-            config=config, backplane=backplane, metrics=metrics, log=log, refusals=refusals, delivery=delivery,
+            config=config, backplane=backplane, metrics=metrics, events=events, refusals=refusals, delivery=delivery,
             relay_id=relay_id,
         )
         self._clients = ClientPipeline(
@@ -64,11 +64,11 @@ class Router:
             delivery=delivery, remote=self._remote,
         )
         self._daemons = DaemonPipeline(
-            config=config, backplane=backplane, metrics=metrics, limiters=limiters, log=log, refusals=refusals,
+            config=config, backplane=backplane, metrics=metrics, limiters=limiters, events=events, refusals=refusals,
             delivery=delivery,
         )
         self._bus = BusInbound(
-            registry=registry, metrics=metrics, log=log, delivery=delivery, daemon_pipeline=self._daemons,
+            registry=registry, metrics=metrics, events=events, delivery=delivery, daemon_pipeline=self._daemons,
             client_pipeline=self._clients,
         )
         self._upgrades = UpgradeDecisions(
@@ -144,4 +144,4 @@ class Router:
 
     def reset_log_budget(self) -> None:
         """Start a new warning budget; log how many warnings of each kind were held back."""
-        self._log.reset_budget()
+        self._events.reset_budget()

@@ -109,10 +109,10 @@ class ListeningService(JsonLoggingService):
         if self._tune_gc:
             tune_garbage_collector()
         d = relay.backplane.start(relay.deliver_bus_frame, relay.path_changed)
-        d.addErrback(lambda f: self._log.failure("{relay_event}", f, relay_event="backplane_start_error"))
+        d.addErrback(lambda f: self._log.failure("backplane start failed", f, relay_event="backplane_start_error"))
         super().startService()
         self._log.info(
-            "{relay_event}",
+            "relay {relayId} started ({backplaneMode} backplane)",
             relay_event="relay_started",
             host=config.host,
             port=getattr(address, "port", config.port),
@@ -133,7 +133,7 @@ class ListeningService(JsonLoggingService):
         host = getattr(address, "host", config.host)
         shown = f"[{host}]" if ":" in host else host
         self._log.info(
-            "{relay_event}",
+            "listening on {url}",
             relay_event="relay_listening",
             url=f"{scheme}://{shown}:{getattr(address, 'port', config.port)}/ws",
         )
@@ -158,7 +158,7 @@ class ListeningService(JsonLoggingService):
         yield _bounded(stopped, clock, max(0.1, deadline - clock.seconds()))
         yield super().stopService()
         self._log.info(
-            "{relay_event}",
+            "relay {relayId} stopped",
             relay_event="relay_stopped",
             relayId=self.relay.config.relay_id,
             # Name/value pairs, not an object: redaction hides keys naming frames or messages.

@@ -117,7 +117,7 @@ def build_admission(config: RelayConfig, reactor: Any) -> IAdmission:
     if config.admission == "embedded_secret_file":
         secret, created = load_or_create_secret(config.token_secret_file)
         _log.info(
-            "{relay_event}",
+            "token secret {path} " + ("created" if created else "loaded"),
             relay_event="token_secret_created" if created else "token_secret_loaded",
             path=config.token_secret_file,
         )
@@ -204,7 +204,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     assert config is not None
     observer = JsonLineObserver(log_stream(sys.argv), config.max_logs)
     for warning in config.warnings:
-        _log.warn("{relay_event}", relay_event="config_warning", warning=warning)
+        _log.warn("configuration: {warning}", relay_event="config_warning", warning=warning)
     metrics = RelayMetrics()
     worker_forward = WorkerForwarder(
         http_client=make_http_client(reactor, platform_policy(config)),

@@ -76,7 +76,7 @@ class WorkerForwarder:
     def _failed(self, failure: Failure, conn: Connection, request_id: str) -> None:
         self._metrics.relay_worker_transport_forward_failed.inc()
         self._log.warn(
-            "{relay_event}",
+            "worker transport forward failed",
             relay_event="worker_transport_forward_failed",
             workspaceId=conn.workspace_id,
             requestId=request_id,

@@ -23,14 +23,14 @@ class BusInbound:
         *,
         registry: Registry,
         metrics: RelayMetrics,
-        log: RoutingLog,
+        events: RoutingLog,
         delivery: Delivery,
         daemon_pipeline: DaemonPipeline,
         client_pipeline: ClientPipeline,
     ) -> None:
         self._registry = registry
         self._m = metrics
-        self._log = log
+        self._events = events
         self._delivery = delivery
         self._daemons = daemon_pipeline
         self._clients = client_pipeline
@@ -119,4 +119,4 @@ class BusInbound:
 
     def _reject(self, bus: BusFrame, reason: str) -> None:
         self._m.relay_bus_frames_rejected.inc()
-        self._log.warn("bus_frame_rejected", workspaceId=bus.workspace_id, direction=bus.direction, reason=reason)
+        self._events.warn("bus_frame_rejected", workspaceId=bus.workspace_id, direction=bus.direction, reason=reason)

@@ -26,7 +26,7 @@ class DaemonPipeline:
         backplane: IBackplane,
         metrics: RelayMetrics,
         limiters: Limiters,
-        log: RoutingLog,
+        events: RoutingLog,
         refusals: Refusals,
         delivery: Delivery,
     ) -> None:
@@ -34,7 +34,7 @@ class DaemonPipeline:
         self._backplane = backplane
         self._m = metrics
         self._limiters = limiters
-        self._log = log
+        self._events = events
         self._refusals = refusals
         self._delivery = delivery
 
@@ -143,7 +143,7 @@ class DaemonPipeline:
         owner = table.pop(request_id, now_ms)
         if owner is None:
             dropped.inc()
-            self._log.warn(
+            self._events.warn(
                 "key_exchange_response_owner_missing" if kex else "pairing_response_owner_missing",
                 workspaceId=scope.workspace_id, requestId=request_id, sessionId=session_id or None,
             )

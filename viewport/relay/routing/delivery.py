@@ -18,11 +18,11 @@ class Delivery:
     """Every way a frame leaves the router, so that each is written once."""
 
     def __init__(
-        self, *, backplane: IBackplane, metrics: RelayMetrics, log: RoutingLog, remote_path: RemotePath, relay_id: str
+        self, *, backplane: IBackplane, metrics: RelayMetrics, events: RoutingLog, remote_path: RemotePath, relay_id: str
     ) -> None:
         self._backplane = backplane
         self._m = metrics
-        self._log = log
+        self._events = events
         self._remote_path = remote_path
         self._relay_id = relay_id
 
@@ -97,12 +97,12 @@ class Delivery:
                     self._remote_path.publish_failed(scope, target_relay_id, lost_at_ms)
 
             d.addCallback(published)
-        d.addErrback(self._log.failure, "relay_bus_publish_error")
+        d.addErrback(self._events.failure, "relay_bus_publish_error")
 
     def daemon_unavailable(self, conn: Connection) -> None:
         """No daemon can take a client's frame: count, warn, and say so to the client (retryable)."""
         self._m.relay_client_messages_dropped.inc()
-        self._log.warn(
+        self._events.warn(
             "client_message_dropped", workspaceId=conn.workspace_id, clientId=conn.client_id, reason="daemon_unavailable"
         )
         conn.peer.send_text(frames.daemon_unavailable(conn.workspace_id, conn.runtime_target_id, conn.machine_id))

@@ -7,6 +7,7 @@ from typing import Any, Optional
 from prometheus_client import Counter
 from twisted.logger import Logger, LogLevel
 
+from viewport.relay.logs import in_words
 from viewport.relay.registry import Connection
 
 #: The one application close code of the contract: every post-upgrade policy failure.
@@ -29,18 +30,18 @@ class RoutingLog:
 
     def info(self, name: str, **details: object) -> None:
         """An informational event (connections coming and going)."""
-        self._log.emit(LogLevel.info, "{relay_event}", relay_event=name, **details)
+        self._log.emit(LogLevel.info, in_words(name), relay_event=name, **details)
 
     def warn(self, name: str, **details: object) -> None:
         """A warning, unless this name used up its budget for the tick."""
         used = self._budget.get(name, 0)
         self._budget[name] = used + 1
         if used < WARNINGS_PER_TICK:
-            self._log.emit(LogLevel.warn, "{relay_event}", relay_event=name, **details)
+            self._log.emit(LogLevel.warn, in_words(name), relay_event=name, **details)
 
     def failure(self, failure: Any, name: str) -> None:
         """An unexpected error with its traceback (a bug, or a backplane that broke its promise)."""
-        self._log.failure("{relay_event}", failure, relay_event=name)
+        self._log.failure(in_words(name), failure, relay_event=name)
 
     def reset_budget(self) -> None:
         """Start a new warning budget; log how many warnings of each kind were held back."""
@@ -48,14 +49,14 @@ class RoutingLog:
         self._budget.clear()
         if held:
             # Pairs, not an object: key names such as client_frame_rejected would be redacted.
-            self._log.warn("{relay_event}", relay_event="log_events_suppressed", counts=held)
+            self._log.warn("warnings held back this tick: {counts}", relay_event="log_events_suppressed", counts=held)
 
 
 class Refusals:
     """Count, warn within the budget, answer with a status frame or close ``4008``: every refusal goes here."""
 
-    def __init__(self, log: RoutingLog) -> None:
-        self._log = log
+    def __init__(self, events: RoutingLog) -> None:
+        self._events = events
 
     def refuse(
         self,
@@ -73,7 +74,7 @@ class Refusals:
         """
         counter.inc()
         if event is not None:
-            self._log.warn(event, **details)
+            self._events.warn(event, **details)
         if reply is not None:
             conn.peer.send_text(reply)
         if close is not None:

@@ -26,7 +26,7 @@ class ConnectionLifecycle:
         registry: Registry,
         backplane: IBackplane,
         metrics: RelayMetrics,
-        log: RoutingLog,
+        events: RoutingLog,
         refusals: Refusals,
         delivery: Delivery,
         relay_id: str,
@@ -35,7 +35,7 @@ class ConnectionLifecycle:
         self._registry = registry
         self._backplane = backplane
         self._m = metrics
-        self._log = log
+        self._events = events
         self._refusals = refusals
         self._delivery = delivery
         self._relay_id = relay_id
@@ -68,7 +68,7 @@ class ConnectionLifecycle:
         conn.runtime_target_id = runtime_target
         if conn.role == "worker":
             self._accept(conn)
-            self._log.info("worker_connected", workspaceId=conn.workspace_id,
+            self._events.info("worker_connected", workspaceId=conn.workspace_id,
                            managedExecutorId=conn.claims.managed_executor_id, ip=conn.ip)
             return True
         scope = self._registry.get_or_create(conn.workspace_id, runtime_target, now_ms)
@@ -107,7 +107,7 @@ class ConnectionLifecycle:
         scope.attach_daemon(conn)
         self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id, "daemon")
         self._backplane.announce_presence(self._presence(scope, conn, True))
-        self._log.info("daemon_connected", workspaceId=conn.workspace_id, runtimeTargetId=conn.runtime_target_id,
+        self._events.info("daemon_connected", workspaceId=conn.workspace_id, runtimeTargetId=conn.runtime_target_id,
                        machineId=conn.machine_id, ip=conn.ip)
         self.refresh_gauges()
         return True
@@ -120,7 +120,7 @@ class ConnectionLifecycle:
         self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id, "clients")
         if self._backplane.cross_relay and scope.runtime_target_id is not None and scope.daemon_open() is None:
             self._learn_remote_daemon(scope)
-        self._log.info("client_connected", workspaceId=conn.workspace_id, clientId=conn.client_id, ip=conn.ip)
+        self._events.info("client_connected", workspaceId=conn.workspace_id, clientId=conn.client_id, ip=conn.ip)
         self.refresh_gauges()
         return True
 
@@ -135,7 +135,7 @@ class ConnectionLifecycle:
                 scope.remote_daemon_relay = presence.relay_id
 
         self._backplane.resolve_presence(scope.workspace_id, scope.runtime_target_id).addCallbacks(
-            learned, self._log.failure, errbackArgs=("relay_presence_resolve_error",)
+            learned, self._events.failure, errbackArgs=("relay_presence_resolve_error",)
         )
 
     def _presence(self, scope: ScopeState, conn: Connection, connected: bool) -> Presence:
@@ -155,7 +155,7 @@ class ConnectionLifecycle:
         self._m.relay_ws_connections_closed.inc()
         scope = conn.scope
         if conn.role == "worker" or scope is None:
-            self._log.info("worker_disconnected", workspaceId=conn.workspace_id,
+            self._events.info("worker_disconnected", workspaceId=conn.workspace_id,
                            managedExecutorId=conn.claims.managed_executor_id, ip=conn.ip)
             return
         scope.touch(now_ms)
@@ -163,12 +163,12 @@ class ConnectionLifecycle:
             current = scope.detach_daemon(conn)
             if current:
                 self._daemon_left(scope, conn, now_ms)
-            self._log.info("daemon_disconnected", workspaceId=conn.workspace_id, runtimeTargetId=conn.runtime_target_id,
+            self._events.info("daemon_disconnected", workspaceId=conn.workspace_id, runtimeTargetId=conn.runtime_target_id,
                            machineId=conn.machine_id, ip=conn.ip, clearedCurrentDaemon=current)
         else:
             if scope.remove_client(conn):
                 self._backplane.unwatch_scope(scope.workspace_id, scope.runtime_target_id, "clients")
-            self._log.info("client_disconnected", workspaceId=conn.workspace_id, clientId=conn.client_id, ip=conn.ip)
+            self._events.info("client_disconnected", workspaceId=conn.workspace_id, clientId=conn.client_id, ip=conn.ip)
         self.refresh_gauges()
 
     def _daemon_left(self, scope: ScopeState, daemon: Connection, now_ms: float) -> None:
@@ -214,5 +214,5 @@ class ConnectionLifecycle:
         """Delete scopes that stayed empty for the configured TTL, then refresh the gauges."""
         for scope in self._registry.evict_empty(now_ms, self._config.empty_workspace_ttl_ms):
             self._m.relay_workspace_evictions.inc()
-            self._log.info("workspace_evicted", workspaceId=scope.workspace_id, runtimeTargetId=scope.runtime_target_id)
+            self._events.info("workspace_evicted", workspaceId=scope.workspace_id, runtimeTargetId=scope.runtime_target_id)
         self.refresh_gauges()

@@ -26,7 +26,7 @@ class RemoteForwarding:
         config: RelayConfig,
         backplane: IBackplane,
         metrics: RelayMetrics,
-        log: RoutingLog,
+        events: RoutingLog,
         refusals: Refusals,
         delivery: Delivery,
         relay_id: str,
@@ -34,7 +34,7 @@ class RemoteForwarding:
         self._config = config
         self._backplane = backplane
         self._m = metrics
-        self._log = log
+        self._events = events
         self._refusals = refusals
         self._delivery = delivery
         self._relay_id = relay_id
@@ -79,7 +79,7 @@ class RemoteForwarding:
         while True:
             d = self._backplane.resolve_presence(conn.workspace_id, conn.runtime_target_id)
             d.addCallback(self._route_to_remote, conn, payload)
-            d.addErrback(self._log.failure, "client_route_error")
+            d.addErrback(self._events.failure, "client_route_error")
             finished: list[object] = []
             d.addBoth(finished.append)
             if not finished:
@@ -139,7 +139,7 @@ class RemoteForwarding:
             else:
                 self._delivery.daemon_unavailable(conn)
 
-        self._backplane.publish(frame).addCallback(published).addErrback(self._log.failure, "client_route_error")
+        self._backplane.publish(frame).addCallback(published).addErrback(self._events.failure, "client_route_error")
 
     def redirect_allowed(self, url: str) -> bool:
         """Whether a presence's URL may be sent to a client as a redirect (docs/protocol.md §10)."""
@@ -162,7 +162,7 @@ class RemoteForwarding:
             return url if self.redirect_allowed(url) else None
 
         def failed(failure: Any) -> None:
-            self._log.failure(failure, "relay_presence_resolve_error")
+            self._events.failure(failure, "relay_presence_resolve_error")
             return None
 
         return self._backplane.resolve_presence(workspace_id, runtime_target_id).addCallbacks(decide, failed)

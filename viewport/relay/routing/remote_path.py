@@ -37,13 +37,13 @@ class RemotePath:
         registry: Registry,
         backplane: IBackplane,
         metrics: RelayMetrics,
-        log: RoutingLog,
+        events: RoutingLog,
         relay_id: str,
     ) -> None:
         self._registry = registry
         self._backplane = backplane
         self._m = metrics
-        self._log = log
+        self._events = events
         self._relay_id = relay_id
         self._path_working = True
         #: (scope key, target relay id or None) -> when the notice became owed.
@@ -61,9 +61,9 @@ class RemotePath:
                 if scope.clients and scope.daemon_open() is None:
                     told += self._tell_clients(scope)
                     scope.remote_daemon_relay = None
-            self._log.warn("relay_bus_path_lost", clientsTold=told)
+            self._events.warn("relay_bus_path_lost", clientsTold=told)
         elif working and not was_working:
-            self._log.info("relay_bus_path_restored", noticesOwed=len(self._owed))
+            self._events.info("relay_bus_path_restored", noticesOwed=len(self._owed))
             self.flush_owed(now_ms)
 
     # -- relays that died ------------------------------------------------------------------------
@@ -106,7 +106,7 @@ class RemotePath:
             scope.remote_daemon_relay = None
             told += self._tell_clients(scope)
         self._m.relay_remote_relay_dead.inc()
-        self._log.warn("relay_remote_relay_dead", deadRelayId=relay_id, clientsTold=told)
+        self._events.warn("relay_remote_relay_dead", deadRelayId=relay_id, clientsTold=told)
 
     # -- frames that could not be published ------------------------------------------------------
 
