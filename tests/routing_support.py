@@ -109,17 +109,22 @@ class Harness:
 
     def __init__(self, env: Optional[Dict[str, str]] = None, cross_relay: bool = True) -> None:
         base = {"RELAY_PUBLIC_WS_BASE_URL": PUBLIC_URL}
+        if cross_relay:
+            # The configuration of a relay whose backplane reaches others (nothing connects to this URL).
+            base.update(RELAY_BACKPLANE_MODE="redis", RELAY_REDIS_URL="redis://127.0.0.1:6379")
         self.config = load_config({**base, **(env or {})}, home="/nonexistent-home")
         self.backplane = RecordingBackplane("relay-a", cross_relay)
+        # No other relay is simulated: every publish counts as taken (tests set False for a failure).
+        self.backplane.publish_result = True
         self.metrics = RelayMetrics()
-        self.registry = Registry(self.config.pairing_request_track_max, self.config.session_owner_track_max)
+        self.registry = Registry(self.config.limits.pairing_request_track_max, self.config.limits.session_owner_track_max)
         self.forwarded: List[tuple[Connection, dict, str]] = []
         self.router = Router(
             config=self.config,
             registry=self.registry,
             backplane=self.backplane,
             metrics=self.metrics,
-            limiters=Limiters(self.config),
+            limiters=Limiters(self.config.limits),
             worker_forward=lambda conn, frame, path: self.forwarded.append((conn, frame, path)),
         )
 

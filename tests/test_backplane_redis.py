@@ -29,7 +29,8 @@ from viewport.relay.backplane.redis import (
     presence_key,
     signed_nonce,
 )
-from viewport.relay.backplane.redis_connection import RedisTarget, backoff_delay, parse_redis_url
+from viewport.relay.backplane.redis_connection import backoff_delay
+from viewport.relay.backplane.redis_url import RedisTarget, parse_redis_url
 from viewport.relay.backplane.signing import sign
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence
 from viewport.relay.metrics import RelayMetrics

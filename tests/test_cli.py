@@ -70,7 +70,7 @@ class CheckConfigTests(SynchronousTestCase):
         self.assertNotIn(SECRET, out)
         self.assertNotIn("admin-token-value", out)
         self.assertEqual(shown["settings"]["RELAY_BACKPLANE_MODE"], "single")
-        self.assertEqual(shown["derived"]["admission"], "local_secret")
+        self.assertEqual(shown["derived"]["admission.mode"], "local_secret")
         self.assertTrue(all(name.isupper() for name in shown["settings"]), "environment variable names only")
 
     def test_version(self) -> None:
@@ -107,7 +107,7 @@ class TokenMismatchTests(SynchronousTestCase):
     def test_check_config_warns_when_the_host_changed_admission(self) -> None:
         """check-config shows the admission mode and warns that HOST=0.0.0.0 switched it to the platform."""
         code, out, err = _run(["check-config"], {"HOST": "0.0.0.0"})
-        self.assertEqual((code, json.loads(out)["derived"]["admission"]), (0, "platform"))
+        self.assertEqual((code, json.loads(out)["derived"]["admission.mode"]), (0, "platform"))
         self.assertIn("HOST: '0.0.0.0' is not a loopback address", err)
 
 

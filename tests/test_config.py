@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from viewport.relay.config import (
     ConfigError,
+    SECTIONS,
     RelayConfig,
     is_loopback_host,
     load_config,
@@ -25,53 +26,67 @@ HMAC = "bus-hmac-key-0123456789abcdef"
 INTERNAL = "k3y-for-the-platform-0123456789"
 SECRET = "s" * 32
 
+#: Each integer variable: the RelayConfig field (section.field) that holds it, and its default.
 INT_DEFAULTS = {
-    "MAX_LOGS": 400,
-    "RELAY_ADMISSION_TIMEOUT_MS": 2000,
-    "RELAY_ADMISSION_MAX_RESPONSE_BYTES": 262144,
-    "RELAY_INTERNAL_API_TIMEOUT_MS": 2000,
-    "RELAY_INTERNAL_API_MAX_RESPONSE_BYTES": 262144,
-    "RELAY_MAX_TOTAL_CONNECTIONS": 2000,
-    "RELAY_MAX_CONNECTIONS_PER_IP": 50,
-    "RELAY_MAX_CLIENTS_PER_WORKSPACE": 100,
-    "RELAY_MAX_FRAME_BYTES": 1048576,
-    "RELAY_MAX_PENDING_BYTES": 4194304,
-    "RELAY_UPGRADE_RATE_PER_MINUTE": 120,
-    "RELAY_UPGRADE_BUCKET_MAX": 50000,
-    "RELAY_KEX_INIT_RATE_PER_MINUTE": 60,
-    "RELAY_KEX_RATE_LIMITER_MAX_KEYS": 20000,
-    "RELAY_RUNTIME_RATE_PER_MINUTE": 240,
-    "RELAY_RUNTIME_RATE_PER_MINUTE_WORKSPACE": 1200,
-    "RELAY_RUNTIME_RATE_LIMITER_MAX_KEYS": 20000,
-    "RELAY_RUNTIME_WORKSPACE_RATE_LIMITER_MAX_KEYS": 10000,
-    "RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE": 2400,
-    "RELAY_DAEMON_RATE_LIMITER_MAX_KEYS": 10000,
-    "RELAY_PAIRING_RATE_PER_MINUTE": 30,
-    "RELAY_PAIRING_RATE_LIMITER_MAX_KEYS": 20000,
-    "RELAY_PAIRING_REQUEST_TRACK_MAX": 2048,
-    "RELAY_SESSION_OWNER_TRACK_MAX": 4096,
-    "RELAY_PING_INTERVAL_MS": 30000,
-    "RELAY_PONG_TIMEOUT_MS": 10000,
-    "RELAY_IDLE_TIMEOUT_MS": 300000,
-    "RELAY_EMPTY_WORKSPACE_TTL_MS": 120000,
-    "RELAY_CLEANUP_INTERVAL_MS": 30000,
-    "RELAY_SHUTDOWN_GRACE_MS": 10000,
-    "RELAY_REDIS_CONNECT_TIMEOUT_MS": 5000,
-    "RELAY_REDIS_PRESENCE_TTL_MS": 45000,
-    "RELAY_REDIS_QUEUE_MAX": 10000,
-    "RELAY_PRESENCE_SYNC_INTERVAL_MS": 20000,
-    "RELAY_PRESENCE_RESOLVE_CACHE_MAX": 10000,
-    "RELAY_BUS_POLL_INTERVAL_MS": 250,
-    "RELAY_BUS_PULL_LIMIT": 200,
-    "RELAY_BUS_PULL_WAIT_MS": 1000,
-    "RELAY_BUS_SIGNATURE_MAX_SKEW_MS": 15000,
-    "RELAY_BUS_FRESHNESS_TRACK_MAX": 20000,
+    "MAX_LOGS": ("http.max_logs", 400),
+    "RELAY_ADMISSION_TIMEOUT_MS": ("admission.timeout_ms", 2000),
+    "RELAY_ADMISSION_MAX_RESPONSE_BYTES": ("admission.max_response_bytes", 262144),
+    "RELAY_INTERNAL_API_TIMEOUT_MS": ("platform.timeout_ms", 2000),
+    "RELAY_INTERNAL_API_MAX_RESPONSE_BYTES": ("platform.max_response_bytes", 262144),
+    "RELAY_MAX_TOTAL_CONNECTIONS": ("limits.max_total_connections", 2000),
+    "RELAY_MAX_CONNECTIONS_PER_IP": ("limits.max_connections_per_ip", 50),
+    "RELAY_MAX_CLIENTS_PER_WORKSPACE": ("limits.max_clients_per_workspace", 100),
+    "RELAY_MAX_FRAME_BYTES": ("limits.max_frame_bytes", 1048576),
+    "RELAY_MAX_PENDING_BYTES": ("limits.max_pending_bytes", 4194304),
+    "RELAY_UPGRADE_RATE_PER_MINUTE": ("limits.upgrade_rate_per_minute", 120),
+    "RELAY_UPGRADE_BUCKET_MAX": ("limits.upgrade_bucket_max", 50000),
+    "RELAY_KEX_INIT_RATE_PER_MINUTE": ("limits.kex_init_rate_per_minute", 60),
+    "RELAY_KEX_RATE_LIMITER_MAX_KEYS": ("limits.kex_rate_limiter_max_keys", 20000),
+    "RELAY_RUNTIME_RATE_PER_MINUTE": ("limits.runtime_rate_per_minute", 240),
+    "RELAY_RUNTIME_RATE_PER_MINUTE_WORKSPACE": ("limits.runtime_rate_per_minute_workspace", 1200),
+    "RELAY_RUNTIME_RATE_LIMITER_MAX_KEYS": ("limits.runtime_rate_limiter_max_keys", 20000),
+    "RELAY_RUNTIME_WORKSPACE_RATE_LIMITER_MAX_KEYS": ("limits.runtime_workspace_rate_limiter_max_keys", 10000),
+    "RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE": ("limits.daemon_runtime_rate_per_minute", 2400),
+    "RELAY_DAEMON_RATE_LIMITER_MAX_KEYS": ("limits.daemon_rate_limiter_max_keys", 10000),
+    "RELAY_PAIRING_RATE_PER_MINUTE": ("limits.pairing_rate_per_minute", 30),
+    "RELAY_PAIRING_RATE_LIMITER_MAX_KEYS": ("limits.pairing_rate_limiter_max_keys", 20000),
+    "RELAY_PAIRING_REQUEST_TRACK_MAX": ("limits.pairing_request_track_max", 2048),
+    "RELAY_SESSION_OWNER_TRACK_MAX": ("limits.session_owner_track_max", 4096),
+    "RELAY_PING_INTERVAL_MS": ("heartbeat.ping_interval_ms", 30000),
+    "RELAY_PONG_TIMEOUT_MS": ("heartbeat.pong_timeout_ms", 10000),
+    "RELAY_IDLE_TIMEOUT_MS": ("heartbeat.idle_timeout_ms", 300000),
+    "RELAY_EMPTY_WORKSPACE_TTL_MS": ("heartbeat.empty_workspace_ttl_ms", 120000),
+    "RELAY_CLEANUP_INTERVAL_MS": ("heartbeat.cleanup_interval_ms", 30000),
+    "RELAY_SHUTDOWN_GRACE_MS": ("heartbeat.shutdown_grace_ms", 10000),
+    "RELAY_REDIS_CONNECT_TIMEOUT_MS": ("backplane.redis_connect_timeout_ms", 5000),
+    "RELAY_REDIS_PRESENCE_TTL_MS": ("backplane.redis_presence_ttl_ms", 45000),
+    "RELAY_PRESENCE_SYNC_INTERVAL_MS": ("backplane.presence_sync_interval_ms", 20000),
+    "RELAY_PRESENCE_RESOLVE_CACHE_MAX": ("backplane.presence_resolve_cache_max", 10000),
+    "RELAY_BUS_PULL_LIMIT": ("backplane.bus_pull_limit", 200),
+    "RELAY_BUS_PULL_WAIT_MS": ("backplane.bus_pull_wait_ms", 1000),
+    "RELAY_BUS_SIGNATURE_MAX_SKEW_MS": ("backplane.bus_signature_max_skew_ms", 15000),
+    "RELAY_BUS_FRESHNESS_TRACK_MAX": ("backplane.bus_freshness_track_max", 20000),
 }
 
 
-def field_name(variable: str) -> str:
-    """The RelayConfig field that holds an integer variable: its snake_case name without ``RELAY_``."""
-    return variable.removeprefix("RELAY_").lower()
+def field_value(config: RelayConfig, dotted: str) -> object:
+    """The value of a ``section.field`` (or top-level ``field``) of a configuration."""
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def all_fields() -> set[str]:
+    """Every leaf field of RelayConfig, as ``section.field`` (top-level fields unprefixed)."""
+    names = set()
+    for field in dataclasses.fields(RelayConfig):
+        section = SECTIONS.get(field.name)
+        if section is None:
+            names.add(field.name)
+        else:
+            names.update(f"{field.name}.{inner.name}" for inner in dataclasses.fields(section))
+    return names
 
 
 class ConfigTestCase(SynchronousTestCase):
@@ -116,66 +131,65 @@ class DefaultTests(ConfigTestCase):
     def test_integer_defaults(self) -> None:
         """Every integer knob has the reference default when unset."""
         config = self.load({})
-        for variable, default in INT_DEFAULTS.items():
-            self.assertEqual(getattr(config, field_name(variable)), default, variable)
+        for variable, (field, default) in INT_DEFAULTS.items():
+            self.assertEqual(field_value(config, field), default, variable)
 
     def test_other_defaults(self) -> None:
         """An empty environment is a single-backplane dev relay on 127.0.0.1:7781 with embedded token admission."""
         config = self.load({})
         certs = os.path.join(self.home, ".viewport", "relay-certs")
         expected = {
-            "host": "127.0.0.1",
-            "port": 7781,
-            "server_url": "https://api.getviewport.com",
-            "server_url_explicit": False,
-            "tls_mode": "auto",
-            "tls_enabled": False,
-            "tls_termination": "self",
-            "tls_host": "relay.getviewport.com",
-            "tls_cert_dir": certs,
-            "tls_cert_path": os.path.join(certs, "relay.getviewport.com.crt"),
-            "tls_key_path": os.path.join(certs, "relay.getviewport.com.key"),
-            "admin_token_sha256": None,
-            "enable_admin_http": False,
-            "health_verbose": True,
-            "state_include_client_ids": True,
-            "admission": "embedded_secret_file",
+            "listen.host": "127.0.0.1",
+            "listen.port": 7781,
+            "platform.url": "https://api.getviewport.com",
+            "platform.url_explicit": False,
+            "tls.mode": "auto",
+            "tls.enabled": False,
+            "tls.termination": "self",
+            "tls.host": "relay.getviewport.com",
+            "tls.cert_dir": certs,
+            "tls.cert_path": os.path.join(certs, "relay.getviewport.com.crt"),
+            "tls.key_path": os.path.join(certs, "relay.getviewport.com.key"),
+            "http.admin_token_sha256": None,
+            "http.enable_admin": False,
+            "http.health_verbose": True,
+            "http.state_include_client_ids": True,
+            "admission.mode": "embedded_secret_file",
             "warnings": (),
-            "token_secret": None,
-            "token_public_key_path": None,
-            "token_secret_file": os.path.join(self.home, ".viewport", "relay-token-secret"),
-            "token_issuer": None,
-            "token_audience": None,
-            "server_tls_verify_mode": "auto",
-            "server_tls_verify": True,
-            "server_auth_mode": "mtls",
-            "server_ca_cert_path": None,
-            "server_mtls_enabled": False,
-            "server_client_cert_path": None,
-            "server_client_key_path": None,
-            "server_client_key_passphrase": None,
+            "admission.token_secret": None,
+            "admission.token_public_key_path": None,
+            "admission.token_secret_file": os.path.join(self.home, ".viewport", "relay-token-secret"),
+            "admission.token_issuer": None,
+            "admission.token_audience": None,
+            "platform.tls_verify_mode": "auto",
+            "platform.tls_verify": True,
+            "platform.auth_mode": "mtls",
+            "platform.ca_cert_path": None,
+            "platform.mtls_enabled": False,
+            "platform.client_cert_path": None,
+            "platform.client_key_path": None,
+            "platform.client_key_passphrase": None,
             "relay_id": "127.0.0.1:7781:aaaaaaaaaaaa",
-            "public_ws_base_url": "ws://127.0.0.1:7781/ws",
-            "internal_key": None,
-            "backplane_mode": "single",
-            "redis_url": None,
-            "redis_key_prefix": "viewport:relay",
-            "presence_sync_enabled": False,
-            "bus_enabled": False,
-            "bus_hmac_key": None,
-            "client_redirect_enabled": False,
-            "redirect_allowed_hosts": (),
-            "trusted_proxies": (),
-            "allowed_origins": ("*",),
-            "liveness_ttl_ms": 3000,
-            "bus_queue_max_bytes": 4194304,
-            "bus_queue_max_age_ms": 2000,
-            "bus_publish_batch_max": 200,
+            "backplane.public_ws_base_url": "ws://127.0.0.1:7781/ws",
+            "platform.internal_key": None,
+            "backplane.mode": "single",
+            "backplane.redis_url": None,
+            "backplane.redis_key_prefix": "viewport:relay",
+            "backplane.presence_sync_enabled": False,
+            "backplane.bus_enabled": False,
+            "backplane.bus_hmac_key": None,
+            "backplane.client_redirect_enabled": False,
+            "backplane.redirect_allowed_hosts": (),
+            "listen.trusted_proxies": (),
+            "listen.allowed_origins": ("*",),
+            "backplane.liveness_ttl_ms": 3000,
+            "backplane.bus_queue_max_bytes": 4194304,
+            "backplane.bus_queue_max_age_ms": 2000,
+            "backplane.bus_publish_batch_max": 200,
             "relay_mode": "dev",
         }
-        self.assertEqual({name: getattr(config, name) for name in expected}, expected)
-        all_fields = {field.name for field in dataclasses.fields(RelayConfig)}
-        self.assertEqual(all_fields, set(expected) | {field_name(variable) for variable in INT_DEFAULTS})
+        self.assertEqual({name: field_value(config, name) for name in expected}, expected)
+        self.assertEqual(all_fields(), set(expected) | {field for field, _ in INT_DEFAULTS.values()})
 
     def test_default_relay_id_is_random_hex(self) -> None:
         """Without ``random_hex`` the relayId ends in 12 fresh lowercase hex characters."""
@@ -190,14 +204,14 @@ class DefaultTests(ConfigTestCase):
         """The configuration cannot be changed after loading."""
         config = self.load({})
         with self.assertRaises(dataclasses.FrozenInstanceError):
-            config.port = 1  # type: ignore[misc]
+            config.listen.port = 1  # type: ignore[misc]
 
     def test_empty_values_mean_unset(self) -> None:
         """Empty or blank strings and integers fall back to their defaults."""
         config = self.load({"HOST": " ", "PORT": "", "RELAY_ID": "  ", "RELAY_PING_INTERVAL_MS": " "})
-        self.assertEqual((config.host, config.port), ("127.0.0.1", 7781))
+        self.assertEqual((config.listen.host, config.listen.port), ("127.0.0.1", 7781))
         self.assertEqual(config.relay_id, "127.0.0.1:7781:aaaaaaaaaaaa")
-        self.assertEqual(config.ping_interval_ms, 30000)
+        self.assertEqual(config.heartbeat.ping_interval_ms, 30000)
 
 
 class ParseTests(ConfigTestCase):
@@ -207,8 +221,8 @@ class ParseTests(ConfigTestCase):
         """Each integer variable sets its field; surrounding whitespace is allowed."""
         environ = {variable: f" {index + 1} " for index, variable in enumerate(INT_DEFAULTS)}
         config = self.load(environ)
-        for index, variable in enumerate(INT_DEFAULTS):
-            self.assertEqual(getattr(config, field_name(variable)), index + 1, variable)
+        for index, (variable, (field, _)) in enumerate(INT_DEFAULTS.items()):
+            self.assertEqual(field_value(config, field), index + 1, variable)
 
     def test_strings_and_flags(self) -> None:
         """Strings are trimmed, the admin token is stored as its SHA-256 and CSV lists are split."""
@@ -231,53 +245,53 @@ class ParseTests(ConfigTestCase):
                 "RELAY_TOKEN_SECRET_FILE": "/etc/relay/secret",
             }
         )
-        self.assertEqual(config.host, "localhost")
-        self.assertEqual(config.port, 9000)
-        self.assertEqual(config.admin_token_sha256, hashlib.sha256(b"admin").hexdigest())
+        self.assertEqual(config.listen.host, "localhost")
+        self.assertEqual(config.listen.port, 9000)
+        self.assertEqual(config.http.admin_token_sha256, hashlib.sha256(b"admin").hexdigest())
         self.assertEqual(
-            (config.enable_admin_http, config.health_verbose, config.state_include_client_ids), (True, False, False)
+            (config.http.enable_admin, config.http.health_verbose, config.http.state_include_client_ids), (True, False, False)
         )
         self.assertEqual(config.relay_id, "relay-a")
-        self.assertEqual(config.tls_termination, "platform")
-        self.assertEqual(config.server_auth_mode, "private_network_shared_secret")
-        self.assertEqual(config.server_client_key_passphrase, "pass")
-        self.assertEqual(config.redirect_allowed_hosts, ("relay-a.example.com", "relay-b.example.com"))
-        self.assertEqual(config.trusted_proxies, ("10.0.0.1", "192.168.0.0/16", "::1"))
-        self.assertEqual((config.token_issuer, config.token_audience), ("issuer", "relay"))
-        self.assertEqual(config.token_secret_file, "/etc/relay/secret")
+        self.assertEqual(config.tls.termination, "platform")
+        self.assertEqual(config.platform.auth_mode, "private_network_shared_secret")
+        self.assertEqual(config.platform.client_key_passphrase, "pass")
+        self.assertEqual(config.backplane.redirect_allowed_hosts, ("relay-a.example.com", "relay-b.example.com"))
+        self.assertEqual(config.listen.trusted_proxies, ("10.0.0.1", "192.168.0.0/16", "::1"))
+        self.assertEqual((config.admission.token_issuer, config.admission.token_audience), ("issuer", "relay"))
+        self.assertEqual(config.admission.token_secret_file, "/etc/relay/secret")
 
     def test_boolish_spellings(self) -> None:
         """The eight boolish spellings map to true or false."""
         for spelling in ["1", "true", "yes", "on"]:
-            self.assertTrue(self.load({"RELAY_ENABLE_ADMIN_HTTP": spelling}).enable_admin_http, spelling)
+            self.assertTrue(self.load({"RELAY_ENABLE_ADMIN_HTTP": spelling}).http.enable_admin, spelling)
         for spelling in ["0", "false", "no", "off"]:
-            self.assertFalse(self.load({"RELAY_HEALTH_VERBOSE": spelling}).health_verbose, spelling)
+            self.assertFalse(self.load({"RELAY_HEALTH_VERBOSE": spelling}).http.health_verbose, spelling)
 
     def test_overrides_win(self) -> None:
         """The ``host`` and ``port`` overrides replace HOST and PORT, also in the default relayId."""
         config = self.load({"HOST": "127.0.0.1", "PORT": "8000"}, {"host": "localhost", "port": 9001, "other": 1})
-        self.assertEqual((config.host, config.port), ("localhost", 9001))
+        self.assertEqual((config.listen.host, config.listen.port), ("localhost", 9001))
         self.assertEqual(config.relay_id, "localhost:9001:aaaaaaaaaaaa")
 
     def test_none_overrides_are_ignored(self) -> None:
         """Overrides whose value is None leave HOST and PORT in charge."""
         config = self.load({"PORT": "8000"}, {"host": None, "port": None})
-        self.assertEqual((config.host, config.port), ("127.0.0.1", 8000))
+        self.assertEqual((config.listen.host, config.listen.port), ("127.0.0.1", 8000))
 
     def test_port_zero(self) -> None:
         """Port 0 (any free port) is accepted from PORT and from the override."""
-        self.assertEqual(self.load({"PORT": "0"}).port, 0)
-        self.assertEqual(self.load({}, {"port": 0}).port, 0)
+        self.assertEqual(self.load({"PORT": "0"}).listen.port, 0)
+        self.assertEqual(self.load({}, {"port": 0}).listen.port, 0)
 
     def test_server_url_path_discarded(self) -> None:
         """SERVER_URL keeps only scheme, host and port, because platform paths are absolute."""
         config = self.load({"SERVER_URL": " HTTPS://api.example.com:8443/base/?x=1 "})
-        self.assertEqual(config.server_url, "https://api.example.com:8443")
-        self.assertTrue(config.server_url_explicit)
+        self.assertEqual(config.platform.url, "https://api.example.com:8443")
+        self.assertTrue(config.platform.url_explicit)
 
     def test_tls_setting_is_case_insensitive(self) -> None:
         """RELAY_TLS is lower-cased before it is checked."""
-        self.assertEqual(self.load({"RELAY_TLS": "AUTO"}).tls_mode, "auto")
+        self.assertEqual(self.load({"RELAY_TLS": "AUTO"}).tls.mode, "auto")
 
 
 class InvalidValueTests(ConfigTestCase):
@@ -349,7 +363,7 @@ class InvalidValueTests(ConfigTestCase):
     def test_allowed_origins(self) -> None:
         """RELAY_ALLOWED_ORIGINS takes origins, subdomain wildcards, null and *; paths or bare hosts are refused."""
         config = self.load({"RELAY_ALLOWED_ORIGINS": "https://app.example.com, https://*.example.com,null"})
-        self.assertEqual(config.allowed_origins, ("https://app.example.com", "https://*.example.com", "null"))
+        self.assertEqual(config.listen.allowed_origins, ("https://app.example.com", "https://*.example.com", "null"))
         for value in ["app.example.com", "https://app.example.com/path", "https://a*.example.com", "*.example.com"]:
             self.assertRejected({"RELAY_ALLOWED_ORIGINS": value}, "RELAY_ALLOWED_ORIGINS")
 
@@ -370,14 +384,14 @@ class BackplaneTests(ConfigTestCase):
     def test_inference(self) -> None:
         """The internal key, bus or presence sync switch inference to server mode; otherwise single."""
         base = {"RELAY_BUS_HMAC_KEY": HMAC, "RELAY_INTERNAL_KEY": INTERNAL}
-        self.assertEqual(self.load(base).backplane_mode, "server")
-        self.assertEqual(self.load({**base, "RELAY_BUS_ENABLED": "1"}).backplane_mode, "server")
-        self.assertEqual(self.load({**base, "RELAY_PRESENCE_SYNC_ENABLED": "on"}).backplane_mode, "server")
+        self.assertEqual(self.load(base).backplane.mode, "server")
+        self.assertEqual(self.load({**base, "RELAY_BUS_ENABLED": "1"}).backplane.mode, "server")
+        self.assertEqual(self.load({**base, "RELAY_PRESENCE_SYNC_ENABLED": "on"}).backplane.mode, "server")
         self.assertEqual(
-            self.load({"RELAY_PRESENCE_SYNC_ENABLED": "off", "RELAY_BUS_ENABLED": "0"}).backplane_mode, "single"
+            self.load({"RELAY_PRESENCE_SYNC_ENABLED": "off", "RELAY_BUS_ENABLED": "0"}).backplane.mode, "single"
         )
         self.assertEqual(
-            self.load({"RELAY_BACKPLANE_MODE": "single", "RELAY_INTERNAL_KEY": INTERNAL}).backplane_mode, "single"
+            self.load({"RELAY_BACKPLANE_MODE": "single", "RELAY_INTERNAL_KEY": INTERNAL}).backplane.mode, "single"
         )
 
     def test_single_forces_features_off(self) -> None:
@@ -391,7 +405,7 @@ class BackplaneTests(ConfigTestCase):
             }
         )
         self.assertEqual(
-            (config.presence_sync_enabled, config.bus_enabled, config.client_redirect_enabled), (False, False, False)
+            (config.backplane.presence_sync_enabled, config.backplane.bus_enabled, config.backplane.client_redirect_enabled), (False, False, False)
         )
 
     def test_server_feature_defaults(self) -> None:
@@ -399,7 +413,7 @@ class BackplaneTests(ConfigTestCase):
         base = {"RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC}
         config = self.load(base)
         self.assertEqual(
-            (config.presence_sync_enabled, config.bus_enabled, config.client_redirect_enabled), (True, True, False)
+            (config.backplane.presence_sync_enabled, config.backplane.bus_enabled, config.backplane.client_redirect_enabled), (True, True, False)
         )
         config = self.load(
             {
@@ -410,18 +424,18 @@ class BackplaneTests(ConfigTestCase):
             }
         )
         self.assertEqual(
-            (config.presence_sync_enabled, config.bus_enabled, config.client_redirect_enabled), (False, False, True)
+            (config.backplane.presence_sync_enabled, config.backplane.bus_enabled, config.backplane.client_redirect_enabled), (False, False, True)
         )
 
     def test_server_mode_requirements(self) -> None:
         """Outside prod, server mode starts without the internal or HMAC key, with a warning naming each."""
         config = self.load({"RELAY_BACKPLANE_MODE": "server"})
-        self.assertEqual(config.backplane_mode, "server")
+        self.assertEqual(config.backplane.mode, "server")
         self.assertEqual([w.split(":")[0] for w in config.warnings],
                          ["RELAY_INTERNAL_KEY", "RELAY_BUS_HMAC_KEY", "RELAY_PUBLIC_WS_BASE_URL"])
-        self.assertIsNotNone(config.bus_hmac_key)
+        self.assertIsNotNone(config.backplane.bus_hmac_key)
         config = self.load({"RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC})
-        self.assertEqual((config.backplane_mode, [w.split(":")[0] for w in config.warnings]),
+        self.assertEqual((config.backplane.mode, [w.split(":")[0] for w in config.warnings]),
                          ("server", ["RELAY_PUBLIC_WS_BASE_URL"]))
 
     def test_prod_backplane_requires_keys(self) -> None:
@@ -446,7 +460,7 @@ class BackplaneTests(ConfigTestCase):
         self.assertRejected({**server, "RELAY_BUS_HMAC_KEY": HMAC}, "RELAY_INTERNAL_KEY")
         self.assertRejected({**server, "RELAY_INTERNAL_KEY": INTERNAL}, "RELAY_BUS_HMAC_KEY")
         config = self.load({**server, "RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC})
-        self.assertEqual((config.relay_mode, config.backplane_mode), ("staging", "server"))
+        self.assertEqual((config.relay_mode, config.backplane.mode), ("staging", "server"))
         self.assertEqual([w.split(":")[0] for w in config.warnings], ["RELAY_PUBLIC_WS_BASE_URL", "RELAY_MODE"])
 
     def test_redis_mode_requirements(self) -> None:
@@ -459,10 +473,10 @@ class BackplaneTests(ConfigTestCase):
         self.assertEqual([w.split(":")[0] for w in self.load(redis).warnings],
                          ["RELAY_INTERNAL_KEY", "RELAY_PUBLIC_WS_BASE_URL"])
         config = self.load({**redis, "RELAY_TOKEN_SECRET": SECRET})
-        self.assertEqual((config.backplane_mode, config.admission), ("redis", "local_secret"))
-        self.assertIsNone(config.internal_key)
-        self.assertEqual(config.redis_url, "redis://127.0.0.1:6379/0")
-        self.assertEqual(config.presence_sync_enabled, True)
+        self.assertEqual((config.backplane.mode, config.admission.mode), ("redis", "local_secret"))
+        self.assertIsNone(config.platform.internal_key)
+        self.assertEqual(config.backplane.redis_url, "redis://127.0.0.1:6379/0")
+        self.assertEqual(config.backplane.presence_sync_enabled, True)
         without_url = {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BUS_HMAC_KEY": HMAC, "RELAY_TOKEN_SECRET": SECRET}
         self.assertRejected(without_url, "RELAY_BACKPLANE_URL")
         blank_key = self.load({**redis, "RELAY_TOKEN_SECRET": SECRET, "RELAY_BUS_HMAC_KEY": " "})
@@ -472,7 +486,7 @@ class BackplaneTests(ConfigTestCase):
         """In server mode RELAY_BACKPLANE_URL is the platform URL and counts as set explicitly."""
         base = {"RELAY_INTERNAL_KEY": INTERNAL, "RELAY_BUS_HMAC_KEY": HMAC}
         config = self.load({**base, "RELAY_BACKPLANE_URL": "https://platform.example.com/"})
-        self.assertEqual((config.server_url, config.server_url_explicit), ("https://platform.example.com", True))
+        self.assertEqual((config.platform.url, config.platform.url_explicit), ("https://platform.example.com", True))
         same = self.load(
             {
                 **base,
@@ -480,7 +494,7 @@ class BackplaneTests(ConfigTestCase):
                 "SERVER_URL": "https://platform.example.com",
             }
         )
-        self.assertEqual(same.server_url, "https://platform.example.com")
+        self.assertEqual(same.platform.url, "https://platform.example.com")
 
     def test_old_and_new_names_must_agree(self) -> None:
         """SERVER_URL or RELAY_REDIS_URL differing from RELAY_BACKPLANE_URL is an error naming the new name."""
@@ -500,12 +514,21 @@ class BackplaneTests(ConfigTestCase):
         }
         self.assertRejected(redis, "RELAY_BACKPLANE_URL")
 
+    def test_reference_knobs_without_effect_warn(self) -> None:
+        """RELAY_REDIS_QUEUE_MAX and RELAY_BUS_POLL_INTERVAL_MS are checked, and named in a warning, not ignored."""
+        config = self.load({"RELAY_REDIS_QUEUE_MAX": "500", "RELAY_BUS_POLL_INTERVAL_MS": "100"})
+        noted = [warning.partition(":")[0] for warning in config.warnings]
+        self.assertEqual(noted, ["RELAY_REDIS_QUEUE_MAX", "RELAY_BUS_POLL_INTERVAL_MS"])
+        self.assertIn("no effect", config.warnings[0])
+        self.assertEqual(self.load({}).warnings, ())
+        self.assertRejected({"RELAY_REDIS_QUEUE_MAX": "many"}, "RELAY_REDIS_QUEUE_MAX")
+
     def test_old_redis_name(self) -> None:
         """RELAY_REDIS_URL alone still configures redis mode, and may equal RELAY_BACKPLANE_URL."""
         base = {"RELAY_BACKPLANE_MODE": "redis", "RELAY_BUS_HMAC_KEY": HMAC, "RELAY_TOKEN_SECRET": SECRET}
-        self.assertEqual(self.load({**base, "RELAY_REDIS_URL": "rediss://r:1"}).redis_url, "rediss://r:1")
+        self.assertEqual(self.load({**base, "RELAY_REDIS_URL": "rediss://r:1"}).backplane.redis_url, "rediss://r:1")
         both = {**base, "RELAY_REDIS_URL": "redis://r", "RELAY_BACKPLANE_URL": " redis://r "}
-        self.assertEqual(self.load(both).redis_url, "redis://r")
+        self.assertEqual(self.load(both).backplane.redis_url, "redis://r")
 
     def test_backplane_url_in_single_mode(self) -> None:
         """RELAY_BACKPLANE_URL without a server or redis backplane is refused."""
@@ -521,7 +544,7 @@ class BackplaneTests(ConfigTestCase):
             "unix:///run/redis.sock",
             "redis+sentinel://h:26379/mymaster",
         ]:
-            self.assertEqual(self.load({**base, "RELAY_BACKPLANE_URL": url}).redis_url, url)
+            self.assertEqual(self.load({**base, "RELAY_BACKPLANE_URL": url}).backplane.redis_url, url)
         for url in ["http://h", "redis://", "redis://h:port", "redis://h/db", "unix://", "h:6379"]:
             self.assertRejected({**base, "RELAY_BACKPLANE_URL": url}, "RELAY_BACKPLANE_URL")
             self.assertRejected({**base, "RELAY_REDIS_URL": url}, "RELAY_REDIS_URL")
@@ -545,7 +568,7 @@ class AdmissionTests(ConfigTestCase):
             ({"HOST": "0.0.0.0"}, "platform"),
         ]
         for environ, admission in cases:
-            self.assertEqual(self.load(environ).admission, admission, environ)
+            self.assertEqual(self.load(environ).admission.mode, admission, environ)
 
     def test_secret_and_public_key_conflict(self) -> None:
         """Setting both a token secret and a public key is refused."""
@@ -567,13 +590,13 @@ class RelayModeTests(ConfigTestCase):
         for host in ["127.0.0.1", "localhost", "::1"]:
             config = self.load({"HOST": host, "SERVER_URL": "https://api.example.com"})
             self.assertEqual(config.relay_mode, "dev", host)
-            self.assertTrue(config.health_verbose)
+            self.assertTrue(config.http.health_verbose)
 
     def test_any_address_without_urls_is_staging(self) -> None:
         """HOST=0.0.0.0 with neither URL set is staging: no verbose state, no prod hardening."""
         config = self.load({"HOST": "0.0.0.0"})
         self.assertEqual(config.relay_mode, "staging")
-        self.assertEqual((config.health_verbose, config.state_include_client_ids), (False, False))
+        self.assertEqual((config.http.health_verbose, config.http.state_include_client_ids), (False, False))
         self.assertEqual(self.load({}, {"host": "0.0.0.0"}).relay_mode, "staging")
 
     def test_any_address_with_url_is_staging_with_a_warning(self) -> None:
@@ -589,7 +612,7 @@ class RelayModeTests(ConfigTestCase):
         """RELAY_MODE overrides inference, and verbose flags can still be set explicitly."""
         config = self.load({"RELAY_MODE": "staging", "RELAY_HEALTH_VERBOSE": "1"})
         self.assertEqual(
-            (config.relay_mode, config.health_verbose, config.state_include_client_ids), ("staging", True, False)
+            (config.relay_mode, config.http.health_verbose, config.http.state_include_client_ids), ("staging", True, False)
         )
         self.assertEqual(self.load({"HOST": "0.0.0.0", "RELAY_MODE": "dev"}).relay_mode, "dev")
 
@@ -627,10 +650,10 @@ class ProdTests(ConfigTestCase):
         """A prod relay with TLS, a real internal key, platform mTLS and verification loads."""
         config = self.load(self.prod_environ())
         self.assertEqual(
-            (config.relay_mode, config.backplane_mode, config.tls_enabled, config.server_mtls_enabled),
+            (config.relay_mode, config.backplane.mode, config.tls.enabled, config.platform.mtls_enabled),
             ("prod", "server", True, True),
         )
-        self.assertEqual(config.public_ws_base_url, "wss://relay-host:7781/ws")
+        self.assertEqual(config.backplane.public_ws_base_url, "wss://relay-host:7781/ws")
 
     def test_each_hardening_check(self) -> None:
         """Each missing hardening step is refused naming its variable."""
@@ -657,7 +680,7 @@ class ProdTests(ConfigTestCase):
     def test_tls_terminated_by_platform(self) -> None:
         """RELAY_TLS_TERMINATION=platform allows prod without relay TLS."""
         environ = {**self.prod_environ(), "RELAY_TLS": "0", "RELAY_TLS_TERMINATION": "platform"}
-        self.assertEqual(self.load(environ).tls_enabled, False)
+        self.assertEqual(self.load(environ).tls.enabled, False)
 
     def test_shared_secret_mode(self) -> None:
         """Shared-secret auth skips mTLS but refuses a local-looking platform URL."""
@@ -681,12 +704,12 @@ class ProdTests(ConfigTestCase):
             "RELAY_TOKEN_SECRET": SECRET,
         }
         config = self.load(environ)
-        self.assertEqual((config.relay_mode, config.admission, config.internal_key), ("prod", "local_secret", None))
+        self.assertEqual((config.relay_mode, config.admission.mode, config.platform.internal_key), ("prod", "local_secret", None))
 
     def test_staging_is_not_hardened(self) -> None:
         """Staging skips the hardening checks."""
         config = self.load({"HOST": "0.0.0.0", "RELAY_INTERNAL_KEY": "x", "RELAY_BUS_HMAC_KEY": HMAC})
-        self.assertEqual((config.relay_mode, config.backplane_mode), ("staging", "server"))
+        self.assertEqual((config.relay_mode, config.backplane.mode), ("staging", "server"))
 
 
 class TlsTests(ConfigTestCase):
@@ -698,23 +721,23 @@ class TlsTests(ConfigTestCase):
         os.makedirs(certs)
         self.make_file(os.path.join(certs, "relay.example.com.crt"))
         environ = {"RELAY_TLS_HOST": "relay.example.com"}
-        self.assertFalse(self.load(environ).tls_enabled)
+        self.assertFalse(self.load(environ).tls.enabled)
         self.make_file(os.path.join(certs, "relay.example.com.key"))
         config = self.load(environ)
-        self.assertTrue(config.tls_enabled)
-        self.assertEqual(config.public_ws_base_url, "wss://relay.example.com:7781/ws")
-        self.assertFalse(self.load({**environ, "RELAY_TLS": "0"}).tls_enabled)
+        self.assertTrue(config.tls.enabled)
+        self.assertEqual(config.backplane.public_ws_base_url, "wss://relay.example.com:7781/ws")
+        self.assertFalse(self.load({**environ, "RELAY_TLS": "0"}).tls.enabled)
 
     def test_cert_dir_and_paths(self) -> None:
         """RELAY_TLS_CERT_DIR moves the default files; explicit paths win."""
         config = self.load({"RELAY_TLS_CERT_DIR": "/srv/certs", "RELAY_TLS_HOST": "r.example.com"})
         self.assertEqual(
-            (config.tls_cert_path, config.tls_key_path),
+            (config.tls.cert_path, config.tls.key_path),
             ("/srv/certs/r.example.com.crt", "/srv/certs/r.example.com.key"),
         )
         cert, key = self.make_file("c.pem"), self.make_file("k.pem")
         config = self.load({"RELAY_TLS": "1", "RELAY_TLS_CERT_PATH": cert, "RELAY_TLS_KEY_PATH": key})
-        self.assertEqual((config.tls_enabled, config.tls_cert_path, config.tls_key_path), (True, cert, key))
+        self.assertEqual((config.tls.enabled, config.tls.cert_path, config.tls.key_path), (True, cert, key))
 
     def test_forced_tls_needs_files(self) -> None:
         """RELAY_TLS=1 with a missing certificate or key is refused."""
@@ -744,14 +767,14 @@ class TlsTests(ConfigTestCase):
         cert, key = self.make_file("c.pem"), self.make_file("k.pem")
         both = self.load({"RELAY_SERVER_CLIENT_CERT_PATH": cert, "RELAY_SERVER_CLIENT_KEY_PATH": key})
         self.assertEqual(
-            (both.server_mtls_enabled, both.server_client_cert_path, both.server_client_key_path), (True, cert, key)
+            (both.platform.mtls_enabled, both.platform.client_cert_path, both.platform.client_key_path), (True, cert, key)
         )
-        self.assertFalse(self.load({"RELAY_SERVER_CLIENT_CERT_PATH": cert}).server_mtls_enabled)
+        self.assertFalse(self.load({"RELAY_SERVER_CLIENT_CERT_PATH": cert}).platform.mtls_enabled)
 
     def test_ca_file_must_exist(self) -> None:
         """RELAY_SERVER_CA_CERT_PATH must name an existing file."""
         ca = self.make_file("ca.pem")
-        self.assertEqual(self.load({"RELAY_SERVER_CA_CERT_PATH": ca}).server_ca_cert_path, ca)
+        self.assertEqual(self.load({"RELAY_SERVER_CA_CERT_PATH": ca}).platform.ca_cert_path, ca)
         self.assertRejected({"RELAY_SERVER_CA_CERT_PATH": ca + ".missing"}, "RELAY_SERVER_CA_CERT_PATH")
 
     def test_server_tls_verify(self) -> None:
@@ -766,7 +789,7 @@ class TlsTests(ConfigTestCase):
         ]
         for mode, url, expected in cases:
             config = self.load({"RELAY_SERVER_TLS_VERIFY": mode, "SERVER_URL": url})
-            self.assertEqual((config.server_tls_verify_mode, config.server_tls_verify), (mode, expected), url)
+            self.assertEqual((config.platform.tls_verify_mode, config.platform.tls_verify), (mode, expected), url)
 
 
 class PublicUrlTests(ConfigTestCase):
@@ -774,15 +797,15 @@ class PublicUrlTests(ConfigTestCase):
 
     def test_derived(self) -> None:
         """Unset, the URL is where the relay listens: the TLS host name if set, else HOST, else (HOST=0.0.0.0) the host name."""
-        self.assertEqual(self.load({}).public_ws_base_url, "ws://127.0.0.1:7781/ws")
-        self.assertEqual(self.load({"PORT": "8000"}).public_ws_base_url, "ws://127.0.0.1:8000/ws")
-        self.assertEqual(self.load({"HOST": "::1"}).public_ws_base_url, "ws://[::1]:7781/ws")
+        self.assertEqual(self.load({}).backplane.public_ws_base_url, "ws://127.0.0.1:7781/ws")
+        self.assertEqual(self.load({"PORT": "8000"}).backplane.public_ws_base_url, "ws://127.0.0.1:8000/ws")
+        self.assertEqual(self.load({"HOST": "::1"}).backplane.public_ws_base_url, "ws://[::1]:7781/ws")
         self.assertEqual(
-            self.load({"RELAY_TLS_HOST": "relay.example.com"}).public_ws_base_url, "ws://relay.example.com:7781/ws"
+            self.load({"RELAY_TLS_HOST": "relay.example.com"}).backplane.public_ws_base_url, "ws://relay.example.com:7781/ws"
         )
-        self.assertEqual(self.load({"HOST": "0.0.0.0"}).public_ws_base_url, "ws://relay-host:7781/ws")
-        self.assertEqual(self.load({"HOST": "10.1.2.3", "PORT": "80"}).public_ws_base_url, "ws://10.1.2.3/ws")
-        self.assertEqual(self.load({}, {"port": 9000}).public_ws_base_url, "ws://127.0.0.1:9000/ws")
+        self.assertEqual(self.load({"HOST": "0.0.0.0"}).backplane.public_ws_base_url, "ws://relay-host:7781/ws")
+        self.assertEqual(self.load({"HOST": "10.1.2.3", "PORT": "80"}).backplane.public_ws_base_url, "ws://10.1.2.3/ws")
+        self.assertEqual(self.load({}, {"port": 9000}).backplane.public_ws_base_url, "ws://127.0.0.1:9000/ws")
 
     def test_cross_relay_modes_warn_when_it_is_derived(self) -> None:
         """Other relays and redirected browsers use this URL, so a cross-relay relay warns when it was not set."""
@@ -795,7 +818,7 @@ class PublicUrlTests(ConfigTestCase):
     def test_explicit(self) -> None:
         """An explicit public URL is kept as given after trimming."""
         config = self.load({"RELAY_PUBLIC_WS_BASE_URL": " wss://relay.example.com/ws "})
-        self.assertEqual(config.public_ws_base_url, "wss://relay.example.com/ws")
+        self.assertEqual(config.backplane.public_ws_base_url, "wss://relay.example.com/ws")
 
 
 class MaskedTests(ConfigTestCase):
@@ -828,16 +851,16 @@ class MaskedTests(ConfigTestCase):
         ]:
             self.assertNotIn(secret, text)
             self.assertNotIn(secret, repr(config))
-        self.assertEqual(view["internal_key"], "***")
-        self.assertEqual(view["redis_url"], "redis://***@redis.example.com:6379/0?password=***")
-        self.assertEqual(view["server_url"], "https://***@api.example.com")
-        self.assertEqual(view["port"], 7781)
+        self.assertEqual(view["platform.internal_key"], "***")
+        self.assertEqual(view["backplane.redis_url"], "redis://***@redis.example.com:6379/0?password=***")
+        self.assertEqual(view["platform.url"], "https://***@api.example.com")
+        self.assertEqual(view["listen.port"], 7781)
 
     def test_unset_secrets_stay_none(self) -> None:
         """Unset secrets show as None and lists as JSON arrays."""
         view = masked(self.load({"RELAY_TRUSTED_PROXIES": "10.0.0.1"}))
-        self.assertIsNone(view["internal_key"])
-        self.assertEqual(view["trusted_proxies"], ["10.0.0.1"])
+        self.assertIsNone(view["platform.internal_key"])
+        self.assertEqual(view["listen.trusted_proxies"], ["10.0.0.1"])
         self.assertEqual(json.loads(json.dumps(view)), view)
 
 

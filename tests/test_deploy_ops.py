@@ -491,7 +491,7 @@ def test_unit_settings() -> None:
     assert _one(settings, "EnvironmentFile") == "/etc/viewport-relay/relay.env"
     assert _one(settings, "KillSignal") == "SIGTERM"
     assert "143" in _one(settings, "SuccessExitStatus").split()
-    grace = load_config({}, home="/nonexistent").shutdown_grace_ms / 1000.0
+    grace = load_config({}, home="/nonexistent").heartbeat.shutdown_grace_ms / 1000.0
     stop_timeout = _seconds(_one(settings, "TimeoutStopSec"))
     assert grace + 3 <= stop_timeout <= grace + 30, (grace, stop_timeout)
     for key, value in {
@@ -511,11 +511,11 @@ def test_env_example_is_a_valid_configuration() -> None:
     values = env_example()
     assert "RELAY_ADMIN_TOKEN" in values and values["RELAY_ADMIN_TOKEN"] == "", "the example must not ship a token"
     config = load_config(dict(values, RELAY_ADMIN_TOKEN=secrets.token_hex(32)), home="/var/lib/viewport-relay")
-    assert config.admission == "embedded_secret_file"
-    assert config.token_secret_file.startswith("/var/lib/viewport-relay/")
-    assert config.enable_admin_http
+    assert config.admission.mode == "embedded_secret_file"
+    assert config.admission.token_secret_file.startswith("/var/lib/viewport-relay/")
+    assert config.http.enable_admin
     stop_timeout = _seconds(_one(unit_settings(), "TimeoutStopSec"))
-    assert config.shutdown_grace_ms / 1000.0 + 3 <= stop_timeout
+    assert config.heartbeat.shutdown_grace_ms / 1000.0 + 3 <= stop_timeout
 
 
 def test_env_example_names_only_documented_variables() -> None:

@@ -73,7 +73,7 @@ class StatusFrameTests(SynchronousTestCase):
         """The real single backplane leads to DAEMON_UNAVAILABLE too."""
         config = load_config({}, home="/nonexistent-home")
         router = Router(config=config, registry=Registry(8, 8), backplane=SingleBackplane("r"),
-                        metrics=RelayMetrics(), limiters=Limiters(config))
+                        metrics=RelayMetrics(), limiters=Limiters(config.limits))
         conn = Connection(FakePeer(), "client", WS, "ip", Claims(workspace_id=WS, runtime_target_id=RT, scope="runtime"), 0)
         router.open_connection(conn, RT, 0)
         router.client_frame(conn, e2ee(), 0)

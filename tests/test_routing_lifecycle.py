@@ -11,6 +11,7 @@ from tests.routing_support import (
     Harness,
     MACHINE,
     PUBLIC_URL,
+    REDIS_ENV,
     RT,
     WS,
     e2ee,
@@ -278,6 +279,12 @@ class RegistrationTests(SynchronousTestCase):
         """A daemon's connection is announced with its workspace, target, machine and this relay."""
         self.h.daemon()
         self.assertEqual(self.h.backplane.announcements, [Presence(WS, RT, "relay-a", PUBLIC_URL, True, MACHINE)])
+
+    def test_presence_sync_off_announces_nothing(self) -> None:
+        """With RELAY_PRESENCE_SYNC_ENABLED=0 daemons come and go without a word to other relays."""
+        h = Harness({**REDIS_ENV, "RELAY_PRESENCE_SYNC_ENABLED": "0"})
+        h.close(h.daemon())
+        self.assertEqual(h.backplane.announcements, [])
 
     def test_presence_on_disconnect(self) -> None:
         """The current daemon's disconnection is announced with the same machine."""

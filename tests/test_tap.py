@@ -40,7 +40,7 @@ class OptionsTests(SynchronousTestCase):
         options = Options({"PORT": "9000", "HOST": "127.0.0.1", "RELAY_TOKEN_SECRET": SECRET})
         options.parseOptions(["--port", "0", "--host", "localhost"])
         assert options.config is not None
-        self.assertEqual((options.config.host, options.config.port), ("localhost", 0))
+        self.assertEqual((options.config.listen.host, options.config.listen.port), ("localhost", 0))
 
     def test_invalid_variable_is_a_usage_error(self) -> None:
         """An invalid enum value stops option parsing with a message naming the variable."""

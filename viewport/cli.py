@@ -183,7 +183,7 @@ def _token_mismatch(admission: str, private_key: bool) -> Optional[str]:
 def run_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Print one freshly minted token on stdout, unless the relay configured here would refuse it."""
     config = load_config(environ, home=environ.get("HOME"))
-    mismatch = _token_mismatch(config.admission, bool(args.private_key))
+    mismatch = _token_mismatch(config.admission.mode, bool(args.private_key))
     if mismatch is not None:
         if not args.force:
             print(f"viewport-relay token: {mismatch} (--force mints it anyway)", file=sys.stderr)
@@ -193,21 +193,21 @@ def run_token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         with open(args.private_key, "rb") as handle:
             key: str | bytes = handle.read()
         algorithm = args.algorithm
-    elif config.token_secret is not None:
-        key, algorithm = config.token_secret, "HS256"
+    elif config.admission.token_secret is not None:
+        key, algorithm = config.admission.token_secret, "HS256"
     else:
-        key, created = load_or_create_secret(config.token_secret_file)
+        key, created = load_or_create_secret(config.admission.token_secret_file)
         algorithm = "HS256"
         if created:
-            print(f"created token secret {config.token_secret_file}", file=sys.stderr)
+            print(f"created token secret {config.admission.token_secret_file}", file=sys.stderr)
     token = mint_token(
         key=key,
         algorithm=algorithm,
         claims=token_claims(args),
         ttl_seconds=args.ttl,
         now=time.time(),
-        issuer=config.token_issuer,
-        audience=config.token_audience,
+        issuer=config.admission.token_issuer,
+        audience=config.admission.token_audience,
     )
     print(token)
     return 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from typing import Callable, Literal, Mapping, NamedTuple, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+from viewport.relay.backplane.redis_url import parse_redis_url
+
 RelayMode = Literal["dev", "staging", "prod"]
 BackplaneMode = Literal["single", "server", "redis"]
 Admission = Literal["platform", "local_secret", "local_public_key", "embedded_secret_file"]
@@ -30,57 +32,60 @@ DEFAULT_SERVER_URL = "https://api.getviewport.com"
 DEFAULT_TLS_HOST = "relay.getviewport.com"
 DEFAULT_PORT = 7781
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+sentinel"})
 _PLACEHOLDER_WORDS = ("change-me", "placeholder", "example")
 _MIN_INTERNAL_KEY_LENGTH = 24
 _MIN_TOKEN_SECRET_LENGTH = 32
 _MASK = "***"
 
 _INT_KNOBS: dict[str, tuple[str, int]] = {
-    "max_logs": ("MAX_LOGS", 400),
-    "admission_timeout_ms": ("RELAY_ADMISSION_TIMEOUT_MS", 2000),
-    "admission_max_response_bytes": ("RELAY_ADMISSION_MAX_RESPONSE_BYTES", 262144),
-    "internal_api_timeout_ms": ("RELAY_INTERNAL_API_TIMEOUT_MS", 2000),
-    "internal_api_max_response_bytes": ("RELAY_INTERNAL_API_MAX_RESPONSE_BYTES", 262144),
-    "max_total_connections": ("RELAY_MAX_TOTAL_CONNECTIONS", 2000),
-    "max_connections_per_ip": ("RELAY_MAX_CONNECTIONS_PER_IP", 50),
-    "max_clients_per_workspace": ("RELAY_MAX_CLIENTS_PER_WORKSPACE", 100),
-    "max_frame_bytes": ("RELAY_MAX_FRAME_BYTES", 1048576),
-    "max_pending_bytes": ("RELAY_MAX_PENDING_BYTES", 4194304),
-    "upgrade_rate_per_minute": ("RELAY_UPGRADE_RATE_PER_MINUTE", 120),
-    "upgrade_bucket_max": ("RELAY_UPGRADE_BUCKET_MAX", 50000),
-    "kex_init_rate_per_minute": ("RELAY_KEX_INIT_RATE_PER_MINUTE", 60),
-    "kex_rate_limiter_max_keys": ("RELAY_KEX_RATE_LIMITER_MAX_KEYS", 20000),
-    "runtime_rate_per_minute": ("RELAY_RUNTIME_RATE_PER_MINUTE", 240),
-    "runtime_rate_per_minute_workspace": ("RELAY_RUNTIME_RATE_PER_MINUTE_WORKSPACE", 1200),
-    "runtime_rate_limiter_max_keys": ("RELAY_RUNTIME_RATE_LIMITER_MAX_KEYS", 20000),
-    "runtime_workspace_rate_limiter_max_keys": ("RELAY_RUNTIME_WORKSPACE_RATE_LIMITER_MAX_KEYS", 10000),
-    "daemon_runtime_rate_per_minute": ("RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE", 2400),
-    "daemon_rate_limiter_max_keys": ("RELAY_DAEMON_RATE_LIMITER_MAX_KEYS", 10000),
-    "pairing_rate_per_minute": ("RELAY_PAIRING_RATE_PER_MINUTE", 30),
-    "pairing_rate_limiter_max_keys": ("RELAY_PAIRING_RATE_LIMITER_MAX_KEYS", 20000),
-    "pairing_request_track_max": ("RELAY_PAIRING_REQUEST_TRACK_MAX", 2048),
-    "session_owner_track_max": ("RELAY_SESSION_OWNER_TRACK_MAX", 4096),
-    "ping_interval_ms": ("RELAY_PING_INTERVAL_MS", 30000),
-    "pong_timeout_ms": ("RELAY_PONG_TIMEOUT_MS", 10000),
-    "idle_timeout_ms": ("RELAY_IDLE_TIMEOUT_MS", 300000),
-    "empty_workspace_ttl_ms": ("RELAY_EMPTY_WORKSPACE_TTL_MS", 120000),
-    "cleanup_interval_ms": ("RELAY_CLEANUP_INTERVAL_MS", 30000),
-    "shutdown_grace_ms": ("RELAY_SHUTDOWN_GRACE_MS", 10000),
-    "redis_connect_timeout_ms": ("RELAY_REDIS_CONNECT_TIMEOUT_MS", 5000),
-    "redis_presence_ttl_ms": ("RELAY_REDIS_PRESENCE_TTL_MS", 45000),
-    "redis_queue_max": ("RELAY_REDIS_QUEUE_MAX", 10000),
-    "presence_sync_interval_ms": ("RELAY_PRESENCE_SYNC_INTERVAL_MS", 20000),
-    "presence_resolve_cache_max": ("RELAY_PRESENCE_RESOLVE_CACHE_MAX", 10000),
-    "bus_poll_interval_ms": ("RELAY_BUS_POLL_INTERVAL_MS", 250),
-    "bus_pull_limit": ("RELAY_BUS_PULL_LIMIT", 200),
-    "bus_pull_wait_ms": ("RELAY_BUS_PULL_WAIT_MS", 1000),
-    "bus_signature_max_skew_ms": ("RELAY_BUS_SIGNATURE_MAX_SKEW_MS", 15000),
-    "bus_freshness_track_max": ("RELAY_BUS_FRESHNESS_TRACK_MAX", 20000),
-    "liveness_ttl_ms": ("RELAY_LIVENESS_TTL_MS", 3000),
-    "bus_queue_max_bytes": ("RELAY_BUS_QUEUE_MAX_BYTES", 4 * 1024 * 1024),
-    "bus_queue_max_age_ms": ("RELAY_BUS_QUEUE_MAX_AGE_MS", 2000),
-    "bus_publish_batch_max": ("RELAY_BUS_PUBLISH_BATCH_MAX", 200),
+    "http.max_logs": ("MAX_LOGS", 400),
+    "admission.timeout_ms": ("RELAY_ADMISSION_TIMEOUT_MS", 2000),
+    "admission.max_response_bytes": ("RELAY_ADMISSION_MAX_RESPONSE_BYTES", 262144),
+    "platform.timeout_ms": ("RELAY_INTERNAL_API_TIMEOUT_MS", 2000),
+    "platform.max_response_bytes": ("RELAY_INTERNAL_API_MAX_RESPONSE_BYTES", 262144),
+    "limits.max_total_connections": ("RELAY_MAX_TOTAL_CONNECTIONS", 2000),
+    "limits.max_connections_per_ip": ("RELAY_MAX_CONNECTIONS_PER_IP", 50),
+    "limits.max_clients_per_workspace": ("RELAY_MAX_CLIENTS_PER_WORKSPACE", 100),
+    "limits.max_frame_bytes": ("RELAY_MAX_FRAME_BYTES", 1048576),
+    "limits.max_pending_bytes": ("RELAY_MAX_PENDING_BYTES", 4194304),
+    "limits.upgrade_rate_per_minute": ("RELAY_UPGRADE_RATE_PER_MINUTE", 120),
+    "limits.upgrade_bucket_max": ("RELAY_UPGRADE_BUCKET_MAX", 50000),
+    "limits.kex_init_rate_per_minute": ("RELAY_KEX_INIT_RATE_PER_MINUTE", 60),
+    "limits.kex_rate_limiter_max_keys": ("RELAY_KEX_RATE_LIMITER_MAX_KEYS", 20000),
+    "limits.runtime_rate_per_minute": ("RELAY_RUNTIME_RATE_PER_MINUTE", 240),
+    "limits.runtime_rate_per_minute_workspace": ("RELAY_RUNTIME_RATE_PER_MINUTE_WORKSPACE", 1200),
+    "limits.runtime_rate_limiter_max_keys": ("RELAY_RUNTIME_RATE_LIMITER_MAX_KEYS", 20000),
+    "limits.runtime_workspace_rate_limiter_max_keys": ("RELAY_RUNTIME_WORKSPACE_RATE_LIMITER_MAX_KEYS", 10000),
+    "limits.daemon_runtime_rate_per_minute": ("RELAY_DAEMON_RUNTIME_RATE_PER_MINUTE", 2400),
+    "limits.daemon_rate_limiter_max_keys": ("RELAY_DAEMON_RATE_LIMITER_MAX_KEYS", 10000),
+    "limits.pairing_rate_per_minute": ("RELAY_PAIRING_RATE_PER_MINUTE", 30),
+    "limits.pairing_rate_limiter_max_keys": ("RELAY_PAIRING_RATE_LIMITER_MAX_KEYS", 20000),
+    "limits.pairing_request_track_max": ("RELAY_PAIRING_REQUEST_TRACK_MAX", 2048),
+    "limits.session_owner_track_max": ("RELAY_SESSION_OWNER_TRACK_MAX", 4096),
+    "heartbeat.ping_interval_ms": ("RELAY_PING_INTERVAL_MS", 30000),
+    "heartbeat.pong_timeout_ms": ("RELAY_PONG_TIMEOUT_MS", 10000),
+    "heartbeat.idle_timeout_ms": ("RELAY_IDLE_TIMEOUT_MS", 300000),
+    "heartbeat.empty_workspace_ttl_ms": ("RELAY_EMPTY_WORKSPACE_TTL_MS", 120000),
+    "heartbeat.cleanup_interval_ms": ("RELAY_CLEANUP_INTERVAL_MS", 30000),
+    "heartbeat.shutdown_grace_ms": ("RELAY_SHUTDOWN_GRACE_MS", 10000),
+    "backplane.redis_connect_timeout_ms": ("RELAY_REDIS_CONNECT_TIMEOUT_MS", 5000),
+    "backplane.redis_presence_ttl_ms": ("RELAY_REDIS_PRESENCE_TTL_MS", 45000),
+    "backplane.presence_sync_interval_ms": ("RELAY_PRESENCE_SYNC_INTERVAL_MS", 20000),
+    "backplane.presence_resolve_cache_max": ("RELAY_PRESENCE_RESOLVE_CACHE_MAX", 10000),
+    "backplane.bus_pull_limit": ("RELAY_BUS_PULL_LIMIT", 200),
+    "backplane.bus_pull_wait_ms": ("RELAY_BUS_PULL_WAIT_MS", 1000),
+    "backplane.bus_signature_max_skew_ms": ("RELAY_BUS_SIGNATURE_MAX_SKEW_MS", 15000),
+    "backplane.bus_freshness_track_max": ("RELAY_BUS_FRESHNESS_TRACK_MAX", 20000),
+    "backplane.liveness_ttl_ms": ("RELAY_LIVENESS_TTL_MS", 3000),
+    "backplane.bus_queue_max_bytes": ("RELAY_BUS_QUEUE_MAX_BYTES", 4 * 1024 * 1024),
+    "backplane.bus_queue_max_age_ms": ("RELAY_BUS_QUEUE_MAX_AGE_MS", 2000),
+    "backplane.bus_publish_batch_max": ("RELAY_BUS_PUBLISH_BATCH_MAX", 200),
+}
+
+#: Variables of the reference relay that mean nothing here: accepted (checked as integers), with a warning.
+_INERT_KNOBS: dict[str, str] = {
+    "RELAY_REDIS_QUEUE_MAX": "redis mode is pub/sub, with no per-relay queues to cap",
+    "RELAY_BUS_POLL_INTERVAL_MS": "server mode long-polls the bus (RELAY_BUS_PULL_WAIT_MS) instead of polling at an interval",
 }
 
 _T = TypeVar("_T", bound=str)
@@ -98,48 +103,76 @@ class ConfigError(Exception):
         return f"{self.variable}: {self.problem}"
 
 
-@dataclass(frozen=True, kw_only=True, repr=False)
-class RelayConfig:
-    """Every setting of one relay process, typed, checked and derived once at startup."""
+@dataclass(frozen=True, kw_only=True)
+class ListenConfig:
+    """Where the relay listens and whom it believes about client addresses and origins."""
 
     host: str
     port: int
-    server_url: str
-    server_url_explicit: bool
-    max_logs: int
+    trusted_proxies: tuple[str, ...]
+    allowed_origins: tuple[str, ...]
 
-    tls_mode: TriState
-    tls_enabled: bool
-    tls_termination: TlsTermination
-    tls_host: str
-    tls_cert_dir: str
-    tls_cert_path: str
-    tls_key_path: str
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """The relay's own TLS: whether it serves it, with which files, or whether a proxy terminates it."""
+
+    mode: TriState
+    enabled: bool
+    termination: TlsTermination
+    host: str
+    cert_dir: str
+    cert_path: str
+    key_path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpConfig:
+    """The plain HTTP routes: the admin gate and how much ``/health``, ``/state`` and ``/logs`` show."""
 
     admin_token_sha256: str | None
-    enable_admin_http: bool
+    enable_admin: bool
     health_verbose: bool
     state_include_client_ids: bool
+    max_logs: int
 
-    admission: Admission
-    admission_timeout_ms: int
-    admission_max_response_bytes: int
+
+@dataclass(frozen=True, kw_only=True)
+class AdmissionConfig:
+    """How upgrades are admitted: the platform's validate call or locally verified tokens."""
+
+    mode: Admission
+    timeout_ms: int
+    max_response_bytes: int
     token_secret: str | None
     token_public_key_path: str | None
     token_secret_file: str
     token_issuer: str | None
     token_audience: str | None
 
-    internal_api_timeout_ms: int
-    internal_api_max_response_bytes: int
-    server_tls_verify_mode: TriState
-    server_tls_verify: bool
-    server_auth_mode: ServerAuthMode
-    server_ca_cert_path: str | None
-    server_mtls_enabled: bool
-    server_client_cert_path: str | None
-    server_client_key_path: str | None
-    server_client_key_passphrase: str | None
+
+@dataclass(frozen=True, kw_only=True)
+class PlatformConfig:
+    """The Viewport platform's HTTP API (admission, worker transport, the server backplane) and how to reach it."""
+
+    url: str
+    url_explicit: bool
+    internal_key: str | None
+    timeout_ms: int
+    max_response_bytes: int
+    tls_verify_mode: TriState
+    tls_verify: bool
+    auth_mode: ServerAuthMode
+    ca_cert_path: str | None
+    mtls_enabled: bool
+    client_cert_path: str | None
+    client_key_path: str | None
+    client_key_passphrase: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    """Connection caps, frame and buffer sizes, rate limiters and ownership table sizes."""
 
     max_total_connections: int
     max_connections_per_ip: int
@@ -161,6 +194,11 @@ class RelayConfig:
     pairing_request_track_max: int
     session_owner_track_max: int
 
+
+@dataclass(frozen=True, kw_only=True)
+class HeartbeatConfig:
+    """Pings, timeouts, the periodic cleanup and the shutdown grace."""
+
     ping_interval_ms: int
     pong_timeout_ms: int
     idle_timeout_ms: int
@@ -168,21 +206,22 @@ class RelayConfig:
     cleanup_interval_ms: int
     shutdown_grace_ms: int
 
-    relay_id: str
+
+@dataclass(frozen=True, kw_only=True)
+class BackplaneConfig:
+    """How this relay reaches other relays: the mode, its URL, presence, the bus and client redirect."""
+
+    mode: BackplaneMode
     public_ws_base_url: str
-    internal_key: str | None
-    backplane_mode: BackplaneMode
     redis_url: str | None
     redis_key_prefix: str
     redis_connect_timeout_ms: int
     redis_presence_ttl_ms: int
-    redis_queue_max: int
     presence_sync_enabled: bool
     presence_sync_interval_ms: int
     presence_resolve_cache_max: int
     bus_enabled: bool
     bus_hmac_key: str | None
-    bus_poll_interval_ms: int
     bus_pull_limit: int
     bus_pull_wait_ms: int
     bus_signature_max_skew_ms: int
@@ -193,9 +232,38 @@ class RelayConfig:
     bus_publish_batch_max: int
     client_redirect_enabled: bool
     redirect_allowed_hosts: tuple[str, ...]
-    trusted_proxies: tuple[str, ...]
-    allowed_origins: tuple[str, ...]
+
+
+#: The sections of a RelayConfig, by attribute name.
+SECTIONS: dict[str, type] = {
+    "listen": ListenConfig,
+    "tls": TlsConfig,
+    "http": HttpConfig,
+    "admission": AdmissionConfig,
+    "platform": PlatformConfig,
+    "limits": LimitsConfig,
+    "heartbeat": HeartbeatConfig,
+    "backplane": BackplaneConfig,
+}
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class RelayConfig:
+    """
+    Every setting of one relay process, typed, checked and derived once at startup, in sections, so
+    that each part of the relay is built from the section it needs (``build_backplane(config.backplane)``).
+    """
+
+    relay_id: str
     relay_mode: RelayMode
+    listen: ListenConfig
+    tls: TlsConfig
+    http: HttpConfig
+    admission: AdmissionConfig
+    platform: PlatformConfig
+    limits: LimitsConfig
+    heartbeat: HeartbeatConfig
+    backplane: BackplaneConfig
     warnings: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
@@ -204,9 +272,12 @@ class RelayConfig:
 
 
 _SECRET_FIELDS = frozenset(
-    {"admin_token_sha256", "internal_key", "bus_hmac_key", "token_secret", "server_client_key_passphrase"}
+    {
+        "http.admin_token_sha256", "platform.internal_key", "backplane.bus_hmac_key", "admission.token_secret",
+        "platform.client_key_passphrase",
+    }
 )
-_URL_FIELDS = frozenset({"server_url", "redis_url", "public_ws_base_url"})
+_URL_FIELDS = frozenset({"platform.url", "backplane.redis_url", "backplane.public_ws_base_url"})
 
 
 def is_loopback_host(host: str) -> bool:
@@ -224,61 +295,72 @@ def looks_local(url: str) -> bool:
 
 
 def masked(config: RelayConfig) -> dict[str, object]:
-    """The effective configuration as a JSON-able dict, with secrets and URL credentials replaced by ``***``."""
+    """
+    The effective configuration as a flat JSON-able dict keyed ``section.field`` (``relay_id``,
+    ``relay_mode`` and ``warnings`` unprefixed), with secrets and URL credentials replaced by ``***``.
+    """
     result: dict[str, object] = {}
     for field in fields(config):
         value = getattr(config, field.name)
-        if value is not None and field.name in _SECRET_FIELDS:
-            value = _MASK
-        elif value is not None and field.name in _URL_FIELDS:
-            value = _mask_url(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        result[field.name] = value
+        if field.name in SECTIONS:
+            for inner in fields(value):
+                result[f"{field.name}.{inner.name}"] = _shown(f"{field.name}.{inner.name}", getattr(value, inner.name))
+        else:
+            result[field.name] = _shown(field.name, value)
     return result
+
+
+def _shown(name: str, value: object) -> object:
+    if value is not None and name in _SECRET_FIELDS:
+        return _MASK
+    if isinstance(value, str) and name in _URL_FIELDS:
+        return _mask_url(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 #: The environment variable behind each configuration field that has one (the rest are derived).
 VARIABLE_OF: dict[str, str] = {
-    "host": "HOST",
-    "port": "PORT",
-    "server_url": "SERVER_URL",
-    "tls_mode": "RELAY_TLS",
-    "tls_termination": "RELAY_TLS_TERMINATION",
-    "tls_host": "RELAY_TLS_HOST",
-    "tls_cert_dir": "RELAY_TLS_CERT_DIR",
-    "tls_cert_path": "RELAY_TLS_CERT_PATH",
-    "tls_key_path": "RELAY_TLS_KEY_PATH",
-    "admin_token_sha256": "RELAY_ADMIN_TOKEN",
-    "enable_admin_http": "RELAY_ENABLE_ADMIN_HTTP",
-    "health_verbose": "RELAY_HEALTH_VERBOSE",
-    "state_include_client_ids": "RELAY_STATE_INCLUDE_CLIENT_IDS",
-    "token_secret": "RELAY_TOKEN_SECRET",
-    "token_public_key_path": "RELAY_TOKEN_PUBLIC_KEY",
-    "token_secret_file": "RELAY_TOKEN_SECRET_FILE",
-    "token_issuer": "RELAY_TOKEN_ISSUER",
-    "token_audience": "RELAY_TOKEN_AUDIENCE",
-    "server_tls_verify_mode": "RELAY_SERVER_TLS_VERIFY",
-    "server_auth_mode": "RELAY_SERVER_AUTH_MODE",
-    "server_ca_cert_path": "RELAY_SERVER_CA_CERT_PATH",
-    "server_mtls_enabled": "RELAY_SERVER_MTLS",
-    "server_client_cert_path": "RELAY_SERVER_CLIENT_CERT_PATH",
-    "server_client_key_path": "RELAY_SERVER_CLIENT_KEY_PATH",
-    "server_client_key_passphrase": "RELAY_SERVER_CLIENT_KEY_PASSPHRASE",
+    "listen.host": "HOST",
+    "listen.port": "PORT",
+    "listen.trusted_proxies": "RELAY_TRUSTED_PROXIES",
+    "listen.allowed_origins": "RELAY_ALLOWED_ORIGINS",
+    "tls.mode": "RELAY_TLS",
+    "tls.termination": "RELAY_TLS_TERMINATION",
+    "tls.host": "RELAY_TLS_HOST",
+    "tls.cert_dir": "RELAY_TLS_CERT_DIR",
+    "tls.cert_path": "RELAY_TLS_CERT_PATH",
+    "tls.key_path": "RELAY_TLS_KEY_PATH",
+    "http.admin_token_sha256": "RELAY_ADMIN_TOKEN",
+    "http.enable_admin": "RELAY_ENABLE_ADMIN_HTTP",
+    "http.health_verbose": "RELAY_HEALTH_VERBOSE",
+    "http.state_include_client_ids": "RELAY_STATE_INCLUDE_CLIENT_IDS",
+    "admission.token_secret": "RELAY_TOKEN_SECRET",
+    "admission.token_public_key_path": "RELAY_TOKEN_PUBLIC_KEY",
+    "admission.token_secret_file": "RELAY_TOKEN_SECRET_FILE",
+    "admission.token_issuer": "RELAY_TOKEN_ISSUER",
+    "admission.token_audience": "RELAY_TOKEN_AUDIENCE",
+    "platform.url": "SERVER_URL",
+    "platform.internal_key": "RELAY_INTERNAL_KEY",
+    "platform.tls_verify_mode": "RELAY_SERVER_TLS_VERIFY",
+    "platform.auth_mode": "RELAY_SERVER_AUTH_MODE",
+    "platform.ca_cert_path": "RELAY_SERVER_CA_CERT_PATH",
+    "platform.mtls_enabled": "RELAY_SERVER_MTLS",
+    "platform.client_cert_path": "RELAY_SERVER_CLIENT_CERT_PATH",
+    "platform.client_key_path": "RELAY_SERVER_CLIENT_KEY_PATH",
+    "platform.client_key_passphrase": "RELAY_SERVER_CLIENT_KEY_PASSPHRASE",
     "relay_id": "RELAY_ID",
-    "public_ws_base_url": "RELAY_PUBLIC_WS_BASE_URL",
-    "internal_key": "RELAY_INTERNAL_KEY",
-    "backplane_mode": "RELAY_BACKPLANE_MODE",
-    "redis_url": "RELAY_BACKPLANE_URL",
-    "redis_key_prefix": "RELAY_REDIS_KEY_PREFIX",
-    "presence_sync_enabled": "RELAY_PRESENCE_SYNC_ENABLED",
-    "bus_enabled": "RELAY_BUS_ENABLED",
-    "bus_hmac_key": "RELAY_BUS_HMAC_KEY",
-    "client_redirect_enabled": "RELAY_CLIENT_REDIRECT_ENABLED",
-    "redirect_allowed_hosts": "RELAY_REDIRECT_ALLOWED_HOSTS",
-    "trusted_proxies": "RELAY_TRUSTED_PROXIES",
-    "allowed_origins": "RELAY_ALLOWED_ORIGINS",
     "relay_mode": "RELAY_MODE",
+    "backplane.public_ws_base_url": "RELAY_PUBLIC_WS_BASE_URL",
+    "backplane.mode": "RELAY_BACKPLANE_MODE",
+    "backplane.redis_url": "RELAY_BACKPLANE_URL",
+    "backplane.redis_key_prefix": "RELAY_REDIS_KEY_PREFIX",
+    "backplane.presence_sync_enabled": "RELAY_PRESENCE_SYNC_ENABLED",
+    "backplane.bus_enabled": "RELAY_BUS_ENABLED",
+    "backplane.bus_hmac_key": "RELAY_BUS_HMAC_KEY",
+    "backplane.client_redirect_enabled": "RELAY_CLIENT_REDIRECT_ENABLED",
+    "backplane.redirect_allowed_hosts": "RELAY_REDIRECT_ALLOWED_HOSTS",
     **{field: variable for field, (variable, _) in _INT_KNOBS.items()},
 }
 
@@ -398,25 +480,12 @@ def _platform_url(name: str, value: str) -> str:
     return f"{parts.scheme.lower()}://{parts.netloc}"
 
 
-_SENTINEL_HOST = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
-
-
 def _redis_url(name: str, value: str) -> str:
     accepted = "redis://host[:port][/db], rediss://..., redis+sentinel://host[:port][,host:port]/service, unix:///path"
-    if value.lower().startswith("redis+sentinel://"):
-        netloc, _, path = value[len("redis+sentinel://"):].partition("/")
-        hosts = netloc.rpartition("@")[2].split(",")
-        if not path.strip("/") or not all(_SENTINEL_HOST.fullmatch(host) for host in hosts):
-            raise _invalid(name, _mask_url(value), accepted)
-        return value
-    parts = _split_url(name, value, _REDIS_SCHEMES, need_host=False)
-    scheme = parts.scheme.lower()
-    if scheme == "unix" and not parts.path:
-        raise _invalid(name, _mask_url(value), accepted)
-    if scheme != "unix" and not parts.hostname:
-        raise _invalid(name, _mask_url(value), accepted)
-    if scheme in ("redis", "rediss") and not re.fullmatch(r"(/[0-9]*)?", parts.path):
-        raise _invalid(name, _mask_url(value), accepted)
+    try:
+        parse_redis_url(value)
+    except ValueError as error:
+        raise ConfigError(name, f"invalid value {_mask_url(value)!r} ({error}); accepted: {accepted}") from None
     return value
 
 
@@ -706,11 +775,12 @@ def load_config(
     rather than a silent default. Syntax is checked first, then the startup checks in the reference order.
 
     When RELAY_MODE is unset the relay mode is ``dev`` if HOST is a loopback name or the platform or public URL
-    looks local. Otherwise (e.g. HOST=0.0.0.0 in a container) it is ``staging`` when neither SERVER_URL (nor
-    RELAY_BACKPLANE_URL in server mode) nor RELAY_PUBLIC_WS_BASE_URL is set, so query-string tokens and verbose
-    state are never allowed silently without forcing prod hardening, and ``prod`` when one of them is set.
-    Prod hardening of the platform link (internal key, mTLS, TLS verification) applies only when the relay
-    talks to the platform: platform admission or the server backplane.
+    looks local, and ``staging`` otherwise (e.g. HOST=0.0.0.0 in a container), so query-string tokens and
+    verbose state are never allowed silently on a public address. ``prod`` is never inferred: only
+    ``RELAY_MODE=prod`` turns on prod hardening (a warning says so when URLs are set explicitly). Prod hardening
+    of the platform link (internal key, mTLS, TLS verification) applies only when the relay talks to the
+    platform: platform admission or the server backplane. Variables of the reference relay that mean nothing
+    here (``RELAY_REDIS_QUEUE_MAX``, ``RELAY_BUS_POLL_INTERVAL_MS``) are checked and draw a warning.
     """
     env = _Env(environ)
     home = home if home is not None else os.path.expanduser("~")
@@ -805,50 +875,70 @@ def load_config(
     admin_token = env.text("RELAY_ADMIN_TOKEN")
     is_dev = relay_mode == "dev"
     single = backplane_mode == "single"
+    for name, why in _INERT_KNOBS.items():
+        if env.text(name) is not None:
+            env.positive_int(name, 1)
+            warnings += (f"{name}: has no effect here; {why}",)
+
+    def section(prefix: str) -> dict[str, int]:
+        return {path.partition(".")[2]: value for path, value in ints.items() if path.startswith(prefix + ".")}
+
     return RelayConfig(
-        host=host,
-        port=port,
-        server_url=urls.server_url,
-        server_url_explicit=urls.server_url_explicit,
-        tls_mode=tls_mode,
-        tls_enabled=tls.enabled,
-        tls_termination=tls_termination,
-        tls_host=tls.host,
-        tls_cert_dir=tls.cert_dir,
-        tls_cert_path=tls.cert_path,
-        tls_key_path=tls.key_path,
-        admin_token_sha256=hashlib.sha256(admin_token.encode("utf-8")).hexdigest() if admin_token else None,
-        enable_admin_http=bool(enable_admin_http),
-        health_verbose=is_dev if health_verbose is None else health_verbose,
-        state_include_client_ids=is_dev if state_include_client_ids is None else state_include_client_ids,
-        admission=admission,
-        token_secret=token_secret,
-        token_public_key_path=token_public_key_path,
-        token_secret_file=env.text("RELAY_TOKEN_SECRET_FILE") or os.path.join(home, ".viewport", "relay-token-secret"),
-        token_issuer=env.text("RELAY_TOKEN_ISSUER"),
-        token_audience=env.text("RELAY_TOKEN_AUDIENCE"),
-        server_tls_verify_mode=server_tls_verify_mode,
-        server_tls_verify=_server_tls_verify(server_tls_verify_mode, urls.server_url),
-        server_auth_mode=server_auth_mode,
-        server_ca_cert_path=platform_tls.ca_cert_path,
-        server_mtls_enabled=platform_tls.mtls_enabled,
-        server_client_cert_path=platform_tls.client_cert_path,
-        server_client_key_path=platform_tls.client_key_path,
-        server_client_key_passphrase=env.text("RELAY_SERVER_CLIENT_KEY_PASSPHRASE"),
         relay_id=env.text("RELAY_ID") or f"{host}:{port}:{random_hex(12)}",
-        public_ws_base_url=public_ws_base_url,
-        internal_key=internal_key,
-        backplane_mode=backplane_mode,
-        redis_url=urls.redis_url,
-        redis_key_prefix=env.text("RELAY_REDIS_KEY_PREFIX") or "viewport:relay",
-        presence_sync_enabled=not single and presence_sync is not False,
-        bus_enabled=not single and bus is not False,
-        bus_hmac_key=bus_hmac_key,
-        client_redirect_enabled=not single and bool(client_redirect),
-        redirect_allowed_hosts=tuple(entry.lower() for entry in env.csv("RELAY_REDIRECT_ALLOWED_HOSTS")),
-        trusted_proxies=trusted_proxies,
-        allowed_origins=allowed_origins,
         relay_mode=relay_mode,
+        listen=ListenConfig(host=host, port=port, trusted_proxies=trusted_proxies, allowed_origins=allowed_origins),
+        tls=TlsConfig(
+            mode=tls_mode,
+            enabled=tls.enabled,
+            termination=tls_termination,
+            host=tls.host,
+            cert_dir=tls.cert_dir,
+            cert_path=tls.cert_path,
+            key_path=tls.key_path,
+        ),
+        http=HttpConfig(
+            admin_token_sha256=hashlib.sha256(admin_token.encode("utf-8")).hexdigest() if admin_token else None,
+            enable_admin=bool(enable_admin_http),
+            health_verbose=is_dev if health_verbose is None else health_verbose,
+            state_include_client_ids=is_dev if state_include_client_ids is None else state_include_client_ids,
+            **section("http"),
+        ),
+        admission=AdmissionConfig(
+            mode=admission,
+            token_secret=token_secret,
+            token_public_key_path=token_public_key_path,
+            token_secret_file=env.text("RELAY_TOKEN_SECRET_FILE") or os.path.join(home, ".viewport", "relay-token-secret"),
+            token_issuer=env.text("RELAY_TOKEN_ISSUER"),
+            token_audience=env.text("RELAY_TOKEN_AUDIENCE"),
+            **section("admission"),
+        ),
+        platform=PlatformConfig(
+            url=urls.server_url,
+            url_explicit=urls.server_url_explicit,
+            internal_key=internal_key,
+            tls_verify_mode=server_tls_verify_mode,
+            tls_verify=_server_tls_verify(server_tls_verify_mode, urls.server_url),
+            auth_mode=server_auth_mode,
+            ca_cert_path=platform_tls.ca_cert_path,
+            mtls_enabled=platform_tls.mtls_enabled,
+            client_cert_path=platform_tls.client_cert_path,
+            client_key_path=platform_tls.client_key_path,
+            client_key_passphrase=env.text("RELAY_SERVER_CLIENT_KEY_PASSPHRASE"),
+            **section("platform"),
+        ),
+        limits=LimitsConfig(**section("limits")),
+        heartbeat=HeartbeatConfig(**section("heartbeat")),
+        backplane=BackplaneConfig(
+            mode=backplane_mode,
+            public_ws_base_url=public_ws_base_url,
+            redis_url=urls.redis_url,
+            redis_key_prefix=env.text("RELAY_REDIS_KEY_PREFIX") or "viewport:relay",
+            presence_sync_enabled=not single and presence_sync is not False,
+            bus_enabled=not single and bus is not False,
+            bus_hmac_key=bus_hmac_key,
+            client_redirect_enabled=not single and bool(client_redirect),
+            redirect_allowed_hosts=tuple(entry.lower() for entry in env.csv("RELAY_REDIRECT_ALLOWED_HOSTS")),
+            **section("backplane"),
+        ),
         warnings=warnings,
-        **ints,
     )

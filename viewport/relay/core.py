@@ -49,8 +49,8 @@ class Relay:
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.log_observer = log_observer
         self.started_at_ms = self.now_ms()
-        self.registry = Registry(config.pairing_request_track_max, config.session_owner_track_max)
-        self.limiters = Limiters(config)
+        self.registry = Registry(config.limits.pairing_request_track_max, config.limits.session_owner_track_max)
+        self.limiters = Limiters(config.limits)
         self.gate = UpgradeGate(config=config, registry=self.registry, metrics=self.metrics)
         self.router = Router(
             config=config,
@@ -60,7 +60,7 @@ class Relay:
             limiters=self.limiters,
             worker_forward=worker_forward,
         )
-        self.sockets = OpenSockets(config=config, clock=clock, metrics=self.metrics)
+        self.sockets = OpenSockets(heartbeat=config.heartbeat, clock=clock, metrics=self.metrics)
         self.metrics.relay_ready.set_function(lambda: float(self.accepting and bool(self.backplane.healthy)))
         self.metrics.relay_backplane_healthy.set_function(lambda: float(bool(self.backplane.healthy)))
 

@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from viewport.relay.config import RelayConfig
+from viewport.relay.config import HeartbeatConfig
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.registry import Connection
 
@@ -46,8 +46,8 @@ class OpenSockets:
 
     _log = Logger(namespace="viewport.relay.core")
 
-    def __init__(self, *, config: RelayConfig, clock: IReactorTime, metrics: RelayMetrics) -> None:
-        self._config = config
+    def __init__(self, *, heartbeat: HeartbeatConfig, clock: IReactorTime, metrics: RelayMetrics) -> None:
+        self._timing = heartbeat
         self._clock = clock
         self._m = metrics
         self._all: Set[Socket] = set()
@@ -76,7 +76,7 @@ class OpenSockets:
 
     def tick(self, now_ms: float) -> int:
         """Ping the next slice, drop idle sockets; returns which slice this was (0 starts an interval)."""
-        config = self._config
+        timing = self._timing
         slot = self._tick % HEARTBEAT_SLICES
         self._tick += 1
         pinged: List[Socket] = []
@@ -84,7 +84,7 @@ class OpenSockets:
             conn = socket.conn
             if conn is None or not conn.registered:
                 continue
-            if now_ms - conn.last_activity_ms > config.idle_timeout_ms:
+            if now_ms - conn.last_activity_ms > timing.idle_timeout_ms:
                 self._terminate(socket, "idle timeout")
                 continue
             if conn.awaiting_pong:
@@ -100,7 +100,7 @@ class OpenSockets:
                 continue
             pinged.append(socket)
         if pinged:
-            self._clock.callLater(config.pong_timeout_ms / 1000.0, self._check_pongs, pinged, now_ms)
+            self._clock.callLater(timing.pong_timeout_ms / 1000.0, self._check_pongs, pinged, now_ms)
         return slot
 
     def _check_pongs(self, pinged: List[Socket], sent_ms: float) -> None:

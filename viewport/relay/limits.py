@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+
+from viewport.relay.config import LimitsConfig
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -113,23 +114,23 @@ WINDOW_MS = 60_000
 class Limiters:
     """The process-wide rate limiters of the frame pipelines (state survives reconnects)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, limits: LimitsConfig) -> None:
         self.kex = FixedWindowLimiter(
-            config.kex_init_rate_per_minute, WINDOW_MS, config.kex_rate_limiter_max_keys
+            limits.kex_init_rate_per_minute, WINDOW_MS, limits.kex_rate_limiter_max_keys
         )
         self.pairing = FixedWindowLimiter(
-            config.pairing_rate_per_minute, WINDOW_MS, config.pairing_rate_limiter_max_keys
+            limits.pairing_rate_per_minute, WINDOW_MS, limits.pairing_rate_limiter_max_keys
         )
         self.runtime_client = TokenBucketLimiter(
-            config.runtime_rate_per_minute, WINDOW_MS, config.runtime_rate_limiter_max_keys
+            limits.runtime_rate_per_minute, WINDOW_MS, limits.runtime_rate_limiter_max_keys
         )
         self.runtime_workspace = TokenBucketLimiter(
-            config.runtime_rate_per_minute_workspace,
+            limits.runtime_rate_per_minute_workspace,
             WINDOW_MS,
-            config.runtime_workspace_rate_limiter_max_keys,
+            limits.runtime_workspace_rate_limiter_max_keys,
         )
         self.daemon = TokenBucketLimiter(
-            config.daemon_runtime_rate_per_minute, WINDOW_MS, config.daemon_rate_limiter_max_keys
+            limits.daemon_runtime_rate_per_minute, WINDOW_MS, limits.daemon_rate_limiter_max_keys
         )
 
     def sweep(self, now_ms: float) -> None:

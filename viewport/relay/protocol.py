@@ -593,9 +593,9 @@ class RelayPortFactory(Factory):
             router=relay.router,
             sockets=relay.sockets,
             metrics=relay.metrics,
-            max_frame_bytes=config.max_frame_bytes,
-            max_pending_bytes=config.max_pending_bytes,
-            admission_timeout_ms=config.admission_timeout_ms,
+            max_frame_bytes=config.limits.max_frame_bytes,
+            max_pending_bytes=config.limits.max_pending_bytes,
+            admission_timeout_ms=config.admission.timeout_ms,
         )
 
     def buildProtocol(self, addr: Any) -> HandshakeDispatcher:

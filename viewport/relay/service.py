@@ -83,8 +83,8 @@ class ListeningService(JsonLoggingService):
         self._tune_gc = tune_gc
         self.port: Optional[IListeningPort] = None
         periodic = [
-            (relay.config.ping_interval_ms / HEARTBEAT_SLICES, relay.heartbeat),
-            (relay.config.cleanup_interval_ms, relay.cleanup),
+            (relay.config.heartbeat.ping_interval_ms / HEARTBEAT_SLICES, relay.heartbeat),
+            (relay.config.heartbeat.cleanup_interval_ms, relay.cleanup),
         ]
         if relay.backplane.cross_relay:
             periodic.append((LIVENESS_CHECK_INTERVAL_MS, relay.check_remote_relays))
@@ -114,28 +114,28 @@ class ListeningService(JsonLoggingService):
         self._log.info(
             "relay {relayId} started ({backplaneMode} backplane)",
             relay_event="relay_started",
-            host=config.host,
-            port=getattr(address, "port", config.port),
+            host=config.listen.host,
+            port=getattr(address, "port", config.listen.port),
             relayId=config.relay_id,
-            publicWsBaseUrl=config.public_ws_base_url,
-            backplaneMode=config.backplane_mode,
+            publicWsBaseUrl=config.backplane.public_ws_base_url,
+            backplaneMode=config.backplane.mode,
             relayMode=config.relay_mode,
-            admission=config.admission,
-            clientRedirectEnabled=config.client_redirect_enabled,
-            busEnabled=config.bus_enabled,
-            tlsEnabled=config.tls_enabled,
-            maxTotalConnections=config.max_total_connections,
-            maxConnectionsPerIp=config.max_connections_per_ip,
-            maxFrameBytes=config.max_frame_bytes,
-            adminHttpEnabled=config.enable_admin_http,
+            admission=config.admission.mode,
+            clientRedirectEnabled=config.backplane.client_redirect_enabled,
+            busEnabled=config.backplane.bus_enabled,
+            tlsEnabled=config.tls.enabled,
+            maxTotalConnections=config.limits.max_total_connections,
+            maxConnectionsPerIp=config.limits.max_connections_per_ip,
+            maxFrameBytes=config.limits.max_frame_bytes,
+            adminHttpEnabled=config.http.enable_admin,
         )
-        scheme = "wss" if config.tls_enabled else "ws"
-        host = getattr(address, "host", config.host)
+        scheme = "wss" if config.tls.enabled else "ws"
+        host = getattr(address, "host", config.listen.host)
         shown = f"[{host}]" if ":" in host else host
         self._log.info(
             "listening on {url}",
             relay_event="relay_listening",
-            url=f"{scheme}://{shown}:{getattr(address, 'port', config.port)}/ws",
+            url=f"{scheme}://{shown}:{getattr(address, 'port', config.listen.port)}/ws",
         )
 
     @inlineCallbacks

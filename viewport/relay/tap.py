@@ -21,7 +21,15 @@ from viewport.relay.admission import (
     platform_tls_policy,
 )
 from viewport.relay.backplane.single import SingleBackplane
-from viewport.relay.config import RelayConfig, load_config
+from viewport.relay.config import (
+    AdmissionConfig,
+    BackplaneConfig,
+    ListenConfig,
+    PlatformConfig,
+    RelayConfig,
+    TlsConfig,
+    load_config,
+)
 from viewport.relay.core import Relay
 from viewport.relay.interfaces import IAdmission, IBackplane
 from viewport.relay.logs import JsonLineObserver
@@ -79,82 +87,90 @@ def tls_options(cert_path: str, key_path: str) -> CertificateOptions:
     )
 
 
-def listening_endpoint(reactor: Any, config: RelayConfig) -> IStreamServerEndpoint:
+def listening_endpoint(reactor: Any, listen: ListenConfig, tls: TlsConfig) -> IStreamServerEndpoint:
     """TCP (IPv4 or IPv6 by the host's form) or TLS with the configured certificate and key."""
-    if config.tls_enabled:
-        options = tls_options(config.tls_cert_path, config.tls_key_path)
-        return SSL4ServerEndpoint(reactor, config.port, options, interface=config.host)
-    return tcp_endpoint(reactor, config.host, config.port)
+    if tls.enabled:
+        options = tls_options(tls.cert_path, tls.key_path)
+        return SSL4ServerEndpoint(reactor, listen.port, options, interface=listen.host)
+    return tcp_endpoint(reactor, listen.host, listen.port)
 
 
-def platform_policy(config: RelayConfig) -> Any:
+def platform_policy(platform: PlatformConfig) -> Any:
     """TLS toward the platform: verification mode, extra CA, client certificate when mTLS is on."""
     return platform_tls_policy(
-        verify=config.server_tls_verify,
-        ca_cert_path=config.server_ca_cert_path,
-        client_cert_path=config.server_client_cert_path if config.server_mtls_enabled else None,
-        client_key_path=config.server_client_key_path if config.server_mtls_enabled else None,
-        client_key_passphrase=config.server_client_key_passphrase,
+        verify=platform.tls_verify,
+        ca_cert_path=platform.ca_cert_path,
+        client_cert_path=platform.client_cert_path if platform.mtls_enabled else None,
+        client_key_path=platform.client_key_path if platform.mtls_enabled else None,
+        client_key_passphrase=platform.client_key_passphrase,
     )
 
 
-def build_admission(config: RelayConfig, reactor: Any) -> IAdmission:
+def build_admission(admission: AdmissionConfig, platform: PlatformConfig, reactor: Any) -> IAdmission:
     """Local token verification when a key is configured (or embedded), else the platform call."""
-    if config.admission == "local_secret":
-        assert config.token_secret is not None
+    if admission.mode == "local_secret":
+        assert admission.token_secret is not None
         verifier = LocalTokenVerifier(
-            config.token_secret, ["HS256"], config.token_issuer, config.token_audience
+            admission.token_secret, ["HS256"], admission.token_issuer, admission.token_audience
         )
         return LocalAdmission(verifier, reactor)
-    if config.admission == "local_public_key":
-        assert config.token_public_key_path is not None
-        with open(config.token_public_key_path, "rb") as handle:
+    if admission.mode == "local_public_key":
+        assert admission.token_public_key_path is not None
+        with open(admission.token_public_key_path, "rb") as handle:
             public_key = handle.read()
         verifier = LocalTokenVerifier(
-            public_key, ["EdDSA", "RS256"], config.token_issuer, config.token_audience
+            public_key, ["EdDSA", "RS256"], admission.token_issuer, admission.token_audience
         )
         return LocalAdmission(verifier, reactor)
-    if config.admission == "embedded_secret_file":
-        secret, created = load_or_create_secret(config.token_secret_file)
+    if admission.mode == "embedded_secret_file":
+        secret, created = load_or_create_secret(admission.token_secret_file)
         _log.info(
             "token secret {path} " + ("created" if created else "loaded"),
             relay_event="token_secret_created" if created else "token_secret_loaded",
-            path=config.token_secret_file,
+            path=admission.token_secret_file,
         )
-        verifier = LocalTokenVerifier(secret, ["HS256"], config.token_issuer, config.token_audience)
+        verifier = LocalTokenVerifier(secret, ["HS256"], admission.token_issuer, admission.token_audience)
         return LocalAdmission(verifier, reactor)
     return PlatformAdmission(
-        make_http_client(reactor, platform_policy(config)),
+        make_http_client(reactor, platform_policy(platform)),
         reactor,
-        config.server_url,
-        config.internal_key,
-        config.admission_timeout_ms,
-        config.admission_max_response_bytes,
+        platform.url,
+        platform.internal_key,
+        admission.timeout_ms,
+        admission.max_response_bytes,
     )
 
 
-def build_backplane(config: RelayConfig, reactor: Any, metrics: RelayMetrics) -> IBackplane:
+def build_backplane(
+    *,
+    relay_id: str,
+    backplane: BackplaneConfig,
+    platform: PlatformConfig,
+    max_frame_bytes: int,
+    reactor: Any,
+    metrics: RelayMetrics,
+) -> IBackplane:
     """The configured backplane: nothing (single), Redis pub/sub, or the platform's HTTP bus."""
-    if config.backplane_mode == "redis":
+    if backplane.mode == "redis":
         from viewport.relay.backplane.redis import RedisBackplane
 
-        assert config.redis_url is not None and config.bus_hmac_key is not None
+        assert backplane.redis_url is not None and backplane.bus_hmac_key is not None
         return RedisBackplane(
-            relay_id=config.relay_id,
-            redis_url=config.redis_url,
-            hmac_key=config.bus_hmac_key,
+            relay_id=relay_id,
+            redis_url=backplane.redis_url,
+            hmac_key=backplane.bus_hmac_key,
             reactor=reactor,
-            key_prefix=config.redis_key_prefix,
-            presence_ttl_ms=config.redis_presence_ttl_ms,
-            connect_timeout_ms=config.redis_connect_timeout_ms,
-            max_skew_ms=config.bus_signature_max_skew_ms,
-            freshness_track_max=config.bus_freshness_track_max,
-            max_payload_bytes=config.max_frame_bytes,
-            resolve_cache_max=config.presence_resolve_cache_max,
-            liveness_ttl_ms=config.liveness_ttl_ms,
+            key_prefix=backplane.redis_key_prefix,
+            presence_ttl_ms=backplane.redis_presence_ttl_ms,
+            connect_timeout_ms=backplane.redis_connect_timeout_ms,
+            max_skew_ms=backplane.bus_signature_max_skew_ms,
+            freshness_track_max=backplane.bus_freshness_track_max,
+            max_payload_bytes=max_frame_bytes,
+            resolve_cache_max=backplane.presence_resolve_cache_max,
+            liveness_ttl_ms=backplane.liveness_ttl_ms,
             metrics=metrics,
         )
-    if config.backplane_mode == "server":
+    if backplane.mode == "server":
         from twisted.web.client import HTTPConnectionPool
 
         from viewport.relay.backplane.server import ServerBackplane
@@ -162,29 +178,29 @@ def build_backplane(config: RelayConfig, reactor: Any, metrics: RelayMetrics) ->
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 16
         return ServerBackplane(
-            relay_id=config.relay_id,
-            public_ws_base_url=config.public_ws_base_url,
-            server_url=config.server_url,
-            internal_key=config.internal_key,
-            hmac_key=config.bus_hmac_key,
-            http_client=make_http_client(reactor, platform_policy(config), pool=pool),
+            relay_id=relay_id,
+            public_ws_base_url=backplane.public_ws_base_url,
+            server_url=platform.url,
+            internal_key=platform.internal_key,
+            hmac_key=backplane.bus_hmac_key,
+            http_client=make_http_client(reactor, platform_policy(platform), pool=pool),
             clock=reactor,
-            timeout_ms=config.internal_api_timeout_ms,
-            max_response_bytes=config.internal_api_max_response_bytes,
-            pull_limit=config.bus_pull_limit,
-            pull_wait_ms=config.bus_pull_wait_ms,
-            max_skew_ms=config.bus_signature_max_skew_ms,
-            freshness_track_max=config.bus_freshness_track_max,
-            max_payload_bytes=config.max_frame_bytes,
-            resolve_cache_max=config.presence_resolve_cache_max,
-            presence_refresh_ms=config.presence_sync_interval_ms,
-            liveness_ttl_ms=config.liveness_ttl_ms,
-            max_batch=config.bus_publish_batch_max,
-            queue_max_bytes=config.bus_queue_max_bytes,
-            queue_max_age_ms=config.bus_queue_max_age_ms,
+            timeout_ms=platform.timeout_ms,
+            max_response_bytes=platform.max_response_bytes,
+            pull_limit=backplane.bus_pull_limit,
+            pull_wait_ms=backplane.bus_pull_wait_ms,
+            max_skew_ms=backplane.bus_signature_max_skew_ms,
+            freshness_track_max=backplane.bus_freshness_track_max,
+            max_payload_bytes=max_frame_bytes,
+            resolve_cache_max=backplane.presence_resolve_cache_max,
+            presence_refresh_ms=backplane.presence_sync_interval_ms,
+            liveness_ttl_ms=backplane.liveness_ttl_ms,
+            max_batch=backplane.bus_publish_batch_max,
+            queue_max_bytes=backplane.bus_queue_max_bytes,
+            queue_max_age_ms=backplane.bus_queue_max_age_ms,
             metrics=metrics,
         )
-    return SingleBackplane(config.relay_id)
+    return SingleBackplane(relay_id)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -202,28 +218,31 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         options.postOptions()
         config = options.config
     assert config is not None
-    observer = JsonLineObserver(log_stream(sys.argv), config.max_logs)
+    observer = JsonLineObserver(log_stream(sys.argv), config.http.max_logs)
     for warning in config.warnings:
         _log.warn("configuration: {warning}", relay_event="config_warning", warning=warning)
     metrics = RelayMetrics()
     worker_forward = WorkerForwarder(
-        http_client=make_http_client(reactor, platform_policy(config)),
+        http_client=make_http_client(reactor, platform_policy(config.platform)),
         clock=reactor,
-        server_url=config.server_url,
+        server_url=config.platform.url,
         metrics=metrics,
-        max_response_bytes=config.max_frame_bytes,
+        max_response_bytes=config.limits.max_frame_bytes,
     )
     relay = Relay(
         config=config,
         clock=reactor,
-        backplane=build_backplane(config, reactor, metrics),
-        admission=build_admission(config, reactor),
+        backplane=build_backplane(
+            relay_id=config.relay_id, backplane=config.backplane, platform=config.platform,
+            max_frame_bytes=config.limits.max_frame_bytes, reactor=reactor, metrics=metrics,
+        ),
+        admission=build_admission(config.admission, config.platform, reactor),
         metrics=metrics,
         log_observer=observer,
         worker_forward=worker_forward,
     )
     service = ListeningService(
-        relay, listening_endpoint(reactor, config), config.shutdown_grace_ms / 1000.0, make_site(relay),
+        relay, listening_endpoint(reactor, config.listen, config.tls), config.heartbeat.shutdown_grace_ms / 1000.0, make_site(relay),
         tune_gc=process_entry,
     )
     service.log_observer = observer

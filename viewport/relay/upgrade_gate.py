@@ -31,9 +31,9 @@ class UpgradeGate:
     def __init__(self, *, config: RelayConfig, registry: Registry, metrics: RelayMetrics) -> None:
         self._config = config
         self._registry = registry
-        self._limiter = FixedWindowLimiter(config.upgrade_rate_per_minute, 60_000, config.upgrade_bucket_max)
-        self._proxies = TrustedProxies(config.trusted_proxies)
-        self._origins = OriginPolicy(config.allowed_origins)
+        self._limiter = FixedWindowLimiter(config.limits.upgrade_rate_per_minute, 60_000, config.limits.upgrade_bucket_max)
+        self._proxies = TrustedProxies(config.listen.trusted_proxies)
+        self._origins = OriginPolicy(config.listen.allowed_origins)
         self._counters: Mapping[UpgradeRefusal, Counter] = {
             UpgradeRefusal.RATE_LIMITED: metrics.relay_upgrade_rate_limited,
             UpgradeRefusal.TOTAL_CONNECTIONS: metrics.relay_upgrade_rejected_total_connections,
@@ -64,9 +64,9 @@ class UpgradeGate:
             now_ms=now_ms,
             upgrade_limiter=self._limiter,
             registered_connections=self._registry.registered_connections,
-            max_total_connections=config.max_total_connections,
+            max_total_connections=config.limits.max_total_connections,
             ip_connections=self._registry.ip_count(ip),
-            max_connections_per_ip=config.max_connections_per_ip,
+            max_connections_per_ip=config.limits.max_connections_per_ip,
             origin=headers.get("origin"),
             origin_policy=self._origins,
         )

@@ -95,11 +95,11 @@ class RelayRoot(Resource):
 
     def _admin_gate(self, request: Request) -> Optional[bytes]:
         relay = self._relay
-        if not relay.config.enable_admin_http:
+        if not relay.config.http.enable_admin:
             return _json(request, 404, {"ok": False, "reason": "ADMIN_ENDPOINTS_DISABLED"})
         authorization = request.getHeader("authorization")
         header_token = request.getHeader("x-relay-admin-token")
-        if admin_authorized(relay.config.admin_token_sha256, authorization, header_token):
+        if admin_authorized(relay.config.http.admin_token_sha256, authorization, header_token):
             return None
         relay.metrics.relay_admin_unauthorized.inc()
         # A browser opening /admin then asks for the token (as the password) and sends it along.
@@ -124,9 +124,9 @@ class RelayRoot(Resource):
             "service": "relay",
             "uptimeMs": int(relay.now_ms() - relay.started_at_ms),
         }
-        if config.health_verbose:
+        if config.http.health_verbose:
             body.update(
-                tlsEnabled=config.tls_enabled,
+                tlsEnabled=config.tls.enabled,
                 relayMode=config.relay_mode,
                 relayId=config.relay_id,
                 version=__version__,
@@ -142,9 +142,9 @@ class RelayRoot(Resource):
             return _json(
                 request,
                 503,
-                {"ok": False, "ready": False, "reason": "BACKPLANE_DEGRADED", "backplaneMode": relay.config.backplane_mode},
+                {"ok": False, "ready": False, "reason": "BACKPLANE_DEGRADED", "backplaneMode": relay.config.backplane.mode},
             )
-        return _json(request, 200, {"ok": True, "ready": True, "backplaneMode": relay.config.backplane_mode})
+        return _json(request, 200, {"ok": True, "ready": True, "backplaneMode": relay.config.backplane.mode})
 
     def _state(self, request: Request) -> bytes:
         relay = self._relay
@@ -154,16 +154,16 @@ class RelayRoot(Resource):
             "service": "relay",
             "relayMode": config.relay_mode,
             "relayId": config.relay_id,
-            "backplaneMode": config.backplane_mode,
-            "busEnabled": config.bus_enabled,
-            "clientRedirectEnabled": config.client_redirect_enabled,
+            "backplaneMode": config.backplane.mode,
+            "busEnabled": config.backplane.bus_enabled,
+            "clientRedirectEnabled": config.backplane.client_redirect_enabled,
         }
-        if config.health_verbose:
+        if config.http.health_verbose:
             body.update(
-                serverUrl=config.server_url,
-                tlsEnabled=config.tls_enabled,
-                tlsHost=config.tls_host,
-                wsBaseUrl=config.public_ws_base_url,
+                serverUrl=config.platform.url,
+                tlsEnabled=config.tls.enabled,
+                tlsHost=config.tls.host,
+                wsBaseUrl=config.backplane.public_ws_base_url,
             )
         workspaces = []
         for scope in relay.registry:
@@ -172,7 +172,7 @@ class RelayRoot(Resource):
                 entry["runtimeTargetId"] = scope.runtime_target_id
             entry["daemonConnected"] = scope.daemon_open() is not None
             entry["clientCount"] = scope.open_client_count()
-            if config.state_include_client_ids:
+            if config.http.state_include_client_ids:
                 entry["clientIds"] = [c.client_id for c in scope.clients]
             entry["lastActivityAt"] = iso_ms(scope.last_activity_ms)
             workspaces.append(entry)
@@ -181,7 +181,7 @@ class RelayRoot(Resource):
 
     def _logs(self, request: Request) -> bytes:
         observer = self._relay.log_observer
-        logs = observer.recent(self._relay.config.health_verbose) if observer is not None else []
+        logs = observer.recent(self._relay.config.http.health_verbose) if observer is not None else []
         return _json(request, 200, {"ok": True, "logs": logs})
 
     def _metrics(self, request: Request) -> bytes:

@@ -21,9 +21,9 @@ from viewport.relay.backplane.redis_connection import (
     RedisLink,
     backoff_delay,
     describe_failure,
-    parse_redis_url,
     redis_endpoint,
 )
+from viewport.relay.backplane.redis_url import parse_redis_url
 from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
 from viewport.relay.logs import RepeatedWarning

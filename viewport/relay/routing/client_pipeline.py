@@ -41,7 +41,7 @@ class ClientPipeline:
         conn.last_activity_ms = now_ms
         m = self._m
         refuse = self._refusals.refuse
-        if self._refusals.too_large(conn, payload, self._config.max_frame_bytes, m.relay_ws_frame_too_large):
+        if self._refusals.too_large(conn, payload, self._config.limits.max_frame_bytes, m.relay_ws_frame_too_large):
             return
         frame = frames.parse_frame(payload)
         kind = frames.classify_client_frame(frame) if frame is not None else None

@@ -49,7 +49,7 @@ class DaemonPipeline:
         """
         conn.last_activity_ms = now_ms
         m = self._m
-        if self._refusals.too_large(conn, payload, self._config.max_frame_bytes, m.relay_ws_frame_too_large):
+        if self._refusals.too_large(conn, payload, self._config.limits.max_frame_bytes, m.relay_ws_frame_too_large):
             return
         frame = frames.parse_frame(payload)
         kind = frames.classify_daemon_frame(frame) if frame is not None else None

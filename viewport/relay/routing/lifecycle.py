@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 
 from viewport.relay import frames
 from viewport.relay.claims_check import check_connection_claims
@@ -45,7 +45,7 @@ class ConnectionLifecycle:
     def client_cap_reached(self, workspace_id: str, runtime_target_id: Optional[str]) -> bool:
         """True when the scope already holds the maximum number of open clients (no side effect)."""
         scope = self._registry.get(workspace_id, runtime_target_id)
-        return scope is not None and scope.open_client_count() >= self._config.max_clients_per_workspace
+        return scope is not None and scope.open_client_count() >= self._config.limits.max_clients_per_workspace
 
     def open_connection(self, conn: Connection, query_runtime_target_id: Optional[str], now_ms: float) -> bool:
         """Check an upgraded socket's claims and register it; False when it was closed instead."""
@@ -106,7 +106,7 @@ class ConnectionLifecycle:
         self._accept(conn)
         scope.attach_daemon(conn)
         self._backplane.watch_scope(scope.workspace_id, scope.runtime_target_id, "daemon")
-        self._backplane.announce_presence(self._presence(scope, conn, True))
+        self._announce(self._presence(scope, conn, True))
         self._events.info("daemon_connected", workspaceId=conn.workspace_id, runtimeTargetId=conn.runtime_target_id,
                        machineId=conn.machine_id, ip=conn.ip)
         self.refresh_gauges()
@@ -143,7 +143,7 @@ class ConnectionLifecycle:
             workspace_id=scope.workspace_id,
             runtime_target_id=scope.runtime_target_id,
             relay_id=self._relay_id,
-            relay_ws_base_url=self._config.public_ws_base_url,
+            relay_ws_base_url=self._config.backplane.public_ws_base_url,
             daemon_connected=connected,
             machine_id=conn.machine_id,
         )
@@ -179,9 +179,15 @@ class ConnectionLifecycle:
             client.peer.send_text(notice)
         if self._withdrawn:
             return  # presence and notice went out with the goodbyes
-        self._backplane.announce_presence(self._presence(scope, daemon, False))
+        self._announce(self._presence(scope, daemon, False))
         if self._backplane.cross_relay and scope.runtime_target_id is not None:
             self._delivery.publish_to_clients(scope, None, notice.encode("utf-8"), lost_at_ms=now_ms)
+
+    def _announce(self, presence: Presence) -> "Deferred[Any]":
+        """Tell other relays where a daemon is, unless presence sync is off (RELAY_PRESENCE_SYNC_ENABLED=0)."""
+        if not self._config.backplane.presence_sync_enabled:
+            return succeed(None)
+        return self._backplane.announce_presence(presence)
 
     def withdraw_presence(self) -> "Deferred[Any]":
         """
@@ -197,7 +203,7 @@ class ConnectionLifecycle:
             daemon = scope.daemon
             if daemon is None:
                 continue
-            sent.append(self._backplane.announce_presence(self._presence(scope, daemon, False)))
+            sent.append(self._announce(self._presence(scope, daemon, False)))
             if self._backplane.cross_relay and scope.runtime_target_id is not None:
                 notice = frames.daemon_unavailable(scope.workspace_id, scope.runtime_target_id, daemon.machine_id)
                 sent.append(self._backplane.publish(BusFrame(
@@ -212,7 +218,7 @@ class ConnectionLifecycle:
 
     def evict_empty_scopes(self, now_ms: float) -> None:
         """Delete scopes that stayed empty for the configured TTL, then refresh the gauges."""
-        for scope in self._registry.evict_empty(now_ms, self._config.empty_workspace_ttl_ms):
+        for scope in self._registry.evict_empty(now_ms, self._config.heartbeat.empty_workspace_ttl_ms):
             self._m.relay_workspace_evictions.inc()
             self._events.info("workspace_evicted", workspaceId=scope.workspace_id, runtimeTargetId=scope.runtime_target_id)
         self.refresh_gauges()

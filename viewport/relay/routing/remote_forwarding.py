@@ -62,7 +62,7 @@ class RemoteForwarding:
         waiting = conn.bus_queue
         assert waiting is not None
         waiting.append(payload)
-        if sum(len(p) for p in waiting) > self._config.max_pending_bytes:
+        if sum(len(p) for p in waiting) > self._config.limits.max_pending_bytes:
             waiting.clear()
             self._refusals.refuse(conn, self._m.relay_ws_slow_client_terminated, close="buffer overflow")
 
@@ -113,12 +113,12 @@ class RemoteForwarding:
         if scope is not None:
             scope.remote_daemon_relay = presence.relay_id
         if (
-            self._config.client_redirect_enabled
+            self._config.backplane.client_redirect_enabled
             and not conn.redirect_sent
             and self.redirect_allowed(presence.relay_ws_base_url)
         ):
             self.send_redirect(conn, presence.relay_ws_base_url, with_runtime_target=True)
-        if not self._config.bus_enabled:
+        if not self._config.backplane.bus_enabled:
             self._delivery.daemon_unavailable(conn)
             return
         assert conn.runtime_target_id is not None
@@ -144,12 +144,12 @@ class RemoteForwarding:
     def redirect_allowed(self, url: str) -> bool:
         """Whether a presence's URL may be sent to a client as a redirect (docs/protocol.md §10)."""
         config = self._config
-        return url != config.public_ws_base_url and redirect_url_allowed(
+        return url != config.backplane.public_ws_base_url and redirect_url_allowed(
             url,
             relay_mode=config.relay_mode,
-            allowed_hosts=config.redirect_allowed_hosts,
-            own_public_url=config.public_ws_base_url,
-            tls_host=config.tls_host,
+            allowed_hosts=config.backplane.redirect_allowed_hosts,
+            own_public_url=config.backplane.public_ws_base_url,
+            tls_host=config.tls.host,
         )
 
     def redirect_target(self, workspace_id: str, runtime_target_id: str) -> "Deferred[Optional[str]]":

@@ -56,7 +56,7 @@ class UpgradeDecisions:
         if self._lifecycle.client_cap_reached(query.workspace_id, target):
             self._m.relay_upgrade_rejected_workspace_clients.inc()
             return succeed(UpgradeOutcome(refuse_status=429))
-        if target is None or not self._config.client_redirect_enabled or not self._backplane.cross_relay:
+        if target is None or not self._config.backplane.client_redirect_enabled or not self._backplane.cross_relay:
             return succeed(OPEN)
 
         def decided(url: Optional[str]) -> UpgradeOutcome:

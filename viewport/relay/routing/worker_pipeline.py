@@ -40,7 +40,7 @@ class WorkerPipeline:
             self._refusals.refuse(conn, m.relay_frames_daemon_rate_limited, event="worker_frame_rate_limited",
                                   close="worker rate limit exceeded", workspaceId=conn.workspace_id)
             return
-        if self._refusals.too_large(conn, payload, self._config.max_frame_bytes, m.relay_ws_frame_too_large):
+        if self._refusals.too_large(conn, payload, self._config.limits.max_frame_bytes, m.relay_ws_frame_too_large):
             return
         frame = frames.parse_frame(payload)
         if frame is None or not frames.is_worker_request(frame):
