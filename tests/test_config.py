@@ -12,15 +12,8 @@ from typing import Mapping
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from viewport.relay.config import (
-    ConfigError,
-    SECTIONS,
-    RelayConfig,
-    is_loopback_host,
-    load_config,
-    looks_local,
-    masked,
-)
+from viewport.environment import ConfigError, is_loopback_host, looks_local
+from viewport.relay.config import SECTIONS, RelayConfig, load_config, masked
 
 HMAC = "bus-hmac-key-0123456789abcdef"
 INTERNAL = "k3y-for-the-platform-0123456789"

@@ -11,7 +11,8 @@ import time
 from typing import Mapping, Optional, Sequence
 
 from viewport import __version__
-from viewport.relay.config import ConfigError, by_variable, load_config
+from viewport.environment import ConfigError
+from viewport.relay.config import by_variable, load_config
 from viewport.tokens import load_or_create_secret, mint_token
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")

@@ -15,7 +15,7 @@ from twisted.python import usage
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from viewport.relay.config import ConfigError
+from viewport.environment import ConfigError
 
 
 class EnvironmentOptions(usage.Options):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Callable, Literal, Mapping, NamedTuple, TypeVar
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
+from viewport.environment import ConfigError, is_loopback_host, looks_local
 from viewport.relay.backplane.redis_url import parse_redis_url
 
 RelayMode = Literal["dev", "staging", "prod"]
@@ -31,7 +32,6 @@ _BOOLISH = {"0": False, "1": True, "false": False, "true": True, "no": False, "y
 DEFAULT_SERVER_URL = "https://api.getviewport.com"
 DEFAULT_TLS_HOST = "relay.getviewport.com"
 DEFAULT_PORT = 7781
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 _PLACEHOLDER_WORDS = ("change-me", "placeholder", "example")
 _MIN_INTERNAL_KEY_LENGTH = 24
 _MIN_TOKEN_SECRET_LENGTH = 32
@@ -89,18 +89,6 @@ _INERT_KNOBS: dict[str, str] = {
 }
 
 _T = TypeVar("_T", bound=str)
-
-
-class ConfigError(Exception):
-    """A configuration value that stops startup; ``variable`` names the environment variable or option."""
-
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(variable, problem)
-        self.variable = variable
-        self.problem = problem
-
-    def __str__(self) -> str:
-        return f"{self.variable}: {self.problem}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -278,20 +266,6 @@ _SECRET_FIELDS = frozenset(
     }
 )
 _URL_FIELDS = frozenset({"platform.url", "backplane.redis_url", "backplane.public_ws_base_url"})
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a listen address is one of the loopback names ``127.0.0.1``, ``localhost`` or ``::1``."""
-    return host.strip().lower() in _LOOPBACK_HOSTS
-
-
-def looks_local(url: str) -> bool:
-    """Whether a URL's host is ``localhost``, ``127.0.0.1``, ``::1`` or ends in ``.test``; unparsable is not local."""
-    try:
-        hostname = urlsplit(url.strip()).hostname or ""
-    except ValueError:
-        return False
-    return hostname in _LOOPBACK_HOSTS or hostname.endswith(".test")
 
 
 def masked(config: RelayConfig) -> dict[str, object]:
