@@ -13,6 +13,7 @@ from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITransport
 
+from viewport import strict_json
 from viewport.client.errors import ConnectionClosed, MessageTimeout
 
 
@@ -40,14 +41,11 @@ class Frame:
         return self.payload.decode("utf-8")
 
 
-def _reject_constant(name: str) -> Any:
-    """Refuse ``NaN`` and ``Infinity``, which JSON.parse on the other side would refuse too."""
-    raise ValueError(f"invalid JSON constant {name}")
 
 
 def parse_json_object(text: str) -> dict[str, Any]:
     """Parse ``text`` as a JSON object (strictly: no NaN/Infinity, top level must be an object)."""
-    value = json.loads(text, parse_constant=_reject_constant)
+    value = strict_json.loads(text)
     if not isinstance(value, dict):
         raise ValueError(f"expected a JSON object, got {type(value).__name__}")
     return value

@@ -31,6 +31,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from viewport import strict_json
 from viewport.sockets import NoDelayAgentEndpoints
 from viewport.relay.interfaces import AdmissionResult, IAdmission
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
@@ -71,8 +72,6 @@ def _role_mismatch(claims: Claims, role: str) -> bool:
     return claims.role is not None and claims.role != role
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _reason_text(value: object) -> Optional[str]:
@@ -84,7 +83,7 @@ def _reason_text(value: object) -> Optional[str]:
 def _interpret(status: int, body: bytes, role: str) -> AdmissionResult:
     """Map the platform's answer to a result (docs/protocol.md §2.4)."""
     try:
-        document = json.loads(body.decode("utf-8", "replace"), parse_constant=_reject_constant)
+        document = strict_json.loads(body.decode("utf-8", "replace"))
     except (ValueError, RecursionError):
         return _denied(status, INVALID_JSON)
     answer: dict[Any, Any] = document if isinstance(document, dict) else {}

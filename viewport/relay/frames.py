@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence, TypeGuard
 from urllib.parse import quote
 
+from viewport.strict_json import reject_constant
+
 PROFILE_STRENGTH: Mapping[str, int] = {"noise-ik": 1, "noise-ikpsk2": 2}
 PROFILES = ("noise-ik", "noise-ikpsk2")
 CHANNEL_PREFIX = "agent-session:"
@@ -72,12 +74,10 @@ SESSION_EVENT_KINDS = frozenset(
 )
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(name)
 
 
 # raw_decode skips the whitespace/trailing-data handling of loads; parse_frame does its own.
-_raw_decode = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
+_raw_decode = json.JSONDecoder(parse_constant=reject_constant).raw_decode
 
 
 def parse_frame(data: bytes | str) -> dict[str, object] | None:

@@ -15,6 +15,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from viewport.failures import describe_failure
+
 _log = Logger()
 
 HeaderMap = Mapping[Union[str, bytes], Union[str, bytes]]
@@ -90,13 +92,6 @@ class CappedBody(Protocol):
         if self.transport is not None:
             cast(IPushProducer, self.transport).stopProducing()
         self.done.errback(error)
-
-
-def describe_failure(failure: Failure) -> str:
-    """A short, secret-free description of a network failure."""
-    error = failure.value
-    text = str(error).strip() or type(error).__name__
-    return text[:200]
 
 
 class BoundedCall:

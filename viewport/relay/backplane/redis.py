@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from viewport import strict_json
 from viewport.relay.backplane.redis_connection import (
     RedisLink,
     backoff_delay,
@@ -203,14 +204,12 @@ def _json_object(raw: object) -> Optional[Dict[str, Any]]:
     if not isinstance(raw, str):
         return None
     try:
-        doc = json.loads(raw, parse_constant=_reject_constant)
+        doc = strict_json.loads(raw)
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"JSON constant {name} is not allowed")
 
 
 def _utf8_size(text: str) -> Optional[int]:

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from viewport.failures import describe_failure as describe_any_failure
 from viewport.relay.backplane.redis_url import RedisTarget
 from viewport.sockets import set_no_delay
 
@@ -24,7 +25,7 @@ def describe_failure(failure: Failure) -> str:
         return "no answer within the command timeout"
     if failure.check(txredisapi.InvalidData):
         return "a value could not be encoded"
-    return failure.getErrorMessage() or failure.type.__name__
+    return describe_any_failure(failure)
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, jitter: float, rand: Callable[[], float]) -> float:
