@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Protocol, Set
+from typing import Dict, Iterator, List, Optional, Protocol, Set
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from viewport.relay.config import HeartbeatConfig
@@ -54,6 +54,8 @@ class OpenSockets:
         self._slots: List[Set[Socket]] = [set() for _ in range(HEARTBEAT_SLICES)]
         self._next_slot = 0
         self._tick = 0
+        #: Pong deadlines still to check, by tick; cancelled when every socket is closed for shutdown.
+        self._pong_checks: Dict[int, IDelayedCall] = {}
 
     def __len__(self) -> int:
         return len(self._all)
@@ -100,10 +102,13 @@ class OpenSockets:
                 continue
             pinged.append(socket)
         if pinged:
-            self._clock.callLater(timing.pong_timeout_ms / 1000.0, self._check_pongs, pinged, now_ms)
+            self._pong_checks[self._tick] = self._clock.callLater(
+                timing.pong_timeout_ms / 1000.0, self._check_pongs, pinged, now_ms, self._tick
+            )
         return slot
 
-    def _check_pongs(self, pinged: List[Socket], sent_ms: float) -> None:
+    def _check_pongs(self, pinged: List[Socket], sent_ms: float, tick: int) -> None:
+        self._pong_checks.pop(tick, None)
         try:
             for socket in pinged:
                 conn = socket.conn
@@ -124,6 +129,9 @@ class OpenSockets:
 
     def close_all(self, grace_seconds: float) -> "Deferred[None]":
         """Close every socket with 1001; fire when all are gone, or drop the rest after ``grace_seconds``."""
+        for check in self._pong_checks.values():
+            check.cancel()
+        self._pong_checks.clear()
         waiting = []
         for socket in list(self._all):
             closed: Deferred[None] = Deferred()

@@ -10,7 +10,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -24,6 +24,7 @@ from viewport.relay.metrics import LatencyHistogram, RelayMetrics
 from viewport.relay.registry import Connection
 from viewport.relay.router import Router
 from viewport.relay.routing.upgrades import UpgradeOutcome
+from viewport.relay import wire_shortcuts
 from viewport.relay.upgrade_gate import UpgradeGate
 from viewport.sockets import set_no_delay
 from viewport.relay.upgrade import (
@@ -226,21 +227,9 @@ class _BackPressure:
         self.paused = False
 
 
-TRANSPORT_PAUSE_THRESHOLD = 64 * 1024
 #: After a ``buffer overflow`` close, how long a peer has to read its backlog (and the close frame
 #: behind it) before the socket is dropped.
 SLOW_PEER_ABORT_SECONDS = 1.0
-
-
-def pending_write_bytes(transport: Any, queued_since_pause: int) -> int:
-    """
-    Bytes a transport holds unsent: read from Twisted's TCP buffers when available, else the
-    transport's pause threshold plus what was queued since it paused us.
-    """
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except AttributeError:
-        return TRANSPORT_PAUSE_THRESHOLD + queued_since_pause
 
 
 @implementer(IPeer)
@@ -264,10 +253,11 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     _latency: Optional[LatencyHistogram] = None
     _redirect_location: Optional[str] = None
     _redirect_in_band: Optional[str] = None
+    _slow_peer_abort: Optional[IDelayedCall] = None
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed Autobahn without its per-read debug formatting."""
-        self._dataReceived(data)
+        """Feed Autobahn's frame parser (without its per-read debug formatting: ``wire_shortcuts.feed``)."""
+        wire_shortcuts.feed(self, data)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         """
@@ -281,6 +271,10 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         super().connectionLost(reason)
         self.is_closed = succeed(None)
         self.conn = None
+        abort = self._slow_peer_abort
+        if abort is not None and abort.active():
+            abort.cancel()
+        self._slow_peer_abort = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
         """
@@ -329,6 +323,9 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         return d.addCallback(self._decided, request)
 
     def _decided(self, outcome: UpgradeOutcome, request: ConnectionRequest) -> Optional[str]:
+        if not self.factory.gate.accepting:
+            # Admission answered after the relay began to drain: nobody would close this socket.
+            raise ConnectionDeny(503, _status_phrase(503))
         if outcome.refuse_status is not None:
             raise ConnectionDeny(outcome.refuse_status, _status_phrase(outcome.refuse_status))
         if outcome.location is not None:
@@ -386,13 +383,8 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             self._internal_error()
 
     def onMessageEnd(self) -> None:
-        """
-        A complete message: hand it over directly. (Autobahn would also fire a "message" event
-        through a Deferred per message that nobody listens to: about a fifth of our per-frame cost.)
-        """
-        if not self.failedByMe:
-            self.onMessage(b"".join(self.message_data), self.message_is_binary)
-        self.message_data = None  # type: ignore[assignment]
+        """A complete message: straight to ``onMessage`` (``wire_shortcuts.deliver_message``)."""
+        wire_shortcuts.deliver_message(self, self.onMessage)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         """
@@ -455,16 +447,15 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         """
         Forward text unchanged, unless the peer stopped reading (then close 4008).
 
-        The frame (unmasked, FIN, text opcode) is written straight to the transport: Autobahn's
-        generic send path costs several microseconds per frame for options the relay never uses.
-        Autobahn's own queue is respected when it holds anything.
+        The frame is written straight to the transport (``wire_shortcuts.write_text_frame``) unless
+        Autobahn's own queue holds anything.
         """
         if self.state != STATE_OPEN:
             return
         back_pressure = self._back_pressure
         if back_pressure is not None and back_pressure.paused:
             limit = self.factory.max_pending_bytes
-            pending = pending_write_bytes(self.transport, back_pressure.queued_since_pause)
+            pending = wire_shortcuts.pending_write_bytes(self.transport, back_pressure.queued_since_pause)
             back_pressure.queued_since_pause += len(payload)
             if pending > limit:
                 self._overflowed(pending, limit)
@@ -472,13 +463,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
         if self.send_queue:
             self.sendMessage(payload, False)
             return
-        length = len(payload)
-        if length < 126:
-            self.transport.write(bytes((0x81, length)) + payload)  # type: ignore[union-attr]
-        elif length < 65536:
-            self.transport.write(b"\x81\x7e" + length.to_bytes(2, "big") + payload)  # type: ignore[union-attr]
-        else:
-            self.transport.writeSequence((b"\x81\x7f" + length.to_bytes(8, "big"), payload))  # type: ignore[union-attr]
+        wire_shortcuts.write_text_frame(self.transport, payload)
 
     def _overflowed(self, pending: int, limit: int) -> None:
         """
@@ -499,9 +484,10 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
             ip=getattr(self, "ip", None),
         )
         self.close(4008, "buffer overflow")
-        factory.clock.callLater(SLOW_PEER_ABORT_SECONDS, self._abort_if_connected)
+        self._slow_peer_abort = factory.clock.callLater(SLOW_PEER_ABORT_SECONDS, self._abort_if_connected)
 
     def _abort_if_connected(self) -> None:
+        self._slow_peer_abort = None
         transport = self.transport
         if transport is not None and self.state != WebSocketProtocol.STATE_CLOSED:
             transport.abortConnection()  # type: ignore[attr-defined]
@@ -521,7 +507,7 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     def send_ping(self) -> None:
         """An empty ping frame, written directly (the heartbeat sends thousands per interval)."""
         if self.state == STATE_OPEN and not self.send_queue:
-            self.transport.write(b"\x89\x00")  # type: ignore[union-attr]
+            wire_shortcuts.write_empty_ping(self.transport)
         else:
             self.sendPing()
 
@@ -542,6 +528,7 @@ class RelayWebSocketFactory(WebSocketServerFactory):
         self,
         *,
         clock: IReactorTime,
+        gate: UpgradeGate,
         admission: IAdmission,
         router: Router,
         sockets: OpenSockets,
@@ -552,6 +539,7 @@ class RelayWebSocketFactory(WebSocketServerFactory):
     ) -> None:
         super().__init__(reactor=clock, server=SERVER_HEADER)
         self.clock = clock
+        self.gate = gate
         self.admission = admission
         self.router = router
         self.sockets = sockets
@@ -589,6 +577,7 @@ class RelayPortFactory(Factory):
         config = relay.config
         self.ws_factory = RelayWebSocketFactory(
             clock=relay.clock,
+            gate=relay.gate,
             admission=relay.admission,
             router=relay.router,
             sockets=relay.sockets,
