@@ -295,7 +295,8 @@ def test_client_that_never_reads_again_is_dropped_after_the_grace(relays: Any) -
             yield fetch_metrics(relay)
             assert time.monotonic() < deadline, "the relay never closed the slow client"
         # The client does not read, so it cannot notice the drop itself: the relay's count shows it.
-        yield settled(relay, 1, timeout=3.0)
+        # Dropped a second after the 4008 (tests/test_socket_backpressure.py times it); this only guards a hang.
+        yield settled(relay, 1, timeout=10.0)
         logged = relay.events("ws_slow_peer_closed")[-1]["details"]
         assert (logged["role"], logged["workspaceId"], logged["limitBytes"]) == ("client", "flood-stuck", 65536)
         assert daemon.is_open
@@ -308,16 +309,14 @@ def test_client_that_never_reads_again_is_dropped_after_the_grace(relays: Any) -
 
 @pytest_twisted.inlineCallbacks
 def test_peer_that_stops_answering_pings_is_dropped(relays: Any) -> Any:
-    """A client that stops reading (so never answers pings) is dropped within ping interval plus pong timeout."""
+    """A client that stops reading (so never answers pings) is dropped for a heartbeat timeout; a healthy one stays."""
     relay = relays["heartbeat"]
     healthy = yield open_peer(relay, "client", "heartbeat", "rt1")
     silent = yield open_peer(relay, "client", "heartbeat", "rt1")
     try:
         silent.pause_reading()
-        started = time.monotonic()
+        # The deadline itself is timed on a fake clock in tests/test_socket_heartbeat.py.
         yield metric_reaches(relay, "relay_ws_stale_terminated_total", 1, timeout=10.0)
-        elapsed = time.monotonic() - started
-        assert elapsed < (PING_INTERVAL_MS + PONG_TIMEOUT_MS) / 1000.0 + 2.0
         silent.resume_reading()
         info = yield closed_within(silent, 5.0)
         assert info.code == 1006 and not info.was_clean

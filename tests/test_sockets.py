@@ -1,15 +1,15 @@
-"""TCP_NODELAY on the relay's outbound connections: the platform/bus HTTP client (http and https) and Redis."""
+"""TCP_NODELAY on the sockets the relay accepts (plain and TLS) and on its outbound connections: the platform/bus HTTP client and Redis."""
 
 from __future__ import annotations
 
 import socket
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, List
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 from twisted.internet.testing import StringTransport
@@ -19,9 +19,17 @@ from zope.interface import implementer
 
 from tests.certs import make_certificates
 from tests.redis_server import SHARED_REDIS_URL
+from tests.support import TEST_SECRET, poll_until
 from tests.test_backplane_redis import KEY
+from viewport.relay.admission import LocalAdmission
 from viewport.relay.backplane.redis import RedisBackplane
+from viewport.relay.backplane.single import SingleBackplane
+from viewport.relay.config import load_config
+from viewport.relay.core import Relay
+from viewport.relay.protocol import RelayPortFactory
+from viewport.relay.web import make_site
 from viewport.sockets import NoDelayAgentEndpoints, set_no_delay
+from viewport.tokens import LocalTokenVerifier
 
 
 def _no_delay(transport: Any) -> int:
@@ -87,3 +95,45 @@ def test_redis_connections_have_nodelay() -> Any:
             assert _no_delay(link.protocol.transport) == 1, link.name
     finally:
         yield backplane.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_accepted_relay_sockets_have_nodelay(listener: Any) -> Any:
+    """
+    Every socket the relay accepts, plain and TLS, has TCP_NODELAY from its first byte on: without it
+    the second of two frames written a few ms apart waits for the peer's delayed ACK (about 40 ms).
+    """
+    _, _, certs = listener
+    config = load_config({"RELAY_TOKEN_SECRET": TEST_SECRET}, home=tempfile.mkdtemp(prefix="sockets-home-"))
+    relay = Relay(config=config, clock=reactor, backplane=SingleBackplane("relay-nodelay"),
+                  admission=LocalAdmission(LocalTokenVerifier(TEST_SECRET, ["HS256"]), reactor))
+    factory = RelayPortFactory(relay, make_site(relay))
+    accepted: List[Any] = []
+    build = factory.buildProtocol
+
+    def recording(addr: Any) -> Any:
+        protocol = build(addr)
+        accepted.append(protocol)
+        return protocol
+
+    factory.buildProtocol = recording  # type: ignore[method-assign]
+    with open(certs.cert_path, "rb") as cert, open(certs.key_path, "rb") as key:
+        server_options = PrivateCertificate.loadPEM(cert.read() + key.read()).options()
+    ports = [
+        (yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)),
+        (yield SSL4ServerEndpoint(reactor, 0, server_options, interface="127.0.0.1").listen(factory)),
+    ]
+    clients = []
+    try:
+        for port in ports:
+            client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+                Factory.forProtocol(Protocol))
+            clients.append(client)
+        yield poll_until(lambda: len(accepted) == 2 and all(p.transport is not None for p in accepted),
+                         what="both sockets accepted")
+        assert [_no_delay(protocol.transport) for protocol in accepted] == [1, 1]
+    finally:
+        for client in clients:
+            client.transport.abortConnection()
+        for port in ports:
+            yield port.stopListening()
