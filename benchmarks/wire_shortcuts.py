@@ -42,7 +42,19 @@ class LibraryPath(WebSocketServerProtocol):
 
 
 class ShortcutPath(LibraryPath):
-    """The relay's receive path."""
+    """The relay's receive path: common frames parsed by ``wire_shortcuts.receive``, the rest as Autobahn does."""
+
+    held_bytes = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        wire_shortcuts.receive(self, data, 1 << 20)
+
+    def onMessageEnd(self) -> None:
+        wire_shortcuts.deliver_message(self, self.onMessage)
+
+
+class FedPath(LibraryPath):
+    """Autobahn's parser without its per-read debug event and per-message signal (``feed``, ``deliver_message``)."""
 
     def dataReceived(self, data: bytes) -> None:
         wire_shortcuts.feed(self, data)
@@ -90,6 +102,8 @@ def main(argv: List[str]) -> None:
     frame = masked_frame(ENVELOPE)
     library, _ = open_protocol(LibraryPath)
     shortcut, _ = open_protocol(ShortcutPath)
+    fed, _ = open_protocol(FedPath)
+    burst = frame * 20
     sender, transport = open_protocol(LibraryPath)
 
     def send_library() -> None:
@@ -109,7 +123,10 @@ def main(argv: List[str]) -> None:
         transport.clear()
 
     rows = [
-        ("receive a 256 B frame", lambda: library.dataReceived(frame), lambda: shortcut.dataReceived(frame)),
+        ("receive a 256 B frame: feed + deliver_message", lambda: library.dataReceived(frame), lambda: fed.dataReceived(frame)),
+        ("receive a 256 B frame: receive", lambda: library.dataReceived(frame), lambda: shortcut.dataReceived(frame)),
+        ("receive 20 × 256 B in one read: receive", lambda: library.dataReceived(burst),
+         lambda: shortcut.dataReceived(burst)),
         ("send a 256 B text frame", send_library, send_shortcut),
         ("send an empty ping", ping_library, ping_shortcut),
     ]

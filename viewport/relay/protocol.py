@@ -254,10 +254,12 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
     _redirect_location: Optional[str] = None
     _redirect_in_band: Optional[str] = None
     _slow_peer_abort: Optional[IDelayedCall] = None
+    #: The start of a frame still arriving, parsed by ``wire_shortcuts.receive`` when it is complete.
+    held_bytes: bytes = b""
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed Autobahn's frame parser (without its per-read debug formatting: ``wire_shortcuts.feed``)."""
-        wire_shortcuts.feed(self, data)
+        """Frames in: the common ones parsed here, the rest by Autobahn (``wire_shortcuts.receive``)."""
+        wire_shortcuts.receive(self, data, self.factory.max_frame_bytes)
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         """
@@ -544,6 +546,7 @@ class RelayWebSocketFactory(WebSocketServerFactory):
         self.router = router
         self.sockets = sockets
         self.metrics = metrics
+        self.max_frame_bytes = max_frame_bytes
         self.max_pending_bytes = max_pending_bytes
         self.setProtocolOptions(
             # Text is validated once per message in onMessage: Autobahn's incremental validator

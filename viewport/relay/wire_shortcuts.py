@@ -23,7 +23,10 @@ send an empty ping                 3.3 µs      0.3 µs    0.08
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Tuple
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.xormasker import create_xor_masker
 
 #: Twisted pauses a registered producer once its TCP transport holds this much (``FileDescriptor.bufferSize``).
 TRANSPORT_PAUSE_THRESHOLD = 64 * 1024
@@ -78,3 +81,98 @@ def pending_write_bytes(transport: Any, queued_since_pause: int) -> int:
         return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
     except AttributeError:
         return TRANSPORT_PAUSE_THRESHOLD + queued_since_pause
+
+
+#: Up to this many bytes an integer XOR unmasks faster than Autobahn's masker (NVX, in C), whose
+#: setup costs about 4 µs per frame; above it the masker is faster (benchmarks/wire_shortcuts.py).
+INT_UNMASK_MAX = 1024
+#: ``next_client_text_frame``'s answer when the frame is not the common case: the library parses it.
+NEEDS_LIBRARY = -1
+_STATE_OPEN = WebSocketProtocol.STATE_OPEN
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    """``payload`` XOR the repeated 4-byte ``key``, as RFC 6455 §5.3 unmasks a client frame."""
+    size = len(payload)
+    if size > INT_UNMASK_MAX:
+        return create_xor_masker(key, size).process(payload)  # type: ignore[no-any-return]
+    if not size:
+        return b""
+    mask = int.from_bytes((key * ((size + 3) >> 2))[:size], "little")
+    return (int.from_bytes(payload, "little") ^ mask).to_bytes(size, "little")
+
+
+def next_client_text_frame(data: bytes, offset: int, max_payload: int) -> Tuple[Optional[bytes], int]:
+    """
+    The frame at ``data[offset]`` when it is the common case: final, text, masked, no RSV bits, its length
+    minimally encoded in 7 or 16 bits and at most ``max_payload``. Returns (its unmasked payload, the offset
+    after it); ``(None, offset)`` when ``data`` ends before the frame does; ``(None, NEEDS_LIBRARY)`` for
+    anything else (control frames, binary, fragments, protocol violations, 64-bit lengths, oversize frames),
+    which Autobahn must parse, refuse or close for.
+    """
+    available = len(data) - offset
+    if available < 2:
+        return None, offset
+    if data[offset] != 0x81 or data[offset + 1] < 0x80:
+        return None, NEEDS_LIBRARY
+    length = data[offset + 1] & 0x7F
+    if length < 126:
+        start = offset + 6
+    elif length == 126:
+        if available < 4:
+            return None, offset
+        length = (data[offset + 2] << 8) | data[offset + 3]
+        if length < 126:
+            return None, NEEDS_LIBRARY
+        start = offset + 8
+    else:
+        return None, NEEDS_LIBRARY
+    if length > max_payload:
+        return None, NEEDS_LIBRARY
+    end = start + length
+    if end > len(data):
+        return None, offset
+    return unmask(data[start:end], data[start - 4:start]), end
+
+
+def receive(protocol: Any, data: bytes, max_payload: int) -> None:
+    """
+    A server protocol's ``dataReceived``: the common client frames at the start of ``data`` (several per
+    read, ``next_client_text_frame``) go straight to ``protocol.onMessage``, and everything from the first
+    frame that is not the common case on goes to Autobahn. Autobahn's parser costs about 10 µs per small
+    frame: it builds a frame header object and a masker, slices its buffer once per frame, and fires
+    per-frame hooks the relay does not use. A frame that has only partly arrived waits in
+    ``protocol.held_bytes`` for the next read.
+
+    The fast path runs only while the WebSocket is open and Autobahn holds no part of a frame or of a
+    fragmented message, so the two parsers never share one; once a message closes the WebSocket, the
+    rest of the read is Autobahn's too.
+    """
+    held = protocol.held_bytes
+    if held:
+        data = held + data
+        protocol.held_bytes = b""
+    if (
+        protocol.state != _STATE_OPEN
+        or protocol.current_frame is not None
+        or protocol.inside_message
+        or protocol.data
+    ):
+        feed(protocol, data)
+        return
+    offset = 0
+    while True:
+        payload, after = next_client_text_frame(data, offset, max_payload)
+        if payload is None:
+            break
+        offset = after
+        protocol.onMessage(payload, False)
+        if protocol.state != _STATE_OPEN:
+            after = NEEDS_LIBRARY
+            break
+    if offset == len(data):
+        return
+    if after == NEEDS_LIBRARY:
+        feed(protocol, data[offset:] if offset else data)
+    else:
+        protocol.held_bytes = data[offset:] if offset else data
