@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -35,6 +36,7 @@ from viewport.relay.frames import (
     is_number,
     is_worker_request,
     js_trim,
+    _parse_strictly,
     parse_frame,
     relay_redirect,
     runtime_target_required,
@@ -233,6 +235,35 @@ class ParseFrameTests(SynchronousTestCase):
     def test_deep_nesting_rejected(self) -> None:
         """Nesting deep enough to exhaust the recursion limit is rejected, not raised."""
         self.assertIsNone(parse_frame('{"a":' + "[" * 100000 + "]" * 100000 + "}"))
+
+    def test_big_integers_are_read_as_javascript_reads_them(self) -> None:
+        """Integers beyond 64 bits become floats (JSON.parse makes every number a double); smaller ones stay exact."""
+        frame = parse_frame('{"a":123456789012345678901234567890,"b":9007199254740993,"c":1e400}')
+        assert frame is not None
+        self.assertEqual((type(frame["a"]), frame["b"], frame["c"]), (float, 9007199254740993, float("inf")))
+
+    def test_fast_and_strict_parsers_agree(self) -> None:
+        """
+        orjson answers most frames; what it refuses goes to the json parser: for valid frames, mutated
+        bytes and odd texts alike, the result is the strict parser's.
+        """
+        rng = random.Random(5)
+        samples: list[bytes] = [
+            b'{"a":"\\ud800"}', b'{"a":"\\udc00x"}', b'{"a":1e400}', b'{"a":-1e400}', b'{"a":1E+2}', b"{}",
+            b'{"a":"\xed\xa0\x80"}', b'{"a":"\xff"}', b"\xef\xbb\xbf{}", b'{"a":' + b"[" * 1100 + b"]" * 1100 + b"}",
+            b'{"a":0.1e-400}', b'{"a":-0}', b'{"a":-0.0}', b'{"":1}', b'{"a":"\\u0000"}', b'{"a"\x00:1}',
+        ]
+        valid = [json.dumps(_random_value(rng, 4)) for _ in range(300)]
+        samples += [("{" + ",".join(f'"k{i}":{v}' for i, v in enumerate(valid[j:j + 3])) + "}").encode() for j in range(300)]
+        for sample in list(samples):
+            for _ in range(5):
+                data = bytearray(sample)
+                if data:
+                    data[rng.randrange(len(data))] = rng.randrange(256)
+                samples.append(bytes(data))
+        for sample in samples:
+            with self.subTest(sample=sample[:60]):
+                self.assertEqual(parse_frame(sample), _parse_strictly(sample))
 
     def test_number_types(self) -> None:
         """Integral JSON numbers written with a fraction parse as floats that still count as integers."""
@@ -1059,3 +1090,21 @@ class AllowedChannelsTests(SynchronousTestCase):
             allowed_channels([" agent-session:a ", "agent-session:b", "workspace:c", "", 7]),
             frozenset({"agent-session:a", "agent-session:b"}),
         )
+
+
+def _random_value(rng: random.Random, depth: int) -> object:
+    kind = rng.randrange(8 if depth else 5)
+    if kind == 0:
+        return rng.choice([0, 1, -1, 2**53 + 1, 2**63, 2**64 + 5, -(2**70), 10**30])
+    if kind == 1:
+        return rng.choice([0.5, -2.0, 1e300, 5e-324, 1.0])
+    if kind == 2:
+        return "".join(rng.choice(["a", "é", "😀", "\\", '"', "\n", "\u2028", "\x00", " "]) for _ in range(rng.randrange(6)))
+    if kind == 3:
+        return rng.choice([True, False, None])
+    if kind == 4:
+        return ""
+    if kind in (5, 6):
+        return {f"k{rng.randrange(3)}": _random_value(rng, depth - 1) for _ in range(rng.randrange(4))}
+    return [_random_value(rng, depth - 1) for _ in range(rng.randrange(4))]
+

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence, TypeGuard
 from urllib.parse import quote
 
+import orjson
+
 from viewport.strict_json import reject_constant
 
 PROFILE_STRENGTH: Mapping[str, int] = {"noise-ik": 1, "noise-ikpsk2": 2}
@@ -76,12 +78,33 @@ SESSION_EVENT_KINDS = frozenset(
 
 
 
-# raw_decode skips the whitespace/trailing-data handling of loads; parse_frame does its own.
-_raw_decode = json.JSONDecoder(parse_constant=reject_constant).raw_decode
+def _integer_as_orjson_reads_it(text: str) -> int | float:
+    """An integer within [-2**63, 2**64) exactly, a larger one as a float (orjson's rule, near JSON.parse's)."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else float(value)
+
+
+# raw_decode skips the whitespace/trailing-data handling of loads; _parse_strictly does its own.
+_raw_decode = json.JSONDecoder(parse_constant=reject_constant, parse_int=_integer_as_orjson_reads_it).raw_decode
 
 
 def parse_frame(data: bytes | str) -> dict[str, object] | None:
-    """Decode a message with JavaScript ``JSON.parse`` semantics; ``None`` unless it is a JSON object."""
+    """
+    Decode a message with JavaScript ``JSON.parse`` semantics; ``None`` unless it is a JSON object.
+
+    orjson parses the frames that make up the traffic about three times faster than ``json``; what it
+    refuses (``1e400``, lone surrogates, nesting over 1024 levels, invalid UTF-8) is parsed again by
+    ``json``, whose answer stands, so the accepted set is ``json``'s. Both read integers beyond 64 bits
+    as floats, as ``JSON.parse`` reads every number as a double.
+    """
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _parse_strictly(data)
+    return frame if type(frame) is dict else None
+
+
+def _parse_strictly(data: bytes | str) -> dict[str, object] | None:
     text = data if isinstance(data, str) else data.decode("utf-8", "replace")
     start = 0
     if text[:1] != "{":
