@@ -153,7 +153,7 @@ class Harness:
 
     def count(self, name: str) -> float:
         """The value of a counter, by attribute name."""
-        return float(getattr(self.metrics, name)._value.get())
+        return float(getattr(self.metrics, name).value)
 
     def key_exchange(self, client: Connection, daemon: Connection, request_id: str = "k1",
                      session_id: str = "s1", now: float = 0) -> None:

@@ -97,7 +97,7 @@ class UpgradeRefusalTests(SynchronousTestCase):
         bearer = mint("client", "w1", "rt1", now=0)
         client = self.exchange(relay, head(Authorization=f"Bearer {bearer}"))
         self.assertEqual(client.received, b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
-        self.assertEqual(relay.metrics.relay_upgrade_errors._value.get(), 1)
+        self.assertEqual(relay.metrics.relay_upgrade_errors.value, 1)
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual([e.get("relay_event") for e in self.events if e.get("log_failure")], ["upgrade_error"])
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from viewport import __version__
@@ -107,17 +107,50 @@ class _HistogramCollector:
         return self.collect()
 
 
+class EventCount:
+    """
+    A counter kept as a plain integer: ``inc`` is one addition (prometheus-client's ``Counter.inc``
+    takes a lock and checks its argument, about 0.25 µs, and the frame path counts two to four
+    things per frame). The relay runs on one reactor thread; ``_CountCollector`` exposes the value
+    at scrape time, exactly as a ``Counter`` would.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        """Add ``amount`` (one by default)."""
+        self.value += amount
+
+
+class _CountCollector:
+    """Exports ``EventCount``s as Prometheus counters, in registration order, at scrape time."""
+
+    def __init__(self, counts: Mapping[str, "tuple[EventCount, str]"]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        """One counter family per count (``name`` without ``_total``: the family adds it to the sample)."""
+        for name, (count, documentation) in self._counts.items():
+            yield CounterMetricFamily(name[: -len("_total")], documentation, value=count.value)
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing at registration (counts are added after it); the names are unique by construction."""
+        return ()
+
+
 class RelayMetrics:
     """
     Every metric one relay exposes, registered in a registry of its own.
 
     Calling convention (one uniform approach, attribute access, no name lookups at run time):
 
-    - Counters are prometheus-client ``Counter`` objects on attributes named after the metric
-      without its ``_total`` suffix, so the exposed name is the attribute plus ``_total``:
-      ``metrics.relay_frames_client_to_daemon.inc()``, ``metrics.relay_bytes_client_to_daemon.inc(n)``.
-      ``Counter.inc`` costs about 0.25 µs (an uncontended lock), cheap enough for the frame path,
-      so no shadow integer counters are kept.
+    - Counters are ``EventCount`` objects (plain integers, exposed as Prometheus counters) on
+      attributes named after the metric without its ``_total`` suffix, so the exposed name is the
+      attribute plus ``_total``: ``metrics.relay_frames_client_to_daemon.inc()``,
+      ``metrics.relay_bytes_client_to_daemon.inc(n)``; the value is ``.value``.
     - The two gauges keep their full names: ``metrics.relay_connections_total.set(n)``.
     - Forwarding latency: ``metrics.relay_forward_client_to_daemon_seconds.observe(s)`` and
       ``metrics.relay_forward_daemon_to_client_seconds.observe(s)`` (see ``LatencyHistogram``).
@@ -131,7 +164,10 @@ class RelayMetrics:
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         #: Every counter by its exposed name (with ``_total``), in registration order.
-        self.counters: dict[str, Counter] = {}
+        self.counters: dict[str, EventCount] = {}
+        self._documented: dict[str, tuple[EventCount, str]] = {}
+        # First, so the counters come first in the exposition, as when each was its own Counter.
+        self.registry.register(_CountCollector(self._documented))
 
         # upgrade
         self.relay_upgrade_rate_limited = self._counter(
@@ -341,20 +377,22 @@ class RelayMetrics:
             )
         )
 
-    def _counter(self, name: str, documentation: str) -> Counter:
+    def _counter(self, name: str, documentation: str) -> EventCount:
         """Create and register one counter; ``name`` is the exposed name, ending in ``_total``."""
         if not name.endswith("_total"):
             raise ValueError(f"counter name {name!r} must end in _total")
-        # prometheus-client strips a trailing _total and adds it back to the sample.
-        counter = Counter(name[: -len("_total")], documentation, registry=self.registry)
-        self.counters[name] = counter
-        return counter
+        if name in self.counters:
+            raise ValueError(f"counter {name!r} registered twice")
+        count = EventCount()
+        self.counters[name] = count
+        self._documented[name] = (count, documentation)
+        return count
 
     def counter_values(self) -> dict[str, int]:
         """Every counter that moved, by its exposed name (logged when the relay stops)."""
         values: dict[str, int] = {}
         for name, counter in self.counters.items():
-            value = int(counter._value.get())
+            value = counter.value
             if value:
                 values[name] = value
         return values

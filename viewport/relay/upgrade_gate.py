@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Mapping, Optional
 from urllib.parse import parse_qs, urlsplit
 
-from prometheus_client import Counter
-
 from viewport.relay.config import RelayConfig
 from viewport.relay.limits import FixedWindowLimiter
-from viewport.relay.metrics import RelayMetrics
+from viewport.relay.metrics import EventCount, RelayMetrics
 from viewport.relay.registry import Registry
 from viewport.relay.upgrade import (
     OriginPolicy,
@@ -34,7 +32,7 @@ class UpgradeGate:
         self._limiter = FixedWindowLimiter(config.limits.upgrade_rate_per_minute, 60_000, config.limits.upgrade_bucket_max)
         self._proxies = TrustedProxies(config.listen.trusted_proxies)
         self._origins = OriginPolicy(config.listen.allowed_origins)
-        self._counters: Mapping[UpgradeRefusal, Counter] = {
+        self._counters: Mapping[UpgradeRefusal, EventCount] = {
             UpgradeRefusal.RATE_LIMITED: metrics.relay_upgrade_rate_limited,
             UpgradeRefusal.TOTAL_CONNECTIONS: metrics.relay_upgrade_rejected_total_connections,
             UpgradeRefusal.IP_CONNECTIONS: metrics.relay_upgrade_rejected_ip_connections,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-from prometheus_client import Counter
 
 from viewport.relay import frames
 from viewport.relay.interfaces import BusFrame, IBackplane
-from viewport.relay.metrics import RelayMetrics
+from viewport.relay.metrics import EventCount, RelayMetrics
 from viewport.relay.registry import Connection, Owner, ScopeState
 from viewport.relay.routing.events import RoutingLog
 from viewport.relay.routing.remote_path import RemotePath
@@ -33,7 +32,7 @@ class Delivery:
         self._m.relay_bytes_client_to_daemon.inc(len(payload))
 
     def to_owner(
-        self, scope: ScopeState, owner: Owner, payload: bytes, now_ms: float, routed_local: Counter, routed_bus: Counter
+        self, scope: ScopeState, owner: Owner, payload: bytes, now_ms: float, routed_local: EventCount, routed_bus: EventCount
     ) -> bool:
         """
         A daemon frame to whoever owns its request or session: an open local client, or another

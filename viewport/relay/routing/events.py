@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from prometheus_client import Counter
 from twisted.logger import Logger, LogLevel
 
 from viewport.relay.logs import in_words
+from viewport.relay.metrics import EventCount
 from viewport.relay.registry import Connection
 
 #: The one application close code of the contract: every post-upgrade policy failure.
@@ -61,7 +61,7 @@ class Refusals:
     def refuse(
         self,
         conn: Connection,
-        counter: Counter,
+        counter: EventCount,
         *,
         event: Optional[str] = None,
         reply: Optional[str] = None,
@@ -80,7 +80,7 @@ class Refusals:
         if close is not None:
             conn.peer.close(CLOSE_POLICY, close)
 
-    def too_large(self, conn: Connection, payload: bytes, limit: int, counter: Counter) -> bool:
+    def too_large(self, conn: Connection, payload: bytes, limit: int, counter: EventCount) -> bool:
         """The relay's own size check (Autobahn already closes 1009 on oversize messages)."""
         if len(payload) <= limit:
             return False
