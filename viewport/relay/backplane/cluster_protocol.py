@@ -240,7 +240,9 @@ class ShardSubscriberMixin(ClusterRedirectsMixin):
             if kind == "sunsubscribe" and channel is not None:
                 self._guarded(self.shardChannelUnsubscribed, channel)
             else:
-                self._log.warn("unexpected {kind} confirmation from redis", kind=kind)
+                self._log.warn(
+                    "unexpected {kind} confirmation from redis", relay_event="relay_redis_unexpected_confirmation", kind=kind
+                )
             return
         head.confirmed += 1
         done = int(count) == 0 if head.channels is None else head.confirmed == len(head.channels)  # type: ignore[call-overload]
