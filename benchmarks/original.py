@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import BENCH_SECRET, REPO_ROOT, UNLIMITED_RATES, proc_cpu_seconds  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 
 REFERENCE_ROOT = "/work/shared/reference-relay"
 #: The build with the cross-relay registry fix (the stock ``dist/`` never delivers daemon→client across relays).
@@ -55,13 +55,6 @@ CONNECTION_LIMITS: Dict[str, str] = {
 SHARED_LIMITS: Dict[str, str] = {**UNLIMITED_RATES, **CONNECTION_LIMITS}
 #: RFC 7519 registered claims a platform answer must not carry (its claims follow the schema alone).
 _REGISTERED_ONLY = ("exp", "iat", "nbf", "sub", "aud")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the original needs a fixed ``PORT``)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_http(url: str, timeout: float, alive: Optional[Any] = None) -> None:

@@ -20,19 +20,20 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
+from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from tests.redis_server import free_port
+from tests.ports import free_port
 from tests.support import (
     REPO_ROOT,
+    EchoDaemon,
+    RawClient,
     RelayProcess,
     e2e_env,
     envelope,
     fetch_metrics,
     http_request,
     kex_init,
-    kex_response,
     poll_until,
     start_relays,
     status_of,
@@ -215,27 +216,6 @@ def routing(balancer: AnyBalancer, timeout: float = 15.0) -> Any:
 # --- peers behind a balancer -------------------------------------------------------------------------
 
 
-class EchoDaemon:
-    """A daemon behind the balancer: answers key exchanges and echoes envelopes, reconnecting on its own."""
-
-    def __init__(self, url: str, workspace: str) -> None:
-        self.sessions = 0
-        self.failed_attempts: List[BaseException] = []
-        self.connection = ReconnectingConnection(
-            reactor, url, token_factory=lambda: token("workspace-daemon", workspace, RUNTIME_TARGET),
-            role="workspace-daemon", workspace_id=workspace, runtime_target_id=RUNTIME_TARGET,
-            base_delay=0.05, max_delay=0.5, on_message=self._message, on_attempt_failed=self.failed_attempts.append,
-        )
-
-    def _message(self, text: str) -> None:
-        frame = json.loads(text)
-        if frame.get("type") == "relay_key_exchange_init":
-            self.sessions += 1
-            self.connection.send_text(kex_response(frame["requestId"], f"s{self.sessions}"))
-        elif frame.get("type") == "e2ee":
-            self.connection.send_text(text)
-
-
 class BrowserClient:
     """A client behind the balancer (token in the subprotocol, as browsers send it) that records what it receives."""
 
@@ -277,29 +257,6 @@ def round_trip(client: BrowserClient, request_id: str) -> Any:
 # --- raw upgrades from a chosen source address -------------------------------------------------------
 
 
-class _UpgradeProbe(Protocol):
-    """Writes one upgrade request; ``status`` fires with the answer's status, and a 101 socket stays open."""
-
-    def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.received = b""
-        self.status: "Deferred[Optional[int]]" = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.request)  # type: ignore[union-attr]
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.status.called:
-            return  # frames after the 101 (pings, status frames) do not matter here
-        self.received += data
-        if b"\r\n\r\n" in self.received:
-            self.status.callback(status_of(self.received))
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.status.called:
-            self.status.callback(status_of(self.received))
-
-
 class SourceClients:
     """
     Client upgrades sent from chosen loopback addresses (127.0.0.2, 127.0.0.3, ...: all local on
@@ -310,7 +267,7 @@ class SourceClients:
     def __init__(self, relays: List[RelayProcess], workspace: str) -> None:
         self.relays = relays
         self.workspace = workspace
-        self._probes: List[_UpgradeProbe] = []
+        self._probes: List[RawClient] = []
 
     @inlineCallbacks
     def open(self, source: str, port: int, client_id: str, forwarded_for: Optional[str] = None) -> Any:
@@ -319,11 +276,11 @@ class SourceClients:
         if forwarded_for is not None:
             headers["X-Forwarded-For"] = forwarded_for
         target = f"/ws?role=client&workspaceId={self.workspace}&runtimeTargetId={RUNTIME_TARGET}"
-        probe = _UpgradeProbe(upgrade_request(target, headers))
+        probe = RawClient(upgrade_request(target, headers), head_only=True)  # a 101 socket stays open
         self._probes.append(probe)
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5, bindAddress=(source, 0))
         yield connectProtocol(endpoint, probe)
-        status = yield probe.status.addTimeout(10, reactor)
+        status = status_of((yield probe.done.addTimeout(10, reactor)))
         if status == 101:
             # The next upgrade must find this one counted against its IP.
             yield poll_until(lambda: self.ip_of(client_id), 10, f"{client_id} registered")
@@ -392,7 +349,7 @@ def sticky_failover(make: BalancerFactory, workspace_count: int) -> Any:
     try:
         balancer = make(*relays)
         workspaces = [f"ws-{n}" for n in range(workspace_count)]
-        daemons = {w: EchoDaemon(balancer.url, w) for w in workspaces}
+        daemons = {w: EchoDaemon(balancer.url, w, RUNTIME_TARGET) for w in workspaces}
         clients = {w: BrowserClient(balancer.url, w) for w in workspaces}
         # Each daemon just before its client: a balancer that alternates between the relays would split them.
         peers = [peer.connection for w in workspaces for peer in (daemons[w], clients[w])]

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import uuid
 from typing import Any, Dict, List, Mapping, Optional
@@ -16,15 +13,14 @@ from typing import Any, Dict, List, Mapping, Optional
 import psycopg
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.python.failure import Failure
 
-from tests.support import REPO_ROOT, ServiceOutput
+from tests.ports import free_port
+from tests.support import REPO_ROOT, ServiceOutput, ServiceProcess  # noqa: F401 - test_bus_api.py imports REPO_ROOT from here
 
 #: The machine's PostgreSQL (trust auth); override with VIEWPORT_TEST_PG_URL.
 SHARED_SERVER_URL = os.environ.get("VIEWPORT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
 INTERNAL_KEY = "bus-test-internal-key-0123456789abcdef"
 TOKEN_SECRET = "bus-test-token-secret-0123456789abcdef0123"
-STARTUP_DEADLINE_SECONDS = 20.0
 
 
 def _server_url(url: str, database: str) -> str:
@@ -54,13 +50,6 @@ class ScratchDatabase:
                 conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         except psycopg.OperationalError:
             pass
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _pg_binary(name: str) -> str:
@@ -115,89 +104,34 @@ class PrivateCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-class BusProcess:
+class BusProcess(ServiceProcess):
     """``twistd -r asyncio -n viewport-bus --port N`` on a database, in its own working directory."""
 
+    kind = "bus"
+    listening_event = "bus_listening"
+
     def __init__(self, database_url: str, env: Optional[Mapping[str, str]] = None, port: int = 0) -> None:
-        self.workdir = tempfile.mkdtemp(prefix="bus-")
-        self.env: Dict[str, str] = {
-            "PATH": os.environ.get("PATH", ""),
-            "HOME": self.workdir,
-            "PYTHONPATH": REPO_ROOT,
+        super().__init__("bus-", {
             "BUS_DATABASE_URL": database_url,
             "RELAY_INTERNAL_KEY": INTERNAL_KEY,
             "RELAY_TOKEN_SECRET": TOKEN_SECRET,
-        }
-        if env:
-            self.env.update(env)
-        self.port = port
-        self.output = ServiceOutput("bus_listening")
-        self.url = ""
-        self.transport: Any = None
+            **(env or {}),
+        }, port)
 
     def start(self) -> "Deferred[BusProcess]":
-        """Spawn the bus; fire once it listens (``url`` is then its http://host:port)."""
-        self.output = ServiceOutput("bus_listening")
+        """Spawn the bus (again, after a stop); fire once it listens (``url`` is then its http://host:port)."""
+        self.output = ServiceOutput(self.listening_event)
         os.makedirs(self.workdir, exist_ok=True)
         self.output.ended.addBoth(self._remove_workdir)
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "-r", "asyncio", "-n", "--pidfile=", "viewport-bus", "--port", str(self.port),
-        ]
-        self.transport = reactor.spawnProcess(  # type: ignore[attr-defined]
-            self.output, sys.executable, argv, env=self.env, path=self.workdir
-        )
-        timer = reactor.callLater(STARTUP_DEADLINE_SECONDS, self._startup_timeout)  # type: ignore[attr-defined]
+        return self._spawn(["-r", "asyncio", "-n", "--pidfile=", "viewport-bus", "--port", str(self.port)])
 
-        def listening(url: str) -> "BusProcess":
-            if timer.active():
-                timer.cancel()
-            self.url = url
-            self.port = int(url.rsplit(":", 1)[1])
-            return self
-
-        def failed(f: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            return f
-
-        return self.output.listening.addCallbacks(listening, failed)
+    def _listening(self, url: str) -> None:
+        self.url = url
+        self.port = int(url.rsplit(":", 1)[1])
 
     def _remove_workdir(self, result: Any) -> Any:
         shutil.rmtree(self.workdir, ignore_errors=True)
         return result
-
-    def _startup_timeout(self) -> None:
-        if not self.output.listening.called:
-            self.output.listening.errback(RuntimeError("bus did not listen in time"))
-            self.kill()
-
-    def stop(self) -> "Deferred[int]":
-        """SIGTERM the bus; fire with its exit code."""
-        if not self.output.ended.called and self.transport is not None:
-            try:
-                self.transport.signalProcess("TERM")
-            except Exception:
-                pass
-        return self.output.ended
-
-    def kill(self) -> None:
-        """SIGKILL, for cleanup after a failure."""
-        if self.transport is not None and not self.output.ended.called:
-            try:
-                self.transport.signalProcess("KILL")
-            except Exception:
-                pass
-
-    def events(self, name: str) -> List[Dict[str, Any]]:
-        """Parsed JSON log entries with the given event name."""
-        found = []
-        for line in self.output.lines:
-            if f'"{name}"' in line:
-                entry = json.loads(line)
-                if entry.get("event") == name:
-                    found.append(entry)
-        return found
 
 
 __all__ = ["BusProcess", "PrivateCluster", "ScratchDatabase", "free_port", "server_backplane", "server_harness"]

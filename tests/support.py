@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests: a real ``twistd -n viewport-relay`` process, tokens, clients."""
+"""Helpers for end-to-end tests: real twistd service processes (``viewport-relay``; the bus in pg_server.py), tokens, clients, peers."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, FirstError, gatherResults, inlineCallbacks, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from viewport.client import CloseInfo, RelayConnection, UpgradeRefused, connect
+from viewport.client import CloseInfo, ReconnectingConnection, RelayConnection, UpgradeRefused, connect, is_status
 from viewport.tokens import mint_token
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,51 +69,43 @@ class ServiceOutput(ProcessProtocol):
         self.ended.callback(code if code is not None else -1)
 
 
-class RelayProcess:
-    """One relay started with ``twistd -n viewport-relay --port <port>`` (default 0) in its own working directory."""
+class ServiceProcess:
+    """
+    A twistd service started as ``twistd -n <plugin> --port <port>`` in its own working directory, with
+    its JSON log collected; subclasses say which plugin and what its ``listening_event`` tells them.
+    """
 
-    def __init__(
-        self,
-        env: Optional[Mapping[str, str]] = None,
-        args: Optional[List[str]] = None,
-        unset: Iterable[str] = (),
-        port: int = 0,
-    ) -> None:
-        """
-        ``env`` adds to the defaults; ``unset`` removes default variables (e.g. RELAY_TOKEN_SECRET);
-        ``port`` is the port to listen on (0: any free port).
-        """
-        self.workdir = tempfile.mkdtemp(prefix="relay-")
+    #: What the service is called in messages.
+    kind = "service"
+    #: The log event whose ``details.url`` says the service listens.
+    listening_event = "relay_listening"
+
+    def __init__(self, workdir_prefix: str, env: Mapping[str, str], port: int) -> None:
+        """``env`` adds to (or overrides) PATH, HOME and PYTHONPATH; ``port`` 0 is any free port."""
+        self.workdir = tempfile.mkdtemp(prefix=workdir_prefix)
         self.env: Dict[str, str] = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": self.workdir,
             "PYTHONPATH": REPO_ROOT,
-            "RELAY_TOKEN_SECRET": TEST_SECRET,
+            **env,
         }
-        if env:
-            self.env.update(env)
-        for name in unset:
-            self.env.pop(name, None)
-        self.args = args or []
         self.port = port
-        self.output = ServiceOutput()
+        self.output = ServiceOutput(self.listening_event)
         self.url = ""
-        self.http_url = ""
         self.transport: Any = None
 
-    def start(self) -> "Deferred[RelayProcess]":
-        """Spawn the relay; fire once it listens (with ``url`` set)."""
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "viewport-relay", "--port", str(self.port), *self.args]
+    def _spawn(self, twistd_args: List[str]) -> "Deferred[Any]":
+        """Spawn ``twistd`` with ``twistd_args``; fire with self once it listens, fail after the startup deadline."""
+        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *twistd_args]
         self.transport = reactor.spawnProcess(  # type: ignore[attr-defined]
             self.output, sys.executable, argv, env=self.env, path=self.workdir
         )
         timer = reactor.callLater(STARTUP_DEADLINE_SECONDS, self._startup_timeout)  # type: ignore[attr-defined]
 
-        def listening(url: str) -> "RelayProcess":
+        def listening(url: str) -> "ServiceProcess":
             if timer.active():
                 timer.cancel()
-            self.url = url
-            self.http_url = url.replace("ws://", "http://").rsplit("/ws", 1)[0]
+            self._listening(url)
             return self
 
         def failed(f: Failure) -> Failure:
@@ -122,20 +115,26 @@ class RelayProcess:
 
         return self.output.listening.addCallbacks(listening, failed)
 
+    def _listening(self, url: str) -> None:
+        self.url = url
+
     def _startup_timeout(self) -> None:
         if not self.output.listening.called:
-            self.output.listening.errback(RuntimeError("relay did not listen in time"))
+            self.output.listening.errback(RuntimeError(f"{self.kind} did not listen in time"))
             self.kill()
 
     def signal(self, name: str) -> None:
-        """Send a signal to the relay process."""
+        """Send a signal to the process (nothing once it is gone)."""
         if self.transport is not None and self.transport.pid is not None:
             self.transport.signalProcess(name)
 
     def stop(self) -> "Deferred[int]":
-        """SIGTERM the relay; fire with its exit code."""
+        """SIGTERM the process; fire with its exit code."""
         if not self.output.ended.called:
-            self.signal("TERM")
+            try:
+                self.signal("TERM")
+            except ProcessExitedAlready:
+                pass  # it exited meanwhile: ``ended`` fires all the same
         return self.output.ended
 
     def kill(self) -> None:
@@ -154,6 +153,37 @@ class RelayProcess:
                 if entry.get("event") == name:
                     found.append(entry)
         return found
+
+
+class RelayProcess(ServiceProcess):
+    """One relay started with ``twistd -n viewport-relay --port <port>`` (default 0) in its own working directory."""
+
+    kind = "relay"
+
+    def __init__(
+        self,
+        env: Optional[Mapping[str, str]] = None,
+        args: Optional[List[str]] = None,
+        unset: Iterable[str] = (),
+        port: int = 0,
+    ) -> None:
+        """
+        ``env`` adds to the defaults; ``unset`` removes default variables (e.g. RELAY_TOKEN_SECRET);
+        ``port`` is the port to listen on (0: any free port).
+        """
+        super().__init__("relay-", {"RELAY_TOKEN_SECRET": TEST_SECRET, **(env or {})}, port)
+        for name in unset:
+            self.env.pop(name, None)
+        self.args = args or []
+        self.http_url = ""
+
+    def start(self) -> "Deferred[RelayProcess]":
+        """Spawn the relay; fire once it listens (with ``url`` set)."""
+        return self._spawn(["-n", "--pidfile=", "viewport-relay", "--port", str(self.port), *self.args])
+
+    def _listening(self, url: str) -> None:
+        self.url = url
+        self.http_url = url.replace("ws://", "http://").rsplit("/ws", 1)[0]
 
 
 def token(
@@ -314,6 +344,53 @@ def refused_status(d: "Deferred[RelayConnection]") -> Any:
     raise AssertionError("the upgrade was accepted")
 
 
+def unique_workspace(name: str) -> str:
+    """A workspace id no other test uses (the suites share relays and backplanes)."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@inlineCallbacks
+def expect_close(conn: RelayConnection, code: int, reason: str, timeout: float = 5.0) -> Any:
+    """The connection is closed by the relay with ``code`` and ``reason``."""
+    info = yield closed_within(conn, timeout)
+    assert (info.code, info.reason) == (code, reason)
+
+
+@inlineCallbacks
+def assert_nothing_pending(*conns: RelayConnection) -> Any:
+    """
+    Prove that no earlier frame is queued for each connection: its next message must be the
+    INVALID_FRAME reply to a garbage frame it sends now (the relay answers in order).
+    """
+    for conn in conns:
+        conn.send_text("garbage")
+        reply = yield conn.next_json()
+        assert is_status(reply, "INVALID_FRAME"), reply
+
+
+class EchoDaemon:
+    """
+    A daemon that reconnects by itself (``connection``, not yet started), answers every key exchange
+    init with session ``session-<requestId>`` and echoes every envelope; it keeps its failed attempts.
+    """
+
+    def __init__(self, url: str, workspace: str, runtime_target: str = "rt1", max_delay: float = 0.5) -> None:
+        self.failed_attempts: List[BaseException] = []
+        self.connection = ReconnectingConnection(
+            reactor, url, token_factory=lambda: token("workspace-daemon", workspace, runtime_target),
+            role="workspace-daemon", workspace_id=workspace, runtime_target_id=runtime_target,
+            base_delay=0.05, max_delay=max_delay, on_message=self._message, on_attempt_failed=self.failed_attempts.append,
+        )
+
+    def _message(self, text: str) -> None:
+        frame = json.loads(text)
+        if frame.get("type") == "relay_key_exchange_init":
+            request_id = frame["requestId"]
+            self.connection.send_text(kex_response(request_id, f"session-{request_id}"))
+        elif frame.get("type") == "e2ee":
+            self.connection.send_text(text)
+
+
 @inlineCallbacks
 def poll_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """
@@ -390,8 +467,8 @@ def metric_reaches(relay: RelayProcess, name: str, minimum: float, timeout: floa
     return (yield poll_until(check, timeout, f"{name} >= {minimum}"))
 
 
-class _RawClient(Protocol):
-    """Writes one request and collects whatever the server answers until it closes."""
+class RawClient(Protocol):
+    """Writes one request and collects what the server answers until it closes (``head_only``: until a whole response head arrived)."""
 
     def __init__(self, request: bytes, head_only: bool) -> None:
         self.request = request
@@ -420,7 +497,7 @@ def raw_exchange(relay: RelayProcess, request: bytes, timeout: float = 5.0, head
     """
     host, port = relay.http_url.split("://", 1)[1].rsplit(":", 1)
     endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=timeout)
-    client = _RawClient(request, head_only)
+    client = RawClient(request, head_only)
     yield connectProtocol(endpoint, client)
     try:
         received = yield with_timeout(client.done, timeout)

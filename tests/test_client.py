@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 import pytest_twisted
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
-from twisted.python.failure import Failure
 
+from tests.client_servers import TOKEN, Harness as ClientHarness, Server, failure_of, harness_fixture
 from viewport.client import (
     CloseInfo,
     ConnectionClosed,
     HandshakeFailed,
     MessageTimeout,
     OpenTimeout,
-    RelayConnection,
     UpgradeRefused,
     build_url,
     connect,
     is_status,
     parse_status_line,
 )
-
-TOKEN = "tok-0123456789abcdef"
 
 
 @dataclass
@@ -48,7 +43,7 @@ class EchoProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         """Record the request, then accept (or deny, when the test says so)."""
-        server: Server = self.factory.server
+        server: EchoServer = self.factory.server
         server.requests.append(
             Recorded(
                 uri=self.http_request_uri,
@@ -74,130 +69,23 @@ class EchoProtocol(WebSocketServerProtocol):
         self.sendMessage(payload, isBinary)
 
 
-class RawProtocol(Protocol):
-    """A plain TCP peer that writes a canned answer (maybe nothing), then closes or stays silent."""
-
-    def connectionMade(self) -> None:
-        """Answer as configured."""
-        server: Server = self.factory.server  # type: ignore[attr-defined]
-        if server.raw_answer is not None:
-            self.transport.write(server.raw_answer)
-            self.transport.loseConnection()
-
-
 @dataclass
-class Server:
-    """A listening test server and everything it accepted."""
+class EchoServer(Server):
+    """An echo server: the upgrades it recorded, and the HTTP status it denies them with (None: accept)."""
 
-    reactor: Any
     requests: list[Recorded] = field(default_factory=list)
-    opened: list[EchoProtocol] = field(default_factory=list)
     deny: int | None = None
-    raw_answer: bytes | None = None
-    port: IListeningPort | None = None
-    lost: list[Deferred[None]] = field(default_factory=list)
-    accepted: Deferred[None] = field(default_factory=Deferred)
-
-    @property
-    def url(self) -> str:
-        """The ``/ws`` base URL of this server."""
-        assert self.port is not None
-        return f"ws://127.0.0.1:{self.port.getHost().port}/ws"
-
-    def listen(self, factory: Factory) -> Server:
-        """Listen on a free loopback port; every accepted connection reports its loss."""
-        factory.server = self  # type: ignore[attr-defined]
-        original = factory.buildProtocol
-        lost = self.lost
-
-        def build(addr: Any) -> Protocol | None:
-            proto = original(addr)
-            done: Deferred[None] = Deferred()
-            lost.append(done)
-            inner = proto.connectionLost
-
-            def connection_lost(reason: Failure) -> None:
-                inner(reason)
-                done.callback(None)
-
-            proto.connectionLost = connection_lost  # type: ignore[method-assign]
-            if not self.accepted.called:
-                self.accepted.callback(None)
-            return proto
-
-        factory.buildProtocol = build  # type: ignore[method-assign]
-        self.port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
-        return self
 
 
-class Harness:
-    """Creates servers and client connections and tears all of them down after the test."""
+class Harness(ClientHarness):
+    """Echo and raw servers and client connections, torn down after the test."""
 
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.servers: list[Server] = []
-        self.clients: list[RelayConnection] = []
-
-    def echo_server(self, deny: int | None = None) -> Server:
+    def echo_server(self, deny: int | None = None) -> EchoServer:
         """An Autobahn echo server."""
-        factory = WebSocketServerFactory()
-        factory.protocol = EchoProtocol
-        factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=0)
-        server = Server(self.reactor, deny=deny).listen(factory)
-        self.servers.append(server)
-        return server
-
-    def raw_server(self, answer: bytes | None) -> Server:
-        """A plain TCP server that writes ``answer`` and closes, or never answers when it is None."""
-        factory = Factory.forProtocol(RawProtocol)
-        server = Server(self.reactor, raw_answer=answer).listen(factory)
-        self.servers.append(server)
-        return server
-
-    async def connect(self, server: Server, **kwargs: Any) -> RelayConnection:
-        """Connect a client to ``server`` with defaults a test can override."""
-        args: dict[str, Any] = {"token": TOKEN, "role": "client", "workspace_id": "ws-1"}
-        args.update(kwargs)
-        conn = await connect(self.reactor, server.url, **args)
-        self.clients.append(conn)
-        return conn
-
-    async def cleanup(self) -> None:
-        """Drop every client, wait for every server-side connection to go, stop listening."""
-        for conn in self.clients:
-            await conn.abort()
-        for server in self.servers:
-            for proto in server.opened:
-                if proto.transport is not None:
-                    proto.transport.abortConnection()
-            for done in server.lost:
-                if not done.called:
-                    for proto in server.opened:
-                        proto.transport.abortConnection()
-                await done
-            assert server.port is not None
-            await server.port.stopListening()
+        return self.websocket_server(EchoServer(self.reactor, deny=deny), EchoProtocol)
 
 
-@pytest_twisted.async_yield_fixture()
-async def harness() -> Any:
-    """A harness bound to the running reactor, cleaned up after the test."""
-    from twisted.internet import reactor
-
-    h = Harness(reactor)
-    try:
-        yield h
-    finally:
-        await h.cleanup()
-
-
-async def failure_of(d: Deferred[Any]) -> BaseException:
-    """Await ``d`` and return the exception it failed with (fail the test if it succeeded)."""
-    try:
-        result = await d
-    except BaseException as exc:  # noqa: BLE001 - the test inspects it
-        return exc
-    raise AssertionError(f"expected a failure, got {result!r}")
+harness = harness_fixture(Harness)
 
 
 # -- URL and token placement ---------------------------------------------------------------------
@@ -208,7 +96,7 @@ async def test_query_carries_role_and_encoded_ids(harness: Harness) -> None:
     """The upgrade URL is the /ws path with role, workspaceId and runtimeTargetId, each URL-encoded."""
     server = harness.echo_server()
     await harness.connect(
-        server,
+        server.url,
         role="workspace-daemon",
         workspace_id="ws 1/ä:x",
         runtime_target_id="rt&x=1?",
@@ -232,7 +120,7 @@ async def test_query_carries_role_and_encoded_ids(harness: Harness) -> None:
 async def test_runtime_target_omitted_when_none(harness: Harness) -> None:
     """Without a runtime target the query has no runtimeTargetId parameter at all."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     assert server.requests[0].uri == "/ws?role=client&workspaceId=ws-1"
     assert conn.url == server.url + "?role=client&workspaceId=ws-1"
 
@@ -247,7 +135,7 @@ def test_build_url_appends_to_an_existing_query() -> None:
 async def test_token_via_header(harness: Harness) -> None:
     """The default sends the token as a Bearer Authorization header and offers no subprotocol."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     [req] = server.requests
     assert req.headers["authorization"] == f"Bearer {TOKEN}"
     assert req.protocols == []
@@ -259,7 +147,7 @@ async def test_token_via_header(harness: Harness) -> None:
 async def test_token_via_subprotocol(harness: Harness) -> None:
     """Browser style offers [subprotocol, auth.<token>] and the connection reports the selected one."""
     server = harness.echo_server()
-    conn = await harness.connect(server, token_via="subprotocol")
+    conn = await harness.connect(server.url, token_via="subprotocol")
     [req] = server.requests
     assert req.protocols == ["viewport-relay-v1", f"auth.{TOKEN}"]
     assert "authorization" not in req.headers
@@ -271,7 +159,7 @@ async def test_token_via_subprotocol(harness: Harness) -> None:
 async def test_token_via_subprotocol_custom_name(harness: Harness) -> None:
     """The plain subprotocol name offered first is configurable."""
     server = harness.echo_server()
-    conn = await harness.connect(server, token_via="subprotocol", subprotocol="other-v2")
+    conn = await harness.connect(server.url, token_via="subprotocol", subprotocol="other-v2")
     assert server.requests[0].protocols == ["other-v2", f"auth.{TOKEN}"]
     assert conn.subprotocol == "other-v2"
 
@@ -280,7 +168,7 @@ async def test_token_via_subprotocol_custom_name(harness: Harness) -> None:
 async def test_token_via_query(harness: Harness) -> None:
     """Dev style sends the token as the last query parameter, with no header and no subprotocol."""
     server = harness.echo_server()
-    await harness.connect(server, token_via="query")
+    await harness.connect(server.url, token_via="query")
     [req] = server.requests
     assert req.uri == f"/ws?role=client&workspaceId=ws-1&token={TOKEN}"
     assert "authorization" not in req.headers
@@ -306,7 +194,7 @@ def test_unknown_token_via_is_refused() -> None:
 async def test_no_permessage_deflate_offered(harness: Harness) -> None:
     """The client never offers permessage-deflate."""
     server = harness.echo_server()
-    await harness.connect(server)
+    await harness.connect(server.url)
     assert "sec-websocket-extensions" not in server.requests[0].headers
 
 
@@ -317,7 +205,7 @@ async def test_no_permessage_deflate_offered(harness: Harness) -> None:
 async def test_echo_text_json_and_binary(harness: Harness) -> None:
     """Text, compact JSON and binary messages round-trip, binary keeping its bytes and frame type."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     assert conn.send_text("héllo")
     assert await conn.next_message() == "héllo"
     conn.send_json({"type": "ping", "n": [1, 2]})
@@ -333,7 +221,7 @@ async def test_echo_text_json_and_binary(harness: Harness) -> None:
 async def test_next_json_rejects_non_objects(harness: Harness) -> None:
     """next_json fails on a JSON array and on NaN, which the relay would not accept either."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     conn.send_text("[1]")
     assert isinstance(await failure_of(conn.next_json()), ValueError)
     conn.send_text('{"x": NaN}')
@@ -344,7 +232,7 @@ async def test_next_json_rejects_non_objects(harness: Harness) -> None:
 async def test_waiters_are_served_in_arrival_order(harness: Harness) -> None:
     """Several outstanding next_message calls receive messages in the order they arrived."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     waiting = [conn.next_message() for _ in range(3)]
     for text in ("one", "two", "three"):
         conn.send_text(text)
@@ -355,7 +243,7 @@ async def test_waiters_are_served_in_arrival_order(harness: Harness) -> None:
 async def test_messages_queued_before_close_stay_readable(harness: Harness) -> None:
     """Messages received before a close are kept in order, listed by pending_messages and still consumable."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     [proto] = server.opened
     for text in ("a", "b", "c"):
         proto.sendMessage(text.encode())
@@ -373,7 +261,7 @@ async def test_messages_queued_before_close_stay_readable(harness: Harness) -> N
 async def test_next_message_timeout(harness: Harness) -> None:
     """next_message fails with MessageTimeout when nothing arrives, and a later message is not lost."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     err = await failure_of(conn.next_message(timeout=0.05))
     assert isinstance(err, MessageTimeout) and isinstance(err, TimeoutError)
     conn.send_text("late")
@@ -384,7 +272,7 @@ async def test_next_message_timeout(harness: Harness) -> None:
 async def test_cancelled_wait_does_not_swallow_a_message(harness: Harness) -> None:
     """A cancelled next_message leaves the next message for the next caller."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     d = conn.next_message(timeout=None)
     d.cancel()
     assert isinstance(await failure_of(d), CancelledError)
@@ -396,7 +284,7 @@ async def test_cancelled_wait_does_not_swallow_a_message(harness: Harness) -> No
 async def test_waiter_fails_when_connection_closes(harness: Harness) -> None:
     """A pending next_message fails with ConnectionClosed as soon as the socket closes."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     d = conn.next_message(timeout=None)
     # Autobahn's sendClose refuses 1001; the relay's shutdown close uses the frame-level call too.
     server.opened[0].sendCloseFrame(code=1001, reasonUtf8=b"relay shutting down")
@@ -409,7 +297,7 @@ async def test_waiter_fails_when_connection_closes(harness: Harness) -> None:
 async def test_paused_client_reads_nothing_until_resumed(harness: Harness) -> None:
     """pause_reading stops delivery (as for a slow client); resume_reading delivers what was held back."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     conn.pause_reading()
     server.opened[0].sendMessage(b"held")
     assert isinstance(await failure_of(conn.next_message(timeout=0.2)), MessageTimeout)
@@ -424,7 +312,7 @@ async def test_paused_client_reads_nothing_until_resumed(harness: Harness) -> No
 async def test_server_close_code_and_reason(harness: Harness) -> None:
     """A server close 4008 with a reason is reported as a clean close with that code and reason."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     first, second = conn.closed, conn.closed
     server.opened[0].sendClose(4008, "buffer overflow")
     expected = CloseInfo(code=4008, reason="buffer overflow", was_clean=True)
@@ -440,7 +328,7 @@ async def test_server_close_code_and_reason(harness: Harness) -> None:
 async def test_client_close(harness: Harness) -> None:
     """close() sends the code and reason and fires with the server's reply once the socket is gone."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
+    conn = await harness.connect(server.url)
     info = await conn.close(4000, "bye")
     proto = server.opened[0]
     assert (proto.remoteCloseCode, proto.remoteCloseReason) == (4000, "bye")
@@ -452,8 +340,8 @@ async def test_client_close(harness: Harness) -> None:
 async def test_abrupt_drop_is_1006(harness: Harness) -> None:
     """A TCP drop without a close frame is reported as an unclean 1006."""
     server = harness.echo_server()
-    conn = await harness.connect(server)
-    server.opened[0].transport.abortConnection()
+    conn = await harness.connect(server.url)
+    server.opened[0].transport.abortConnection()  # type: ignore[union-attr]
     info = await conn.closed
     assert info.code == 1006 and not info.was_clean
 
@@ -462,7 +350,7 @@ async def test_abrupt_drop_is_1006(harness: Harness) -> None:
 async def test_max_message_bytes_drops_oversize(harness: Harness) -> None:
     """An incoming message over max_message_bytes makes the client drop the connection (reported as 1006)."""
     server = harness.echo_server()
-    conn = await harness.connect(server, max_message_bytes=64)
+    conn = await harness.connect(server.url, max_message_bytes=64)
     server.opened[0].sendMessage(b"x" * 64)
     assert await conn.next_message() == "x" * 64
     server.opened[0].sendMessage(b"x" * 65)
@@ -478,7 +366,7 @@ async def test_max_message_bytes_drops_oversize(harness: Harness) -> None:
 async def test_connection_deny_429(harness: Harness) -> None:
     """An upgrade answered with HTTP 429 fails with UpgradeRefused(429)."""
     server = harness.echo_server(deny=429)
-    err = await failure_of(harness.connect(server))
+    err = await failure_of(harness.connect(server.url))
     assert isinstance(err, UpgradeRefused) and err.status == 429
 
 
@@ -495,7 +383,7 @@ async def test_connection_deny_429(harness: Harness) -> None:
 async def test_bare_refusals(harness: Harness, answer: bytes, status: int | None) -> None:
     """A bare status line then close (or a close with nothing written) fails with UpgradeRefused(status)."""
     server = harness.raw_server(answer)
-    err = await failure_of(harness.connect(server))
+    err = await failure_of(harness.connect(server.url))
     assert isinstance(err, UpgradeRefused) and err.status == status
 
 
@@ -503,7 +391,7 @@ async def test_bare_refusals(harness: Harness, answer: bytes, status: int | None
 async def test_invalid_101_is_handshake_failed(harness: Harness) -> None:
     """A 101 without the WebSocket headers fails with HandshakeFailed, not UpgradeRefused."""
     server = harness.raw_server(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
-    err = await failure_of(harness.connect(server))
+    err = await failure_of(harness.connect(server.url))
     assert isinstance(err, HandshakeFailed) and not isinstance(err, UpgradeRefused)
 
 
@@ -514,7 +402,7 @@ async def test_library_refusal_with_body(harness: Harness) -> None:
         b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Type: text/html\r\n"
         b"Content-Length: 22\r\n\r\nInvalid Upgrade header"
     )
-    err = await failure_of(harness.connect(server))
+    err = await failure_of(harness.connect(server.url))
     assert isinstance(err, UpgradeRefused) and err.status == 400
 
 
@@ -523,7 +411,7 @@ async def test_open_timeout(harness: Harness) -> None:
     """A server that never answers the upgrade makes connect fail with OpenTimeout after open_timeout."""
     server = harness.raw_server(None)
     started = harness.reactor.seconds()
-    err = await failure_of(harness.connect(server, open_timeout=0.3))
+    err = await failure_of(harness.connect(server.url, open_timeout=0.3))
     assert isinstance(err, OpenTimeout) and isinstance(err, TimeoutError)
     assert 0.25 <= harness.reactor.seconds() - started < 3.0
     await server.lost[0]

@@ -9,21 +9,15 @@ from typing import Any, Callable, cast
 
 import pytest
 import pytest_twisted
-from autobahn.twisted.websocket import (
-    WebSocketClientProtocol,
-    WebSocketServerFactory,
-    WebSocketServerProtocol,
-)
+from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.client_servers import TOKEN, Harness as ClientHarness, Server, failure_of, harness_fixture
 from viewport.client import (
     DEFAULT_FATAL_CLOSE_REASONS,
     Backoff,
@@ -42,7 +36,6 @@ from viewport.client import (
     relay_redirect_url,
 )
 
-TOKEN = "tok-0123456789abcdef"
 HOME = "ws://relay-a.test:7781/ws"
 OTHER = "ws://relay-b.test:7781/ws"
 
@@ -607,7 +600,7 @@ class StubRelayProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> None:
         """Record the request, then refuse if the server says so."""
-        server: Server = self.factory.server
+        server: RelayServer = self.factory.server
         server.requests.append(request)
         if server.refuse is not None:
             raise ConnectionDeny(server.refuse)
@@ -622,7 +615,7 @@ class StubRelayProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         """Remember the connection and run the server's script for it."""
-        server: Server = self.factory.server
+        server: RelayServer = self.factory.server
         server.opened.append(self)
         if server.on_open is not None:
             server.on_open(self, len(server.opened))
@@ -632,85 +625,26 @@ class StubRelayProtocol(WebSocketServerProtocol):
         self.factory.server.messages.put(payload.decode())
 
 
-class RawProtocol(Protocol):
-    """A plain TCP peer that writes a canned HTTP answer and closes."""
-
-    def connectionMade(self) -> None:
-        """Answer as configured."""
-        server: Server = self.factory.server  # type: ignore[attr-defined]
-        server.requests.append(None)
-        assert server.raw_answer is not None
-        self.transport.write(server.raw_answer)  # type: ignore[union-attr]
-        self.transport.loseConnection()  # type: ignore[union-attr]
-
-
 @dataclass
-class Server:
-    """A listening test server and everything it saw."""
+class RelayServer(Server):
+    """A scriptable relay: the status it refuses upgrades with and the Location of a redirect, a script run on each open."""
 
-    reactor: Any
-    requests: list[Any] = field(default_factory=list)
-    opened: list[StubRelayProtocol] = field(default_factory=list)
     messages: DeferredQueue[str] = field(default_factory=DeferredQueue)
     refuse: int | None = None
     location: str | None = None
     on_open: Callable[[StubRelayProtocol, int], None] | None = None
-    raw_answer: bytes | None = None
-    port: IListeningPort | None = None
-    lost: list[Deferred[None]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        """The ``/ws`` base URL of this server."""
-        assert self.port is not None
-        return f"ws://127.0.0.1:{self.port.getHost().port}/ws"
-
-    def listen(self, factory: Factory) -> Server:
-        """Listen on a free loopback port; every accepted connection reports its loss."""
-        factory.server = self  # type: ignore[attr-defined]
-        original = factory.buildProtocol
-
-        def build(addr: Any) -> Protocol | None:
-            proto = original(addr)
-            done: Deferred[None] = Deferred()
-            self.lost.append(done)
-            inner = proto.connectionLost
-
-            def connection_lost(reason: Failure) -> None:
-                inner(reason)
-                done.callback(None)
-
-            proto.connectionLost = connection_lost  # type: ignore[method-assign]
-            return proto
-
-        factory.buildProtocol = build  # type: ignore[method-assign]
-        self.port = self.reactor.listenTCP(0, factory, interface="127.0.0.1")
-        return self
 
 
-class Harness:
-    """Servers and reconnectors of one test, all torn down afterwards."""
+class Harness(ClientHarness):
+    """Servers, clients and reconnectors of one test, all torn down afterwards."""
 
     def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-        self.servers: list[Server] = []
+        super().__init__(reactor)
         self.reconnectors: list[ReconnectingConnection] = []
-        self.connections: list[RelayConnection] = []
 
-    def relay(self, **kwargs: Any) -> Server:
+    def relay(self, **kwargs: Any) -> RelayServer:
         """A scriptable Autobahn server."""
-        factory = WebSocketServerFactory()
-        factory.protocol = StubRelayProtocol
-        factory.setProtocolOptions(autoPingInterval=0, openHandshakeTimeout=0)
-        server = Server(self.reactor, **kwargs).listen(factory)
-        self.servers.append(server)
-        return server
-
-    def raw(self, answer: bytes) -> Server:
-        """A plain TCP server writing ``answer``."""
-        server = Server(self.reactor, raw_answer=answer).listen(Factory.forProtocol(RawProtocol))
-        self.servers.append(server)
-        return server
+        return self.websocket_server(RelayServer(self.reactor, **kwargs), StubRelayProtocol)
 
     def reconnecting(self, server: Server, **kwargs: Any) -> ReconnectingConnection:
         """A reconnector to ``server`` with fast, deterministic retries unless the test overrides them."""
@@ -727,53 +661,14 @@ class Harness:
         self.reconnectors.append(reconnector)
         return reconnector
 
-    async def connect(self, url: str, **kwargs: Any) -> RelayConnection:
-        """connect() with test defaults."""
-        args: dict[str, Any] = {"token": TOKEN, "role": "client", "workspace_id": "ws-1"}
-        args.update(kwargs)
-        conn = await connect(self.reactor, url, **args)
-        self.connections.append(conn)
-        return conn
-
-    def within(self, d: Deferred[Any], seconds: float = 5.0) -> Deferred[Any]:
-        """``d`` with a timeout, so a broken test fails instead of hanging."""
-        return d.addTimeout(seconds, self.reactor)
-
     async def cleanup(self) -> None:
-        """Stop every reconnector and client, drop server connections, stop listening."""
+        """Stop every reconnector first, then what every harness tears down."""
         for reconnector in self.reconnectors:
             await self.within(reconnector.stop())
-        for conn in self.connections:
-            await conn.abort()
-        for server in self.servers:
-            for proto in server.opened:
-                if proto.transport is not None:
-                    proto.transport.abortConnection()
-            for done in server.lost:
-                await self.within(done)
-            assert server.port is not None
-            await server.port.stopListening()
+        await super().cleanup()
 
 
-@pytest_twisted.async_yield_fixture()
-async def harness() -> Any:
-    """A harness bound to the running reactor, cleaned up after the test."""
-    from twisted.internet import reactor
-
-    h = Harness(reactor)
-    try:
-        yield h
-    finally:
-        await h.cleanup()
-
-
-async def failure_of(d: Deferred[Any]) -> BaseException:
-    """Await ``d`` and return the exception it failed with."""
-    try:
-        result = await d
-    except BaseException as exc:  # noqa: BLE001 - the test inspects it
-        return exc
-    raise AssertionError(f"expected a failure, got {result!r}")
+harness = harness_fixture(Harness)
 
 
 # -- connect() and HTTP redirects ----------------------------------------------------------------
@@ -784,7 +679,7 @@ async def test_307_from_a_raw_answer_is_followed(harness: Harness) -> None:
     """A bare 307 with Location is followed with the same header token; redirected_from records the first URL."""
     b = harness.relay()
     location = f"{b.url}?role=client&workspaceId=ws-1&redirect=http"
-    a = harness.raw(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n\r\n".encode())
+    a = harness.raw_server(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {location}\r\n\r\n".encode())
     conn = await harness.connect(a.url, http_redirect=True)
     assert conn.url == location
     assert conn.redirected_from == [f"{a.url}?role=client&workspaceId=ws-1&redirect=http"]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Site
 
+from tests.fake_platform import AdmissionPlatform
 from tests.support import (
     ADMIN_TOKEN,
     RelayProcess,
@@ -65,87 +65,10 @@ ADMISSION_MAX_RESPONSE_BYTES = 4096
 EXECUTOR_PREFIX = "/api/runtime/workspaces/pw/managed-executors/me1"
 
 
-def read_body(request: Request) -> bytes:
-    """The request body twisted.web buffered."""
-    assert request.content is not None
-    return request.content.read()
-
-
-class FakePlatform(Resource):
-    """
-    The platform's validate endpoint and a worker API, answering per token: ``grants`` maps a token
-    to claims, or to ``deny``, ``not-json``, ``bad-claims``, ``huge-declared``, ``huge-raw`` or ``stall``.
-    """
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.grants: Dict[str, Any] = {}
-        self.validations: List[Tuple[Dict[str, str], Dict[str, Any]]] = []
-        self.worker_calls: List[Dict[str, Any]] = []
-        self.stalled: List[Request] = []
-
-    def render_POST(self, request: Request) -> Any:  # noqa: N802 - twisted.web naming
-        """Validate calls, or a worker call."""
-        if request.path != b"/api/runtime/internal/relay/validate":
-            return self._worker(request)
-        headers = {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
-        body = json.loads(read_body(request))
-        self.validations.append((headers, body))
-        grant = self.grants.get(body.get("relayToken"), "deny")
-        if isinstance(grant, dict):
-            return self._json(request, 200, {"ok": True, "claims": grant})
-        if grant == "deny":
-            return self._json(request, 403, {"ok": False, "reason": "TOKEN_REVOKED"})
-        if grant == "not-json":
-            return self._json(request, 200, None, raw=b"<html>oops</html>")
-        if grant == "bad-claims":
-            return self._json(request, 200, {"ok": True, "claims": {"workspaceId": "pw", "surprise": 1}})
-        big = json.dumps({"ok": True, "claims": {"workspaceId": "pw"}, "pad": "x" * (4 * ADMISSION_MAX_RESPONSE_BYTES)})
-        if grant == "huge-declared":
-            return self._json(request, 200, None, raw=big.encode())
-        if grant == "huge-raw":
-            # Head and body in one write, without Content-Length: the case that crashed the original relay.
-            raw = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + big.encode()
-            request.channel.transport.write(raw)  # type: ignore[union-attr]
-            request.channel.transport.loseConnection()  # type: ignore[union-attr]
-            return NOT_DONE_YET
-        self.stalled.append(request)
-        return NOT_DONE_YET
-
-    def render_GET(self, request: Request) -> Any:  # noqa: N802 - twisted.web naming
-        """Worker calls."""
-        return self._worker(request)
-
-    def render_PATCH(self, request: Request) -> Any:  # noqa: N802 - twisted.web naming
-        """Worker calls."""
-        return self._worker(request)
-
-    def _worker(self, request: Request) -> bytes:
-        self.worker_calls.append({
-            "method": request.method.decode(),
-            "uri": request.uri.decode(),
-            "headers": {k.decode().lower(): v[0].decode() for k, v in request.requestHeaders.getAllRawHeaders()},
-            "body": read_body(request).decode(),
-        })
-        request.setResponseCode(201)
-        request.setHeader(b"x-upstream", b"yes")
-        request.setHeader(b"set-cookie", b"session=secret")
-        request.setHeader(b"authorization", b"Bearer upstream")
-        return self._json(request, 201, {"ok": True, "seen": request.uri.decode()})
-
-    @staticmethod
-    def _json(request: Request, status: int, body: Any, raw: Optional[bytes] = None) -> bytes:
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        return raw if raw is not None else json.dumps(body).encode()
-
-
 @pytest.fixture(scope="module")
 def env() -> Any:
     """A fake platform on 127.0.0.1 and four relays: admin on, admin off, staging, and platform admission."""
-    platform = FakePlatform()
+    platform = AdmissionPlatform(ADMISSION_MAX_RESPONSE_BYTES)
     port = reactor.listenTCP(0, Site(platform), interface="127.0.0.1")  # type: ignore[attr-defined, arg-type]
     server_url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
     procs: Dict[str, RelayProcess] = {
@@ -166,9 +89,7 @@ def env() -> Any:
         yield {"api": platform, **procs}
         pytest_twisted.blockon(stop_relays(*procs.values()))
     finally:
-        for request in platform.stalled:
-            if request.channel is not None:
-                request.channel.transport.abortConnection()  # type: ignore[union-attr]
+        platform.release()
         pytest_twisted.blockon(port.stopListening())
 
 
@@ -338,13 +259,13 @@ def test_platform_admission_accepts_claims(env: Any) -> Any:
         assert (yield client.next_message()) == kex_response("r1", "s1")
     finally:
         yield stop_all(daemon, client)
-    calls = {body["relayToken"]: (headers, body) for headers, body in api.validations}
-    headers, body = calls["tok-daemon-accept"]
-    assert body == {"relayToken": "tok-daemon-accept", "role": "workspace-daemon", "workspaceId": "pw",
-                    "runtimeTargetId": "rt1"}
-    assert headers["content-type"] == "application/json"
-    assert "x-relay-internal-key" not in headers
-    assert calls["tok-client-accept"][1] == {"relayToken": "tok-client-accept", "role": "client", "workspaceId": "pw"}
+    calls = {call.body["relayToken"]: call for call in api.validations}
+    call = calls["tok-daemon-accept"]
+    assert call.body == {"relayToken": "tok-daemon-accept", "role": "workspace-daemon", "workspaceId": "pw",
+                         "runtimeTargetId": "rt1"}
+    assert call.headers["content-type"] == "application/json"
+    assert "x-relay-internal-key" not in call.headers
+    assert calls["tok-client-accept"].body == {"relayToken": "tok-client-accept", "role": "client", "workspaceId": "pw"}
 
 
 @pytest_twisted.inlineCallbacks
@@ -385,7 +306,7 @@ def test_stalled_platform_is_401_within_the_admission_timeout(env: Any) -> Any:
     relay, api = env["platform"], env["api"]
     api.grants["tok-stall-1"] = "stall"
     assert (yield refused_status(open_with(relay, "tok-stall-1", "workspace-daemon", "pw", "rt1"))) == 401
-    assert api.stalled, "the platform never saw the call"
+    assert api.held, "the platform never saw the call"
     denied = relay.events("admission_denied")[-1]["details"]
     assert (denied["status"], denied["reason"]) == (504, f"admission request timed out after {ADMISSION_TIMEOUT_MS}ms")
 
@@ -445,13 +366,12 @@ def test_worker_request_is_forwarded_with_filtered_headers(env: Any) -> Any:
                                         body='{"state":"done"}'))
         answer = yield worker.next_json()
         call = api.worker_calls[-1]
-        assert (call["method"], call["uri"], call["body"]) == (
-            "PATCH", EXECUTOR_PREFIX + "/jobs/5?attempt=2", '{"state":"done"}')
-        assert call["headers"]["authorization"] == "Bearer worker-cred"
-        assert call["headers"]["x-viewport-run-lease"] == "lease-1"
-        assert call["headers"]["content-type"] == "application/json"
-        assert "cookie" not in call["headers"] and "x-evil" not in call["headers"]
-        assert call["headers"]["host"] != "evil.example"
+        assert (call.method, call.uri, call.text) == ("PATCH", EXECUTOR_PREFIX + "/jobs/5?attempt=2", '{"state":"done"}')
+        assert call.headers["authorization"] == "Bearer worker-cred"
+        assert call.headers["x-viewport-run-lease"] == "lease-1"
+        assert call.headers["content-type"] == "application/json"
+        assert "cookie" not in call.headers and "x-evil" not in call.headers
+        assert call.headers["host"] != "evil.example"
         assert (answer["type"], answer["requestId"], answer["status"]) == (
             "viewport.worker_transport.response/v1", "f1", 201)
         assert json.loads(answer["body"]) == {"ok": True, "seen": EXECUTOR_PREFIX + "/jobs/5?attempt=2"}
@@ -462,7 +382,7 @@ def test_worker_request_is_forwarded_with_filtered_headers(env: Any) -> Any:
         worker.send_text(worker_request("f2", EXECUTOR_PREFIX, body="ignored for GET"))
         answer = yield worker.next_json()
         assert (answer["requestId"], answer["status"]) == ("f2", 201)
-        assert (api.worker_calls[-1]["method"], api.worker_calls[-1]["body"]) == ("GET", "")
+        assert (api.worker_calls[-1].method, api.worker_calls[-1].text) == ("GET", "")
         metrics = yield fetch_metrics(relay)
         assert metrics["relay_worker_transport_forwarded_total"] == 2
     finally:

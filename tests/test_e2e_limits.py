@@ -9,7 +9,6 @@ from typing import Any, Dict, List
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import inlineCallbacks
 
 from tests.support import (
     CHANNEL,
@@ -17,6 +16,7 @@ from tests.support import (
     closed_within,
     e2e_env,
     envelope,
+    expect_close,
     fetch_metrics,
     kex_init,
     kex_response,
@@ -30,7 +30,7 @@ from tests.support import (
     stop_relays,
     with_timeout,
 )
-from viewport.client import Frame, RelayConnection, is_status
+from viewport.client import Frame, is_status
 
 FANOUT_CLIENTS = 5
 FANOUT_EVENTS = 20
@@ -62,13 +62,6 @@ def relays() -> Any:
     pytest_twisted.blockon(start_relays(*procs.values()))
     yield procs
     pytest_twisted.blockon(stop_relays(*procs.values()))
-
-
-@inlineCallbacks
-def expect_close(conn: RelayConnection, code: int, reason: str, timeout: float = 5.0) -> Any:
-    """The connection is closed by the relay with ``code`` and ``reason``."""
-    info = yield closed_within(conn, timeout)
-    assert (info.code, info.reason) == (code, reason)
 
 
 # -- size ---------------------------------------------------------------------------------------------

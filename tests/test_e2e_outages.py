@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import uuid
 from typing import Any, List, Optional
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
 from tests.pg_server import PrivateCluster, ScratchDatabase
-from tests.redis_server import RedisServer, free_port
+from tests.ports import free_port
+from tests.redis_server import RedisServer
 from tests.relay_cluster import (
     MODES,
     Backplane,
@@ -23,6 +21,7 @@ from tests.relay_cluster import (
     ws_url,
 )
 from tests.support import (
+    EchoDaemon,
     RelayProcess,
     e2e_env,
     envelope,
@@ -35,14 +34,9 @@ from tests.support import (
     start_relays,
     stop_all,
     stop_relays,
-    token,
+    unique_workspace,
 )
-from viewport.client import MessageTimeout, RelayConnection, ReconnectingConnection, is_status
-
-
-def workspace(name: str) -> str:
-    """A workspace id no other test uses."""
-    return f"{name}-{uuid.uuid4().hex[:8]}"
+from viewport.client import MessageTimeout, RelayConnection, is_status
 
 
 @inlineCallbacks
@@ -66,7 +60,7 @@ def outage_then_recovery(backplane: Backplane, relays: List[RelayProcess], down:
     traffic resumes with nothing from the outage delivered late or twice.
     """
     a, b = relays
-    ws = workspace("outage")
+    ws = unique_workspace("outage")
     daemon = yield open_peer(a, "workspace-daemon", ws, "rt1")
     client: Optional[RelayConnection] = None
     try:
@@ -162,23 +156,6 @@ def test_postgres_restarted_under_the_bus() -> Any:
         cluster.destroy()
 
 
-class EchoDaemon:
-    """A daemon that reconnects by itself and answers every key exchange init."""
-
-    def __init__(self, url: str, workspace_id: str) -> None:
-        self.connection = ReconnectingConnection(
-            reactor, url, token_factory=lambda: token("workspace-daemon", workspace_id, "rt1"),
-            role="workspace-daemon", workspace_id=workspace_id, runtime_target_id="rt1",
-            base_delay=0.05, max_delay=0.2, on_message=self._message,
-        )
-
-    def _message(self, text: str) -> None:
-        frame = json.loads(text)
-        if frame.get("type") == "relay_key_exchange_init":
-            request_id = frame["requestId"]
-            self.connection.send_text(kex_response(request_id, f"session-{request_id}"))
-
-
 @pytest.fixture(params=MODES)
 def backplane(request: Any) -> Any:
     """A backplane of each mode (server mode: a viewport-bus of its own)."""
@@ -199,13 +176,13 @@ def test_relay_restarted_in_another_mode_gets_its_daemon_back(backplane: Backpla
     A single-mode relay restarted on the same port in a cross-relay mode gets its daemon back by itself, a
     client on another relay then reaches it, and SIGTERM clears the presence it owns.
     """
-    ws = workspace("switch")
+    ws = unique_workspace("switch")
     port = free_port()
     single = RelayProcess(e2e_env(RELAY_PUBLIC_WS_BASE_URL=ws_url(port)), port=port)
     other = backplane.relay("other")
     yield start_relays(single, other)
     switched: Optional[RelayProcess] = None
-    daemon = EchoDaemon(ws_url(port), ws)
+    daemon = EchoDaemon(ws_url(port), ws, max_delay=0.2)
     client: Optional[RelayConnection] = None
     try:
         yield all_ready([other])

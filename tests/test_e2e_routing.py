@@ -7,15 +7,15 @@ from typing import Any, Optional
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import inlineCallbacks
 
 from tests.support import (
     ADMIN_TOKEN,
     CHANNEL,
     OTHER_CHANNEL,
     RelayProcess,
-    closed_within,
+    assert_nothing_pending,
     e2e_env,
+    expect_close,
     fetch_metrics,
     http_request,
     envelope,
@@ -43,25 +43,6 @@ def relay() -> Any:
     pytest_twisted.blockon(start_relays(process))
     yield process
     pytest_twisted.blockon(stop_relays(process))
-
-
-@inlineCallbacks
-def assert_nothing_pending(*conns: RelayConnection) -> Any:
-    """
-    Prove that no earlier frame is queued for each connection: its next message must be the
-    INVALID_FRAME reply to a garbage frame it sends now (the relay answers in order).
-    """
-    for conn in conns:
-        conn.send_text("garbage")
-        reply = yield conn.next_json()
-        assert is_status(reply, "INVALID_FRAME"), reply
-
-
-@inlineCallbacks
-def expect_close(conn: RelayConnection, reason: str) -> Any:
-    """The connection is closed 4008 with ``reason``."""
-    info = yield closed_within(conn)
-    assert (info.code, info.reason) == (4008, reason)
 
 
 @pytest_twisted.inlineCallbacks
@@ -245,7 +226,7 @@ def test_scope_violations_close_with_4008(relay: RelayProcess) -> Any:
     for scope, frame, reason in cases:
         client = yield open_peer(relay, "client", "violations", "rt1", scope=scope, sessionChannels=[CHANNEL])
         client.send_text(frame)
-        yield expect_close(client, reason)
+        yield expect_close(client, 4008, reason)
 
 
 @pytest_twisted.inlineCallbacks
@@ -255,12 +236,12 @@ def test_profile_mismatches_close_with_4008(relay: RelayProcess) -> Any:
     try:
         client = yield open_peer(relay, "client", "profiles", "rt1", e2eeProfile="noise-ikpsk2")
         client.send_text(kex_init("r1", profile="noise-ik"))
-        yield expect_close(client, "client frame profile mismatch")
+        yield expect_close(client, 4008, "client frame profile mismatch")
         daemon.send_text(envelope("s1", profile="noise-ikpsk2"))
         assert daemon.is_open
         strict = yield open_peer(relay, "workspace-daemon", "profiles", "rt2", e2eeProfile="noise-ikpsk2")
         strict.send_text(envelope("s1", profile="noise-ik"))
-        yield expect_close(strict, "daemon frame profile mismatch")
+        yield expect_close(strict, 4008, "daemon frame profile mismatch")
         metrics = yield fetch_metrics(relay)
         assert metrics["relay_frames_client_rejected_profile_mismatch_total"] >= 1
         assert metrics["relay_frames_daemon_rejected_profile_mismatch_total"] >= 1
