@@ -141,7 +141,7 @@ class _Harness:
         return raw
 
     def counter(self, name: str) -> float:
-        return float(getattr(self.metrics, name)._value.get())
+        return float(getattr(self.metrics, name).value)
 
 
 class ServerBackplaneUnitTests(SynchronousTestCase):
@@ -369,6 +369,36 @@ class ServerBackplaneUnitTests(SynchronousTestCase):
             results.append
         )
         self.assertEqual(results, [False])
+
+
+class BusCallTests(SynchronousTestCase):
+    """How a bus call leaves the relay."""
+
+    def test_the_body_is_written_at_once_behind_the_headers(self) -> None:
+        """A call's body is its own producer: headers and body are written in the same turn, with a length."""
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        from viewport.relay.backplane.bus_http import PULL_PATH, BusCalls
+
+        reactor = MemoryReactorClock()
+        client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        calls = BusCalls(origin="http://127.0.0.1:7790", internal_key="k" * 24, http_client=client, clock=reactor,
+                         timeout_ms=2000, max_response_bytes=65536)
+        calls.post(PULL_PATH, {"relayId": "relay-a", "sinceId": 0})
+        host, port, factory, _, _ = reactor.tcpClients[0]
+        self.assertEqual((host, port), ("127.0.0.1", 7790))
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        written = transport.value()
+        head, _, body = written.partition(b"\r\n\r\n")
+        self.assertEqual(json.loads(body), {"relayId": "relay-a", "sinceId": 0})
+        self.assertIn(b"Content-Length: %d" % len(body), head)
+        self.assertIn(b"X-Relay-Internal-Key: " + b"k" * 24, head)
+        self.assertEqual(reactor.getDelayedCalls()[0].getTime(), 2.0)  # only the call's deadline: no Cooperator turn
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
 
 
 class ServerBackplaneBatchAndLivenessTests(SynchronousTestCase):

@@ -18,10 +18,14 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import CancelledError, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.web.client import ResponseNeverReceived
 
 from tests.pg_server import INTERNAL_KEY, REPO_ROOT, TOKEN_SECRET, BusProcess, ScratchDatabase, http_client
 from viewport.bus.api import PULL_BUDGET_BYTES, max_body_bytes_for
+from viewport.bus.listener import Notification, parse_notification
+from viewport.bus.store import NewFrame, PullPage, page_of_batch
+from viewport.bus.waiters import PullWaiters
 from viewport.bus.config import ConfigError, load_bus_config
 from viewport.relay.admission import PlatformAdmission
 from viewport.tokens import mint_token, validate_claims
@@ -380,7 +384,12 @@ def test_batch_is_stored_in_order_with_one_notify(bus: Bus) -> Any:
         assert status == 200 and answer["ok"] is True and set(answer) == {"ok", "ids"}
         ids = answer["ids"]
         assert len(ids) == 5 and ids == sorted(ids) and len(set(ids)) == 5 and ids[0] > since
-        assert _drain(listening) == [str(ids[-1])]
+        notifications = [json.loads(payload) for payload in _drain(listening)]
+        # Frames 0 and 3 are for everyone, so the one NOTIFY names no targets.
+        assert [{k: v for k, v in n.items() if k != "origin"} for n in notifications] == [
+            {"id": ids[-1], "source": peer, "targets": None}
+        ]
+        assert isinstance(notifications[0]["origin"], str)
     finally:
         listening.close()
     status, answer = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since})
@@ -391,6 +400,51 @@ def test_batch_is_stored_in_order_with_one_notify(bus: Bus) -> Any:
     assert (pulled[2]["targetRelayId"], pulled[2]["direction"]) == ("", "daemon_to_clients")
     assert not {"machineId", "issuedAtMs", "signature"} & set(pulled[3])
     assert answer["headId"] == ids[-1] and answer["capabilities"] == CAPABILITIES
+
+
+@pytest_twisted.inlineCallbacks
+def test_notify_names_the_source_and_the_targets(bus: Bus) -> Any:
+    """A publish's NOTIFY names its source and its target relays, so that only their pulls wake."""
+    me, peer, other = _unique("me"), _unique("peer"), _unique("other")
+    listening = _notifications(bus.database)
+    try:
+        status, answer = yield bus.post(API + "/bus/publish", _frame(peer, me))
+        assert status == 200
+        single = answer["id"]
+        status, answer = yield bus.post(API + "/bus/publish", {"frames": [_frame(peer, other), _frame(peer, me)]})
+        assert status == 200
+        notifications = [json.loads(payload) for payload in _drain(listening)]
+    finally:
+        listening.close()
+    origins = {n.pop("origin") for n in notifications}
+    assert notifications == [
+        {"id": single, "source": peer, "targets": [me]},
+        {"id": answer["ids"][-1], "source": peer, "targets": sorted([me, other])},
+    ]
+    assert len(origins) == 1  # the bus process that stored them
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_waiting_pull_answered_from_the_batch_reads_what_a_query_reads(bus: Bus) -> Any:
+    """A pull waiting right before a batch gets, at once, exactly the frames (and fields) a pull query returns."""
+    me = _unique("me")
+    since = yield _head(bus)
+    pulling = bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since, "waitMs": 2000})
+    yield task.deferLater(reactor, 0.1, lambda: None)
+    batch = [
+        _frame("src", me, machineId="m1", issuedAtMs=1700000000000, signature="sig", payload='{"n":0,"s":"é\\n\\"x"}'),
+        _frame("src", _unique("other"), payload='{"n":1}'),
+        _frame("src", None, direction="daemon_to_clients", payload='{"n":2}'),
+        _frame("src", "", payload='{"n":3}'),
+        _frame(me, None, payload='{"n":4}'),
+    ]
+    status, published = yield bus.post(API + "/bus/publish", {"frames": batch})
+    assert status == 200
+    status, woken = yield pulling
+    status, queried = yield bus.post(API + "/bus/pull", {"relayId": me, "sinceId": since})
+    assert status == 200 and woken["frames"] == queried["frames"]
+    assert [f["id"] for f in woken["frames"]] == [published["ids"][i] for i in (0, 2, 3)]
+    assert woken["more"] is False and woken["headId"] == published["ids"][-1] == queried["headId"]
 
 
 @pytest_twisted.inlineCallbacks
@@ -708,6 +762,136 @@ def test_relay_platform_admission_accepts_bus_answers(bus: Bus) -> Any:
     assert result.ok and result.claims.workspace_id == "w"
     result = yield admission.admit(token + "x", "workspace-daemon", "w", "t")
     assert not result.ok and result.reason == "INVALID_SIGNATURE"
+
+
+# --- wake-ups ---------------------------------------------------------------------------------
+
+
+def test_notification_payloads_are_read_leniently() -> None:
+    """A NOTIFY names id, source and targets; a bare id (an older bus) or an unreadable payload means everyone."""
+    assert parse_notification('{"id" : 7, "source" : "b", "targets" : ["a", "c"]}') == Notification(
+        7, "b", frozenset({"a", "c"})
+    )
+    assert parse_notification('{"id" : 8, "source" : null, "targets" : null, "origin" : "p1"}') == Notification(
+        8, origin="p1"
+    )
+    assert parse_notification("9") == Notification(9)
+    for unreadable in ("", "x", "[1]", '{"id": "9"}', '{"id": 9, "targets": "a"}', '{"id": 9, "targets": [1]}', "١"):
+        assert parse_notification(unreadable) == Notification(0), unreadable
+
+
+def test_a_notification_wakes_only_the_pulls_it_is_for() -> None:
+    """Targeted frames wake their targets' pulls, frames for everyone every pull but the source's; wake_all wakes all."""
+    clock = Clock()
+    waiters = PullWaiters(clock)
+    pulls = {relay: waiters.watch(relay) for relay in ("a", "b", "c")}
+    woken: List[str] = []
+    for relay, waiter in pulls.items():
+        waiter.sleep(1.0).addCallback(lambda _, relay=relay: woken.append(relay))
+    waiters.notify(Notification(1, source="b", targets=frozenset({"a", "x"})))
+    assert woken == ["a"]
+    pulls["a"].sleep(1.0).addCallback(lambda _: woken.append("a"))
+    waiters.notify(Notification(2, source="b"))
+    assert sorted(woken) == ["a", "a", "c"]
+    waiters.wake_all()
+    assert sorted(woken) == ["a", "a", "b", "c"]
+    for waiter in pulls.values():
+        waiter.close()
+    assert len(waiters) == 0 and not clock.getDelayedCalls()
+
+
+def test_a_wake_up_during_the_query_is_not_slept_through() -> None:
+    """A frame stored while a pull's query runs makes its next sleep return at once; without one it sleeps until timeout."""
+    clock = Clock()
+    waiters = PullWaiters(clock)
+    waiter = waiters.watch("a")
+    waiter.woken = False  # the query starts
+    waiters.notify(Notification(5, targets=frozenset({"a"})))  # ... and a frame for "a" commits meanwhile
+    assert waiter.sleep(1.0).called
+    sleeping = waiter.sleep(1.0)
+    assert not sleeping.called
+    clock.advance(1.0)
+    assert sleeping.called
+    waiter.close()
+    assert len(waiters) == 0 and not clock.getDelayedCalls()
+
+
+def _stored_frame(source: str, target: Optional[str], payload: str = "{}") -> NewFrame:
+    return NewFrame("w", "t", None, source, target, "client_to_daemon", payload, None, None)
+
+
+def test_own_notifications_are_left_to_the_insert_that_made_them() -> None:
+    """This process's NOTIFYs wake nobody (its insert's return did); another process's wake as usual; a failed insert wakes too."""
+    clock = Clock()
+    waiters = PullWaiters(clock, origin="me")
+    waiter = waiters.watch("a", since_id=3, limit=10, budget_bytes=1000)
+    sleeping = waiter.sleep(1.0)
+    waiters.notify(Notification(5, targets=frozenset({"a"}), origin="me"))
+    assert not sleeping.called
+    waiters.notify(Notification(5, targets=frozenset({"a"}), origin="other-bus"))
+    assert sleeping.called and waiter.page is None
+    waiter.woken = False  # the pull queries again, then sleeps
+    sleeping = waiter.sleep(1.0)
+    waiters.not_stored([_stored_frame("b", "a")])
+    assert sleeping.called and waiter.page is None
+    waiter.woken = False
+    sleeping = waiter.sleep(1.0)
+    waiters.stored([_stored_frame("b", "c")], [6])  # for someone else: no page, and "a" stays asleep
+    assert not sleeping.called
+    waiters.stored([_stored_frame("b", "a")], [9])  # for "a", but not right after its cursor: it wakes to query
+    assert sleeping.called and waiter.page is None
+    waiter.woken = False
+    waiter.seen_through = 9  # its query found nothing up to head 9
+    sleeping = waiter.sleep(1.0)
+    waiters.stored([_stored_frame("a", None), _stored_frame("a", "c")], [10, 11])  # its own: nothing for "a" ...
+    assert not sleeping.called and waiter.seen_through == 11
+    waiters.stored([_stored_frame("b", None)], [12])  # ... so this batch is what it reads next
+    assert sleeping.called and waiter.page is not None and waiter.page.head_id == 12
+    waiter.close()
+    assert not clock.getDelayedCalls()
+
+
+def test_a_stored_batch_answers_the_sleeping_pull_right_before_it() -> None:
+    """Only a sleeping pull whose cursor is the id before the batch gets it, filtered for its relay; others wake to query."""
+    clock = Clock()
+    waiters = PullWaiters(clock)
+    right_before = waiters.watch("a", since_id=9, limit=100, budget_bytes=1 << 20)
+    behind = waiters.watch("a", since_id=5, limit=100, budget_bytes=1 << 20)
+    querying = waiters.watch("a", since_id=9, limit=100, budget_bytes=1 << 20)
+    for waiter in (right_before, behind):
+        waiter.sleep(1.0)
+    waiters.stored([_stored_frame("b", "a"), _stored_frame("b", "c"), _stored_frame("a", None)], [10, 11, 12])
+    assert right_before.page is not None and behind.page is None and querying.page is None
+    assert [f["id"] for f in json.loads(right_before.page.frames_json)] == [10]
+    assert (right_before.page.count, right_before.page.head_id, right_before.page.more) == (1, 12, False)
+    assert behind.woken and right_before.woken  # the one behind queries for what it missed
+    for waiter in (right_before, behind, querying):
+        waiter.close()
+    assert not clock.getDelayedCalls()
+
+
+def test_a_batch_too_big_for_a_page_is_left_to_the_query() -> None:
+    """A batch beyond the pull's limit or payload budget gives no page (the pull queries); one with nothing for it an empty page."""
+    frames = [_stored_frame("b", "a", "x" * 10) for _ in range(3)]
+    page = page_of_batch(frames, [1, 2, 3], "a", limit=3, budget_bytes=21)
+    assert page is not None and page.count == 3  # 10 and 20 bytes before the second and third: under 21
+    assert page_of_batch(frames, [1, 2, 3], "a", limit=2, budget_bytes=1000) is None
+    assert page_of_batch(frames, [1, 2, 3], "a", limit=3, budget_bytes=20) is None
+    assert page_of_batch(frames, [1, 2, 3], "c", limit=3, budget_bytes=1000) == PullPage("[]", 0, 3, False)
+    assert page_of_batch(frames[:1], [1], "a", limit=1, budget_bytes=0) is not None  # the first frame always fits
+
+
+def test_a_cancelled_sleep_leaves_no_timer() -> None:
+    """A pull whose client went away cancels its sleep: the timer goes, and later notifications find nothing to fire."""
+    clock = Clock()
+    waiters = PullWaiters(clock)
+    waiter = waiters.watch("a")
+    sleeping = waiter.sleep(1.0)
+    sleeping.addErrback(lambda failure: failure.trap(CancelledError))
+    sleeping.cancel()
+    waiter.close()
+    waiters.notify(Notification(1))
+    assert not clock.getDelayedCalls() and len(waiters) == 0
 
 
 # --- process and configuration ----------------------------------------------------------------

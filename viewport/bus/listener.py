@@ -1,8 +1,10 @@
-"""The LISTEN connection of viewport-bus: one per process, waking long-polling pulls on every NOTIFY."""
+"""The LISTEN connection of viewport-bus: one per process, waking the long-polling pulls each NOTIFY is for."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import psycopg
@@ -11,15 +13,63 @@ from twisted.logger import Logger
 
 from viewport.bus.pool import ConnectionPool, discard
 
-__all__ = ["NOTIFY_CHANNEL", "NotificationListener"]
+__all__ = ["NOTIFY_CHANNEL", "Notification", "NotificationListener", "parse_notification"]
 
-#: The NOTIFY channel; its payload is the new frame's id (payloads are capped at 8000 bytes).
+#: The NOTIFY channel; its payload names the newest frame's id and who may want the frames, never
+#: the frames themselves (payloads are capped at 8000 bytes).
 NOTIFY_CHANNEL = "relay_bus"
+
+
+@dataclass(frozen=True)
+class Notification:
+    """
+    Frames were stored, up to ``frame_id``: for ``targets`` (None: every relay), never for
+    ``source`` (None: any relay may have sent some of them), by the bus process ``origin``.
+    """
+
+    frame_id: int
+    source: Optional[str] = None
+    targets: Optional[frozenset[str]] = None
+    origin: Optional[str] = None
+
+
+#: What an unreadable payload means: frames for everyone (waking a pull too many is harmless).
+_EVERYONE = Notification(0)
+
+
+def parse_notification(payload: str) -> Notification:
+    """
+    A NOTIFY payload: ``{"id": 12, "source": "relay-b", "targets": ["relay-a"], "origin": "…"}``
+    (``source``, ``targets`` and ``origin`` may be null or missing), or a bare id (an older bus: for
+    everyone).
+    """
+    if payload.isascii() and payload.isdigit():
+        return Notification(int(payload))
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        return _EVERYONE
+    if not isinstance(document, dict):
+        return _EVERYONE
+    frame_id = document.get("id")
+    source = document.get("source")
+    targets = document.get("targets")
+    origin = document.get("origin")
+    if not isinstance(frame_id, int) or isinstance(frame_id, bool):
+        return _EVERYONE
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return _EVERYONE
+    return Notification(
+        frame_id,
+        source if isinstance(source, str) else None,
+        None if targets is None else frozenset(targets),
+        origin if isinstance(origin, str) else None,
+    )
 
 
 class NotificationListener:
     """
-    One LISTEN connection for the whole process; each NOTIFY id is handed to ``on_notify``.
+    One LISTEN connection for the whole process; each NOTIFY is handed to ``on_notify``.
 
     The connection is reopened after any failure (after ``retry_delay_s``, doubling up to
     ``max_retry_delay_s``); ``on_connected`` runs after every (re)connect, since notifications
@@ -33,7 +83,7 @@ class NotificationListener:
         self,
         pool: ConnectionPool,
         loop: asyncio.AbstractEventLoop,
-        on_notify: Callable[[int], None],
+        on_notify: Callable[[Notification], None],
         on_connected: Callable[[], None],
         *,
         retry_delay_s: float = 0.1,
@@ -81,7 +131,7 @@ class NotificationListener:
                 self.connected = True
                 delay = self._retry_delay_s
                 if failing:
-                    self._log.info("{relay_event}", relay_event="bus_listen_recovered")
+                    self._log.info("bus LISTEN connection recovered", relay_event="bus_listen_recovered")
                     failing = False
                 self._safely(self._on_connected)
                 while True:
@@ -92,7 +142,9 @@ class NotificationListener:
                 raise
             except Exception as error:
                 if not failing:
-                    self._log.warn("{relay_event}", relay_event="bus_listen_error", error=type(error).__name__)
+                    self._log.warn(
+                        "bus LISTEN connection failed: {error}", relay_event="bus_listen_error", error=type(error).__name__
+                    )
                     failing = True
             finally:
                 self.connected = False
@@ -102,14 +154,11 @@ class NotificationListener:
             delay = min(delay * 2, self._max_retry_delay_s)
 
     def _dispatch(self, payload: str) -> None:
-        try:
-            frame_id = int(payload)
-        except ValueError:
-            return
-        self._safely(lambda: self._on_notify(frame_id))
+        notification = parse_notification(payload)
+        self._safely(lambda: self._on_notify(notification))
 
     def _safely(self, call: Callable[[], None]) -> None:
         try:
             call()
         except Exception:
-            self._log.failure("{relay_event}", relay_event="bus_notify_handler_error")
+            self._log.failure("bus notification handling failed", relay_event="bus_notify_handler_error")

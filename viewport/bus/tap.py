@@ -13,11 +13,12 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from viewport.bus.api import BusApi, BusSite, PullWaiters, max_body_bytes_for
+from viewport.bus.api import BusApi, BusSite, max_body_bytes_for
 from viewport.bus.config import BusConfig, load_bus_config
 from viewport.bus.listener import NotificationListener
 from viewport.bus.store import BusStore, DatabaseUnavailable
-from viewport.relay.logs import JsonLineObserver
+from viewport.bus.waiters import PullWaiters
+from viewport.relay.logs import JsonLineObserver, in_words
 from viewport.service_support import log_stream, EnvironmentOptions, JsonLoggingService, listen_now, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 
@@ -71,7 +72,7 @@ def build_verifier(config: BusConfig) -> LocalTokenVerifier:
         return LocalTokenVerifier(public_key, ["EdDSA", "RS256"], config.token_issuer, config.token_audience)
     secret, created = load_or_create_secret(config.token_secret_file)
     _log.info(
-        "{relay_event}",
+        "token secret created at {path}" if created else "token secret loaded from {path}",
         relay_event="token_secret_created" if created else "token_secret_loaded",
         path=config.token_secret_file,
     )
@@ -134,7 +135,7 @@ class BusService(JsonLoggingService):
         host = getattr(address, "host", self.config.host)
         shown = f"[{host}]" if ":" in host else host
         self._log.info(
-            "{relay_event}",
+            "bus listening at {url}",
             relay_event="bus_listening",
             url=f"http://{shown}:{getattr(address, 'port', self.config.port)}",
             retentionSeconds=self.config.retention_seconds,
@@ -146,16 +147,16 @@ class BusService(JsonLoggingService):
 
     def _database_down(self, failure: Failure, event: str) -> None:
         if failure.check(DatabaseUnavailable):
-            self._log.warn("{relay_event}", relay_event=event, error=str(failure.value))
+            self._log.warn(in_words(event) + ": {error}", relay_event=event, error=str(failure.value))
         else:
-            self._log.failure("{relay_event}", failure, relay_event=event)
+            self._log.failure(in_words(event), failure, relay_event=event)
 
     def expire(self) -> "Deferred[None]":
         """Delete expired frames and presence; never raises (the timer must keep running)."""
 
         def done(deleted: int) -> None:
             if deleted:
-                self._log.info("{relay_event}", relay_event="bus_frames_expired", count=deleted)
+                self._log.info("{count} expired frames deleted", relay_event="bus_frames_expired", count=deleted)
 
         d = self.store.expire(self.config.retention_seconds, self.config.presence_ttl_seconds)
         return d.addCallbacks(done, self._database_down, errbackArgs=("bus_retention_error",))
@@ -187,8 +188,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     assert config is not None
     observer = JsonLineObserver(log_stream(sys.argv), _MAX_LOGS)
     store = BusStore(config.database_url, loop)
-    waiters = PullWaiters(reactor)
-    listener = NotificationListener(store.pool, loop, waiters.notify, waiters.notify)
+    waiters = PullWaiters(reactor, origin=store.origin)
+    listener = NotificationListener(store.pool, loop, waiters.notify, waiters.wake_all)
     api = BusApi(
         store=store,
         waiters=waiters,

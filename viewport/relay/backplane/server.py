@@ -2,77 +2,69 @@
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Collection, Generator, Optional
+from typing import Any, Callable, Collection, Optional
 from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, inlineCallbacks, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from viewport.relay.backplane.batching import OrderedBatcher
-from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
-from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
-from viewport.relay.interfaces import BusFrame, Direction, IBackplane, Presence, Side
+from viewport.relay.backplane.bus_http import (
+    ALIVE_PATH,
+    API_PREFIX,
+    HEARTBEAT_PATH,
+    PUBLISH_PATH,
+    PULL_PATH,
+    RESOLVE_PATH,
+    UPSERT_PATH,
+    BusCalls,
+    describe,
+    ok_document,
+)
+from viewport.relay.backplane.bus_pull import (
+    MAX_PULL_WAIT_MS,
+    PULL_RETRY_FIRST_S,
+    PULL_RETRY_MAX_S,
+    UNHEALTHY_AFTER_FAILURES,
+    PullLoop,
+)
+from viewport.relay.backplane.signing import FrameVerifier, sign
+from viewport.relay.httpcall import HttpAnswer
+from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
 from viewport.relay.logs import RepeatedWarning
-from viewport.tokens import as_json_integer
 
-__all__ = ["ServerBackplane"]
-
-API_PREFIX = "/api/runtime/internal/relay"
-UPSERT_PATH = API_PREFIX + "/presence/upsert"
-RESOLVE_PATH = API_PREFIX + "/presence/resolve"
-PUBLISH_PATH = API_PREFIX + "/bus/publish"
-PULL_PATH = API_PREFIX + "/bus/pull"
-HEARTBEAT_PATH = API_PREFIX + "/relays/heartbeat"
-ALIVE_PATH = API_PREFIX + "/relays/alive"
+__all__ = [
+    "ALIVE_PATH",
+    "API_PREFIX",
+    "HEARTBEAT_PATH",
+    "MAX_PULL_WAIT_MS",
+    "PUBLISH_PATH",
+    "PULL_PATH",
+    "PULL_RETRY_FIRST_S",
+    "PULL_RETRY_MAX_S",
+    "RESOLVE_PATH",
+    "ServerBackplane",
+    "UNHEALTHY_AFTER_FAILURES",
+    "UPSERT_PATH",
+]
 
 #: What a bus may say it can do (in its pull answers): take several frames per publish, and keep
 #: relay liveness records. The Viewport platform has neither: one frame per call, no liveness.
 CAPABILITY_BATCH = "batch"
 CAPABILITY_LIVENESS = "liveness"
 
-#: The longest long-poll the contract allows (§6.4).
-MAX_PULL_WAIT_MS = 2000
-#: Consecutive failed pulls after which ``healthy`` turns False (until a pull succeeds).
-UNHEALTHY_AFTER_FAILURES = 3
-#: Pause after a failed pull: doubling from the first value up to the second (seconds).
-PULL_RETRY_FIRST_S = 0.05
-PULL_RETRY_MAX_S = 2.0
-# A failed pull is logged on the first failure of a streak and then every this many failures.
-_LOG_EVERY_FAILURES = 30
-
-_DIRECTIONS: frozenset[str] = frozenset(("client_to_daemon", "daemon_to_clients"))
-_SIDE_OF_DIRECTION: dict[str, Side] = {"client_to_daemon": "daemon", "daemon_to_clients": "clients"}
-
 
 @dataclass
 class _Cached:
     presence: Presence
     expires_at: float
-
-
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _ok_document(answer: HttpAnswer) -> Optional[dict[str, Any]]:
-    """The decoded body when the call succeeded (2xx and ``ok`` exactly true), else None."""
-    if not 200 <= answer.status < 300:
-        return None
-    try:
-        document = json.loads(answer.body.decode("utf-8", "replace"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or document.get("ok") is not True:
-        return None
-    return document
 
 
 def _text(value: object) -> Optional[str]:
@@ -150,33 +142,22 @@ class ServerBackplane:
                 raise ValueError(f"{name} must be positive")
         self.relay_id = relay_id
         self._public_ws_base_url = public_ws_base_url
-        self._origin = f"{parts.scheme}://{host}"
         # Without a key (allowed outside prod, with a startup warning) calls carry no key header.
-        self._headers: dict[str | bytes, str | bytes] = {"content-type": "application/json"}
-        if internal_key:
-            self._headers["x-relay-internal-key"] = internal_key
+        self._calls = BusCalls(
+            origin=f"{parts.scheme}://{host}",
+            internal_key=internal_key,
+            http_client=http_client,
+            clock=clock,
+            timeout_ms=timeout_ms,
+            max_response_bytes=max_response_bytes,
+        )
+        self._post = self._calls.post
         self._hmac_key = hmac_key or None
-        self._http = http_client
         self._clock = clock
-        self._timeout_ms = timeout_ms
-        self._max_response_bytes = max_response_bytes
-        self._pull_limit = pull_limit
-        self._pull_wait_ms = max(0, min(pull_wait_ms, MAX_PULL_WAIT_MS))
-        self._pull_timeout_ms = self._pull_wait_ms + timeout_ms
-        # A payload may grow sixfold as a JSON string; the bus adds frames up to a byte budget.
-        self._pull_max_response_bytes = max(max_response_bytes, 8 * max_payload_bytes + 65536)
-        self._max_payload_bytes = max_payload_bytes
         self._resolve_cache_s = max(0, resolve_cache_ms) / 1000.0
         self._resolve_cache_max = resolve_cache_max
         self._presence_refresh_s = presence_refresh_ms / 1000.0
         self._metrics = metrics
-        self._verifier = (
-            FrameVerifier(self._hmac_key, max_skew_ms, max(4 * freshness_track_max, 100000))
-            if self._hmac_key is not None
-            else None
-        )
-
-        self._deliver: Optional[Callable[[BusFrame], None]] = None
         self._path_changed: Optional[Callable[[bool], None]] = None
         self._capabilities: frozenset[str] = frozenset()
         self._liveness_ttl_ms = liveness_ttl_ms
@@ -196,15 +177,27 @@ class ServerBackplane:
         self._presences: dict[tuple[str, Optional[str]], Presence] = {}
         self._resolved: OrderedDict[tuple[str, Optional[str]], _Cached] = OrderedDict()
         self._refresh: Optional[LoopingCall] = None
-        self._cursor: Optional[int] = None
-        self._looping = False
-        self._syncing = False
-        self._loop_done: Optional[Deferred[None]] = None
-        self._in_flight: Optional[Deferred[Any]] = None
-        self._pause: Optional[IDelayedCall] = None
-        self._pause_d: Optional[Deferred[None]] = None
-        self._failures = 0
-        self._limit_now = pull_limit
+        self._puller = PullLoop(
+            relay_id=relay_id,
+            post=self._post,
+            clock=clock,
+            watched=self._watched,
+            verifier=(
+                FrameVerifier(self._hmac_key, max_skew_ms, max(4 * freshness_track_max, 100000))
+                if self._hmac_key is not None
+                else None
+            ),
+            pull_limit=pull_limit,
+            pull_wait_ms=pull_wait_ms,
+            timeout_ms=timeout_ms,
+            # A payload may grow sixfold as a JSON string; the bus adds frames up to a byte budget.
+            max_response_bytes=max(max_response_bytes, 8 * max_payload_bytes + 65536),
+            max_payload_bytes=max_payload_bytes,
+            count=self._count,
+            noted=self._note_capabilities,
+            daemon_gone=self._forget_resolved,
+            path_changed=self._tell_path,
+        )
 
     # --- IBackplane --------------------------------------------------------------------------
 
@@ -219,22 +212,19 @@ class ServerBackplane:
         if self._started:
             return succeed(None)
         self._started = True
-        self._deliver = deliver
         self._path_changed = path_changed
         refresh = LoopingCall(self._refresh_presences)
         refresh.clock = self._clock
         refresh.start(self._presence_refresh_s, now=False).addErrback(
-            lambda f: self._log.failure("{relay_event}", f, relay_event="relay_presence_refresh_error")
+            lambda f: self._log.failure("presence refresh stopped", f, relay_event="relay_presence_refresh_error")
         )
         self._refresh = refresh
-        self._syncing = True
 
         def synced(_: bool) -> None:
-            self._syncing = False
             self._start_liveness()
-            self._maybe_loop()
+            self._puller.resume()
 
-        return self._sync_head().addCallback(synced)
+        return self._puller.start(deliver).addCallback(synced)
 
     def stop(self) -> "Deferred[None]":
         """Withdraw presences, let publishes under way finish, stop the pull loop and the refresh timer."""
@@ -255,21 +245,19 @@ class ServerBackplane:
         self._resolved.clear()
         self._stopped = True
         self._watched.clear()
-        if self._in_flight is not None:
-            self._in_flight.cancel()
-        self._wake()
+        loop_done = self._puller.stop()
         # Publishes already queued or under way (e.g. the notice that a daemon left, sent as the
         # relay closes its sockets) still reach the platform before the process exits.
         self._publish_warning.cancel()
         waits: list[Deferred[Any]] = list(withdrawals) + [self._batcher.drain()]
-        if self._loop_done is not None:
-            waits.append(self._loop_done)
+        if loop_done is not None:
+            waits.append(loop_done)
         return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     @property
     def healthy(self) -> bool:
         """False after several consecutive failed pulls, until one succeeds."""
-        return self._failures < UNHEALTHY_AFTER_FAILURES
+        return self._puller.healthy
 
     def _tell_path(self, working: bool) -> None:
         path_changed = self._path_changed
@@ -278,7 +266,7 @@ class ServerBackplane:
         try:
             path_changed(working)
         except Exception:
-            self._log.failure("{relay_event}", relay_event="relay_bus_path_change_error")
+            self._log.failure("path change handling failed", relay_event="relay_bus_path_change_error")
 
     def dead_relays(self, relay_ids: Collection[str]) -> "Deferred[frozenset[str]]":
         """
@@ -291,7 +279,7 @@ class ServerBackplane:
             return succeed(frozenset())
 
         def answered(answer: HttpAnswer) -> frozenset[str]:
-            document = _ok_document(answer)
+            document = ok_document(answer)
             dead = document.get("dead") if document is not None else None
             if not isinstance(dead, list):
                 return frozenset()
@@ -334,7 +322,7 @@ class ServerBackplane:
             body["runtimeTargetId"] = runtime_target_id
 
         def answered(answer: HttpAnswer) -> Optional[Presence]:
-            document = _ok_document(answer)
+            document = ok_document(answer)
             if document is None:
                 self._count("relay_presence_resolve_failed")
                 return None
@@ -362,10 +350,10 @@ class ServerBackplane:
         def failed(failure: Failure) -> None:
             self._count("relay_presence_resolve_failed")
             self._log.warn(
-                "{relay_event}",
+                "presence resolve for {workspaceId} failed: {error}",
                 relay_event="relay_presence_resolve_error",
                 workspaceId=workspace_id,
-                error=_describe(failure),
+                error=describe(failure),
             )
             return None
 
@@ -378,14 +366,15 @@ class ServerBackplane:
         if not frame.runtime_target_id:
             self._count("relay_bus_publish_failed")
             self._log.warn(
-                "{relay_event}",
+                "bus publish for {workspaceId} refused: {reason}",
                 relay_event="relay_bus_publish_failed",
                 workspaceId=frame.workspace_id,
                 direction=frame.direction,
                 reason="missing_runtime_target",
             )
             return succeed(False)
-        frame = replace(frame, source_relay_id=self.relay_id)
+        if frame.source_relay_id != self.relay_id:
+            frame = replace(frame, source_relay_id=self.relay_id)
         target: Optional[str] = frame.target_relay_id
         if target is None and frame.direction == "client_to_daemon":
             target = ""
@@ -404,13 +393,10 @@ class ServerBackplane:
             body["issuedAtMs"] = issued_at_ms
             body["signature"] = sign(self._hmac_key, frame, issued_at_ms)
 
-        def counted(ok: bool) -> bool:
-            self._count("relay_bus_publish_ok" if ok else "relay_bus_publish_failed")
-            return ok
-
         size = len(frame.payload)
         stream = (frame.workspace_id, frame.runtime_target_id, frame.direction)
-        return self._batcher.submit(stream, body, size).addCallback(counted)
+        # Counted per request (_send_batch) or refusal (_queue_refused): no callback per frame.
+        return self._batcher.submit(stream, body, size)
 
     def _send_batch(self, bodies: list[dict[str, Any]]) -> "Deferred[bool]":
         """One publish request: the frame itself, or ``{"frames": [...]}`` to a bus that takes batches."""
@@ -420,8 +406,10 @@ class ServerBackplane:
         first = bodies[0]
 
         def answered(answer: HttpAnswer) -> bool:
-            if _ok_document(answer) is not None:
+            if ok_document(answer) is not None:
+                self._count("relay_bus_publish_ok", len(bodies))
                 return True
+            self._count("relay_bus_publish_failed", len(bodies))
             self._publish_warning.warn(
                 workspaceId=first["workspaceId"], direction=first["direction"], frames=len(bodies),
                 status=answer.status,
@@ -429,15 +417,17 @@ class ServerBackplane:
             return False
 
         def failed(failure: Failure) -> bool:
+            self._count("relay_bus_publish_failed", len(bodies))
             self._publish_warning.warn(
                 workspaceId=first["workspaceId"], direction=first["direction"], frames=len(bodies),
-                error=_describe(failure),
+                error=describe(failure),
             )
             return False
 
         return self._post(PUBLISH_PATH, document).addCallbacks(answered, failed)
 
     def _queue_refused(self, reason: str, count: int) -> None:
+        self._count("relay_bus_publish_failed", count)
         self._publish_warning.warn(reason=reason, frames=count)
 
     def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
@@ -445,7 +435,7 @@ class ServerBackplane:
         if self._stopped:
             return
         self._watched.add((workspace_id, runtime_target_id or None, side))
-        self._maybe_loop()
+        self._puller.resume()
 
     def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """Stop delivering that side's frames of the scope."""
@@ -460,7 +450,7 @@ class ServerBackplane:
         beat = LoopingCall(self._heartbeat)
         beat.clock = self._clock
         beat.start(self._liveness_ttl_ms / 3000.0, now=True).addErrback(
-            lambda f: self._log.failure("{relay_event}", f, relay_event="relay_bus_heartbeat_error")
+            lambda f: self._log.failure("bus heartbeat stopped", f, relay_event="relay_bus_heartbeat_error")
         )
         self._liveness = beat
 
@@ -489,30 +479,11 @@ class ServerBackplane:
                 self._capabilities = known
                 self._start_liveness()
 
-    # --- HTTP --------------------------------------------------------------------------------
+    # --- metrics ------------------------------------------------------------------------------
 
-    def _post(
-        self,
-        path: str,
-        body: dict[str, Any],
-        timeout_ms: Optional[int] = None,
-        max_response_bytes: Optional[int] = None,
-    ) -> "Deferred[HttpAnswer]":
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        return bounded_request(
-            self._http,
-            self._clock,
-            "POST",
-            self._origin + path,
-            data=data,
-            headers=self._headers,
-            timeout_ms=timeout_ms if timeout_ms is not None else self._timeout_ms,
-            max_response_bytes=max_response_bytes if max_response_bytes is not None else self._max_response_bytes,
-        )
-
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, amount: int = 1) -> None:
         if self._metrics is not None:
-            getattr(self._metrics, name).inc()
+            getattr(self._metrics, name).inc(amount)
 
     # --- presence ----------------------------------------------------------------------------
 
@@ -529,12 +500,12 @@ class ServerBackplane:
             body["machineId"] = presence.machine_id
 
         def answered(answer: HttpAnswer) -> None:
-            if _ok_document(answer) is not None:
+            if ok_document(answer) is not None:
                 self._count("relay_presence_upsert_ok")
                 return
             self._count("relay_presence_upsert_failed")
             self._log.warn(
-                "{relay_event}",
+                "presence upsert for {workspaceId} failed with status {status}",
                 relay_event="relay_presence_upsert_failed",
                 workspaceId=presence.workspace_id,
                 status=answer.status,
@@ -543,10 +514,10 @@ class ServerBackplane:
         def failed(failure: Failure) -> None:
             self._count("relay_presence_upsert_failed")
             self._log.warn(
-                "{relay_event}",
+                "presence upsert for {workspaceId} failed: {error}",
                 relay_event="relay_presence_upsert_error",
                 workspaceId=presence.workspace_id,
-                error=_describe(failure),
+                error=describe(failure),
             )
 
         return self._post(UPSERT_PATH, body).addCallbacks(answered, failed)
@@ -557,139 +528,9 @@ class ServerBackplane:
             for presence in list(self._presences.values()):
                 self._upsert(presence)
         except Exception:
-            self._log.failure("{relay_event}", relay_event="relay_presence_refresh_error")
+            self._log.failure("presence refresh failed", relay_event="relay_presence_refresh_error")
 
-    # --- pull loop ---------------------------------------------------------------------------
-
-    def _sync_head(self) -> "Deferred[bool]":
-        """Pull once without waiting to learn ``headId``; its frames predate us and are dropped."""
-        body = {"relayId": self.relay_id, "sinceId": 0, "limit": self._limit_now, "waitMs": 0}
-        d = self._post(PULL_PATH, body, max_response_bytes=self._pull_max_response_bytes)
-        self._in_flight = d
-
-        def answered(answer: HttpAnswer) -> bool:
-            document = _ok_document(answer)
-            if document is None:
-                self._count("relay_bus_pull_failed")
-                self._log_failure(f"status {answer.status}")
-                return False
-            self._note_capabilities(document)
-            head = as_json_integer(document.get("headId"))
-            if head is not None and head >= 0:
-                self._cursor = head
-            else:
-                # No head from this platform: start from what it offers; the skew check
-                # keeps frames older than our start from being delivered.
-                self._cursor = 0
-                self._accept_page(document)
-            return True
-
-        def failed(failure: Failure) -> bool:
-            if failure.check(CancelledError):
-                return False
-            self._count("relay_bus_pull_failed")
-            self._log_failure(_describe(failure))
-            return False
-
-        def settled(ok: bool) -> bool:
-            if self._in_flight is d:
-                self._in_flight = None
-            return ok
-
-        return d.addCallbacks(answered, failed).addCallback(settled)
-
-    def _maybe_loop(self) -> None:
-        if self._looping or self._syncing or self._stopped or not self._started or not self._watched:
-            return
-        self._looping = True
-        done: Deferred[None] = self._run_loop()
-        self._loop_done = done
-
-    @inlineCallbacks
-    def _run_loop(self) -> Generator[Any, Any, None]:
-        try:
-            while self._watched and not self._stopped:
-                if self._cursor is None:
-                    ok = yield self._sync_head()
-                else:
-                    ok = yield self._pull_once()
-                if self._stopped:
-                    break
-                if ok:
-                    if self._failures >= UNHEALTHY_AFTER_FAILURES:
-                        self._log.info("{relay_event}", relay_event="relay_bus_pull_recovered")
-                        self._failures = 0
-                        self._tell_path(True)
-                    self._failures = 0
-                    continue
-                self._failures += 1
-                if self._failures == UNHEALTHY_AFTER_FAILURES:
-                    self._tell_path(False)
-                yield self._sleep(min(PULL_RETRY_FIRST_S * 2 ** (self._failures - 1), PULL_RETRY_MAX_S))
-        except Exception:
-            self._log.failure("{relay_event}", relay_event="relay_bus_pull_error")
-        finally:
-            self._looping = False
-        # Something may have been watched again while the last pull was finishing.
-        if not self._stopped and self._watched and not self._looping:
-            self._maybe_loop()
-
-    def _sleep(self, seconds: float) -> "Deferred[None]":
-        d: Deferred[None] = Deferred()
-        self._pause_d = d
-        self._pause = self._clock.callLater(seconds, self._wake)
-        return d
-
-    def _wake(self) -> None:
-        pause, self._pause = self._pause, None
-        if pause is not None and pause.active():
-            pause.cancel()
-        d, self._pause_d = self._pause_d, None
-        if d is not None and not d.called:
-            d.callback(None)
-
-    def _pull_once(self) -> "Deferred[bool]":
-        assert self._cursor is not None
-        body = {
-            "relayId": self.relay_id,
-            "sinceId": self._cursor,
-            "limit": self._limit_now,
-            "waitMs": self._pull_wait_ms,
-        }
-        d = self._post(
-            PULL_PATH, body, timeout_ms=self._pull_timeout_ms, max_response_bytes=self._pull_max_response_bytes
-        )
-        self._in_flight = d
-
-        def answered(answer: HttpAnswer) -> bool:
-            document = _ok_document(answer)
-            if document is None:
-                self._count("relay_bus_pull_failed")
-                self._log_failure(f"status {answer.status}")
-                return False
-            self._limit_now = self._pull_limit
-            self._note_capabilities(document)
-            accepted = self._accept_page(document)
-            if accepted:
-                self._count("relay_bus_pull_ok")
-            return True
-
-        def failed(failure: Failure) -> bool:
-            if failure.check(CancelledError):
-                return False
-            self._count("relay_bus_pull_failed")
-            if failure.check(HttpCallFailed) and failure.value.kind == "too_large":
-                # Fewer frames per answer until one fits again.
-                self._limit_now = max(1, self._limit_now // 4)
-            self._log_failure(_describe(failure))
-            return False
-
-        def settled(ok: bool) -> bool:
-            if self._in_flight is d:
-                self._in_flight = None
-            return ok
-
-        return d.addCallbacks(answered, failed).addCallback(settled)
+    # --- pulled frames -------------------------------------------------------------------
 
     def _forget_resolved(self, workspace_id: str, runtime_target_id: str, relay_id: str) -> None:
         """
@@ -700,118 +541,3 @@ class ServerBackplane:
         cached = self._resolved.get(key)
         if cached is not None and cached.presence.relay_id == relay_id:
             del self._resolved[key]
-
-    def _log_failure(self, error: str) -> None:
-        if self._failures % _LOG_EVERY_FAILURES == 0:
-            self._log.warn(
-                "{relay_event}",
-                relay_event="relay_bus_pull_error",
-                error=error,
-                consecutiveFailures=self._failures + 1,
-            )
-
-    def _accept_page(self, document: dict[str, Any]) -> int:
-        """Check and deliver a pull's frames in order; returns how many were accepted."""
-        frames = document.get("frames")
-        if not isinstance(frames, list):
-            frames = []
-        accepted = 0
-        now_ms = self._clock.seconds() * 1000.0
-        for raw in frames:
-            if self._stopped:
-                break
-            if isinstance(raw, dict) and self._accept_frame(raw, now_ms):
-                accepted += 1
-        head = as_json_integer(document.get("headId"))
-        if head is not None and 0 <= head < (self._cursor or 0):
-            # The bus holds nothing above our cursor (its frames expired, or it was reset).
-            self._cursor = head
-        elif document.get("more") is False and head is not None:
-            # Our bus says the answer was complete: nothing for us lies at or below its head.
-            self._cursor = max(self._cursor or 0, head)
-        return accepted
-
-    def _accept_frame(self, raw: dict[str, Any], now_ms: float) -> bool:
-        frame_id = as_json_integer(raw.get("id"))
-        if frame_id is None or frame_id <= 0:
-            return False
-        self._cursor = max(self._cursor or 0, frame_id)
-        source = raw.get("sourceRelayId")
-        if source == self.relay_id:
-            return False
-        workspace_id = raw.get("workspaceId")
-        runtime_target_id = raw.get("runtimeTargetId")
-        payload = raw.get("payload")
-        if not (
-            isinstance(workspace_id, str)
-            and isinstance(runtime_target_id, str)
-            and runtime_target_id
-            and isinstance(source, str)
-            and isinstance(payload, str)
-        ):
-            return False
-        target = raw.get("targetRelayId")
-        if isinstance(target, str) and target and target != self.relay_id:
-            return False
-        if len(payload.encode("utf-8", "surrogatepass")) > self._max_payload_bytes:
-            self._count("relay_bus_pull_frame_too_large")
-            return False
-        direction = raw.get("direction")
-        if direction not in _DIRECTIONS:
-            return False
-        if (workspace_id, runtime_target_id, _SIDE_OF_DIRECTION[direction]) not in self._watched:
-            return False
-        machine_id = raw.get("machineId")
-        frame = BusFrame(
-            workspace_id=workspace_id,
-            runtime_target_id=runtime_target_id,
-            source_relay_id=source,
-            target_relay_id=target if isinstance(target, str) else None,
-            direction=_direction(direction),
-            payload=payload,
-            machine_id=machine_id if isinstance(machine_id, str) else None,
-        )
-        if self._verifier is not None:
-            verdict = self._verifier.check(
-                frame, raw.get("issuedAtMs"), raw.get("signature"), now_ms
-            )
-            if verdict != Verdict.ACCEPTED:
-                self._count(f"relay_bus_pull_{verdict}_signature")
-                return False
-        deliver = self._deliver
-        if deliver is None:
-            return False
-        if frame.direction == "daemon_to_clients" and _announces_daemon_gone(payload):
-            self._forget_resolved(workspace_id, runtime_target_id, source)
-        try:
-            deliver(frame)
-        except Exception:
-            self._log.failure("{relay_event}", relay_event="bus_frame_delivery_error")
-            return False
-        return True
-
-
-def _announces_daemon_gone(payload: str) -> bool:
-    """Whether a daemon→clients payload is the relay's notice that the scope's daemon disconnected."""
-    if '"DAEMON_UNAVAILABLE"' not in payload:
-        return False
-    try:
-        document = json.loads(payload, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return False
-    return (
-        isinstance(document, dict)
-        and document.get("type") == "relay_status"
-        and document.get("code") == "DAEMON_UNAVAILABLE"
-    )
-
-
-def _direction(value: str) -> Direction:
-    return "client_to_daemon" if value == "client_to_daemon" else "daemon_to_clients"
-
-
-def _describe(failure: Failure) -> str:
-    error = failure.value
-    if isinstance(error, HttpCallFailed):
-        return error.detail
-    return (str(error).strip() or type(error).__name__)[:200]
