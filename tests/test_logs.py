@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import glob
 import io
 import json
+import os
 import re
 from typing import Any, cast
 
@@ -19,6 +22,7 @@ from twisted.python.log import ILogObserver as ILegacyLogObserver
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.support import REPO_ROOT
 from viewport.relay.logs import JsonLineObserver, format_timestamp, redact
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -256,3 +260,38 @@ class JsonLineObserverTests(SynchronousTestCase):
         observer(event)
         self.assertEqual(observer.write_errors, 1)
         self.assertEqual(observer.recent(verbose=False)[0]["event"], "e")
+
+
+def _logger_calls() -> "list[tuple[str, int, ast.Call]]":
+    """Every ``<...>_log.<level>(...)`` / ``log.<level>(...)`` call in the package, with where it is."""
+    calls = []
+    for path in sorted(glob.glob(os.path.join(REPO_ROOT, "viewport", "**", "*.py"), recursive=True)):
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read(), path)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in _LEVEL_METHODS:
+                continue
+            receiver = node.func.value
+            name = receiver.attr if isinstance(receiver, ast.Attribute) else getattr(receiver, "id", "")
+            if name in ("_log", "log"):
+                calls.append((os.path.relpath(path, REPO_ROOT), node.lineno, node))
+    return calls
+
+
+_LEVEL_METHODS = {"debug", "info", "warn", "error", "critical", "failure", "emit"}
+
+
+def test_every_log_call_names_its_event_and_reads_as_a_sentence() -> None:
+    """
+    One convention (viewport/relay/logs.py): a Logger call carries ``relay_event=`` (the name the JSON line
+    shows) and a format string for humans, never the bare ``"{relay_event}"``.
+    """
+    calls = _logger_calls()
+    assert len(calls) > 40
+    unnamed = [f"{path}:{line}" for path, line, call in calls
+               if not any(keyword.arg == "relay_event" for keyword in call.keywords)]
+    bare = [f"{path}:{line}" for path, line, call in calls
+            if any(isinstance(arg, ast.Constant) and arg.value == "{relay_event}" for arg in call.args)]
+    assert unnamed == [] and bare == []
