@@ -73,8 +73,8 @@ def listen_now(endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> IL
         raise RuntimeError("listening did not complete synchronously")
     if isinstance(outcome[0], Failure):
         failure = outcome[0]
-        if failure.check(CannotListenError):
-            error = failure.value
+        error = failure.value
+        if isinstance(error, CannotListenError):
             reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
             _log.error("cannot listen on {address}: {error}", relay_event="listen_failed",
                        address=f"{error.interface or '*'}:{error.port}", error=reason)

@@ -359,7 +359,7 @@ class BusApi(Resource):
 
         def mapped(failure: Failure) -> Answer:
             if failure.check(BadRequest):
-                error: BadRequest = failure.value  # type: ignore[assignment]
+                error: BadRequest = failure.value
                 return error.status, {"ok": False, "reason": error.reason, "error": error.error}
             if failure.check(DatabaseUnavailable):
                 return 503, {"ok": False, "reason": "DATABASE_UNAVAILABLE"}

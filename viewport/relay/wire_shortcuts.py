@@ -78,7 +78,7 @@ def pending_write_bytes(transport: Any, queued_since_pause: int) -> int:
     the transport paused its producer.
     """
     try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen  # type: ignore[no-any-return]
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     except AttributeError:
         return TRANSPORT_PAUSE_THRESHOLD + queued_since_pause
 
@@ -95,7 +95,7 @@ def unmask(payload: bytes, key: bytes) -> bytes:
     """``payload`` XOR the repeated 4-byte ``key``, as RFC 6455 §5.3 unmasks a client frame."""
     size = len(payload)
     if size > INT_UNMASK_MAX:
-        return create_xor_masker(key, size).process(payload)  # type: ignore[no-any-return]
+        return create_xor_masker(key, size).process(payload)
     if not size:
         return b""
     mask = int.from_bytes((key * ((size + 3) >> 2))[:size], "little")
