@@ -380,7 +380,8 @@ class BusCallTests(SynchronousTestCase):
         from treq.client import HTTPClient
         from twisted.web.client import Agent, HTTPConnectionPool
 
-        from viewport.relay.backplane.bus_http import PULL_PATH, BusCalls
+        from viewport.platform_api import PULL_PATH
+        from viewport.relay.backplane.bus_http import BusCalls
 
         reactor = MemoryReactorClock()
         client = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))

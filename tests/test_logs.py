@@ -1,4 +1,4 @@
-"""Tests for viewport.relay.logs: JSON log lines, redaction and the ``/logs`` ring."""
+"""Tests for viewport.logs: JSON log lines, redaction and the ``/logs`` ring."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.support import REPO_ROOT
-from viewport.relay.logs import JsonLineObserver, format_timestamp, redact
+from viewport.logs import JsonLineObserver, format_timestamp, redact
 
 TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
@@ -285,7 +285,7 @@ _LEVEL_METHODS = {"debug", "info", "warn", "error", "critical", "failure", "emit
 
 def test_every_log_call_names_its_event_and_reads_as_a_sentence() -> None:
     """
-    One convention (viewport/relay/logs.py): a Logger call carries ``relay_event=`` (the name the JSON line
+    One convention (viewport/logs.py): a Logger call carries ``relay_event=`` (the name the JSON line
     shows) and a format string for humans, never the bare ``"{relay_event}"``.
     """
     calls = _logger_calls()

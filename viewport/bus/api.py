@@ -17,19 +17,21 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from viewport.bus.store import BusStore, DatabaseUnavailable, NewFrame, PullPage
 from viewport.bus.waiters import PullWaiter, PullWaiters
+from viewport.platform_api import (
+    ALIVE_PATH,
+    HEARTBEAT_PATH,
+    PUBLISH_PATH,
+    PULL_PATH,
+    RESOLVE_PATH,
+    UPSERT_PATH,
+    VALIDATE_PATH,
+)
 from viewport.sockets import set_no_delay
+from viewport.strict_json import reject_constant
 from viewport.tokens import LocalTokenVerifier, TokenRejected
 
 __all__ = ["BusApi", "BusSite", "PullWaiter", "PullWaiters", "max_body_bytes_for"]
 
-PREFIX = "/api/runtime/internal/relay"
-VALIDATE = PREFIX + "/validate"
-PRESENCE_UPSERT = PREFIX + "/presence/upsert"
-PRESENCE_RESOLVE = PREFIX + "/presence/resolve"
-BUS_PUBLISH = PREFIX + "/bus/publish"
-BUS_PULL = PREFIX + "/bus/pull"
-RELAYS_HEARTBEAT = PREFIX + "/relays/heartbeat"
-RELAYS_ALIVE = PREFIX + "/relays/alive"
 HEALTH = "/health"
 
 #: What this bus offers beyond the platform API (which takes one frame per publish and has no
@@ -147,10 +149,6 @@ class BusSite(Site):
         """No access log."""
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _text_field(body: dict[str, Any], key: str, max_chars: int, *, required: bool, empty_ok: bool = False) -> Optional[str]:
     value = body.get(key)
     if value is None:
@@ -258,13 +256,13 @@ class BusApi(Resource):
         self._max_batch_bytes = max_batch_bytes
         self._presence_ttl_seconds = presence_ttl_seconds
         self._routes: dict[str, Callable[[dict[str, Any]], Any]] = {
-            VALIDATE: self._validate,
-            PRESENCE_UPSERT: self._presence_upsert,
-            PRESENCE_RESOLVE: self._presence_resolve,
-            BUS_PUBLISH: self._publish,
-            BUS_PULL: self._pull,
-            RELAYS_HEARTBEAT: self._relay_heartbeat,
-            RELAYS_ALIVE: self._relays_alive,
+            VALIDATE_PATH: self._validate,
+            UPSERT_PATH: self._presence_upsert,
+            RESOLVE_PATH: self._presence_resolve,
+            PUBLISH_PATH: self._publish,
+            PULL_PATH: self._pull,
+            HEARTBEAT_PATH: self._relay_heartbeat,
+            ALIVE_PATH: self._relays_alive,
         }
         self._stopping = False
         self._in_flight: set[Deferred[Any]] = set()
@@ -330,7 +328,7 @@ class BusApi(Resource):
             return self._refuse(request, 413, "REQUEST_TOO_LARGE")
         try:
             assert request.content is not None
-            document = json.loads(request.content.read().decode("utf-8"), parse_constant=_reject_constant)
+            document = json.loads(request.content.read().decode("utf-8"), parse_constant=reject_constant)
         except (ValueError, RecursionError):
             return self._refuse(request, 400, "INVALID_JSON")
         if not isinstance(document, dict):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
 from urllib.parse import urlsplit
 
-from viewport.relay.config import ConfigError, is_loopback_host
+from viewport.environment import ConfigError, is_loopback_host
 
 __all__ = ["BusConfig", "ConfigError", "load_bus_config"]
 

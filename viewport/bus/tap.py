@@ -18,7 +18,7 @@ from viewport.bus.config import BusConfig, load_bus_config
 from viewport.bus.listener import NotificationListener
 from viewport.bus.store import BusStore, DatabaseUnavailable
 from viewport.bus.waiters import PullWaiters
-from viewport.relay.logs import JsonLineObserver, in_words
+from viewport.logs import JsonLineObserver, in_words
 from viewport.service_support import log_stream, EnvironmentOptions, JsonLoggingService, listen_now, tcp_endpoint
 from viewport.tokens import LocalTokenVerifier, load_or_create_secret
 

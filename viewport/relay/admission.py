@@ -32,6 +32,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from viewport import strict_json
+from viewport.platform_api import VALIDATE_PATH
 from viewport.sockets import NoDelayAgentEndpoints
 from viewport.relay.interfaces import AdmissionResult, IAdmission
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
@@ -46,7 +47,6 @@ __all__ = [
     "platform_tls_policy",
 ]
 
-VALIDATE_PATH = "/api/runtime/internal/relay/validate"
 
 RESPONSE_TOO_LARGE = "ADMISSION_RESPONSE_TOO_LARGE"
 INVALID_JSON = "INVALID_JSON"

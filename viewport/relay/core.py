@@ -12,7 +12,7 @@ from viewport.relay.config import RelayConfig
 from viewport.relay.heartbeat import HEARTBEAT_SLICES, OpenSockets
 from viewport.relay.interfaces import BusFrame, IAdmission, IBackplane
 from viewport.relay.limits import Limiters
-from viewport.relay.logs import JsonLineObserver
+from viewport.logs import JsonLineObserver
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.registry import Registry
 from viewport.relay.router import Router, WorkerForward

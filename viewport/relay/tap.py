@@ -32,7 +32,7 @@ from viewport.relay.config import (
 )
 from viewport.relay.core import Relay
 from viewport.relay.interfaces import IAdmission, IBackplane
-from viewport.relay.logs import JsonLineObserver
+from viewport.logs import JsonLineObserver
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.service import ListeningService
 from viewport.relay.web import make_site

@@ -12,29 +12,12 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from viewport.failures import describe_failure
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed, bounded_request
+from viewport.strict_json import reject_constant
 
-__all__ = [
-    "ALIVE_PATH",
-    "API_PREFIX",
-    "BusCalls",
-    "HEARTBEAT_PATH",
-    "PUBLISH_PATH",
-    "PULL_PATH",
-    "RESOLVE_PATH",
-    "UPSERT_PATH",
-    "describe",
-    "ok_document",
-    "reject_constant",
-]
+__all__ = ["BusCalls", "describe", "ok_document"]
 
-API_PREFIX = "/api/runtime/internal/relay"
-UPSERT_PATH = API_PREFIX + "/presence/upsert"
-RESOLVE_PATH = API_PREFIX + "/presence/resolve"
-PUBLISH_PATH = API_PREFIX + "/bus/publish"
-PULL_PATH = API_PREFIX + "/bus/pull"
-HEARTBEAT_PATH = API_PREFIX + "/relays/heartbeat"
-ALIVE_PATH = API_PREFIX + "/relays/alive"
 
 
 class BusCalls:
@@ -110,11 +93,6 @@ class _Body(bytes):
         """Nothing to stop."""
 
 
-def reject_constant(name: str) -> object:
-    """``parse_constant`` for ``json.loads``: NaN and the infinities are not JSON."""
-    raise ValueError(f"{name} is not JSON")
-
-
 def ok_document(answer: HttpAnswer) -> Optional[dict[str, Any]]:
     """The decoded body when the call succeeded (2xx and ``ok`` exactly true), else None."""
     if not 200 <= answer.status < 300:
@@ -133,4 +111,4 @@ def describe(failure: Failure) -> str:
     error = failure.value
     if isinstance(error, HttpCallFailed):
         return error.detail
-    return (str(error).strip() or type(error).__name__)[:200]
+    return describe_failure(failure)

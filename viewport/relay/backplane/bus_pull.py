@@ -10,7 +10,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from viewport.relay.backplane.bus_http import PULL_PATH, describe, ok_document, reject_constant
+from viewport.platform_api import PULL_PATH
+from viewport.relay.backplane.bus_http import describe, ok_document
+from viewport.strict_json import reject_constant
 from viewport.relay.backplane.signing import FrameVerifier, Verdict
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed
 from viewport.relay.interfaces import BusFrame, Direction, Side

@@ -27,7 +27,7 @@ from viewport.relay.backplane.redis_connection import (
 from viewport.relay.backplane.redis_url import parse_redis_url
 from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
-from viewport.relay.logs import RepeatedWarning
+from viewport.logs import RepeatedWarning
 from viewport.relay.metrics import RelayMetrics
 
 DEFAULT_KEY_PREFIX = "viewport:relay"

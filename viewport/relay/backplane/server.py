@@ -16,18 +16,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from viewport.relay.backplane.batching import OrderedBatcher
-from viewport.relay.backplane.bus_http import (
-    ALIVE_PATH,
-    API_PREFIX,
-    HEARTBEAT_PATH,
-    PUBLISH_PATH,
-    PULL_PATH,
-    RESOLVE_PATH,
-    UPSERT_PATH,
-    BusCalls,
-    describe,
-    ok_document,
-)
+from viewport.platform_api import ALIVE_PATH, HEARTBEAT_PATH, PUBLISH_PATH, RESOLVE_PATH, UPSERT_PATH
+from viewport.relay.backplane.bus_http import BusCalls, describe, ok_document
 from viewport.relay.backplane.bus_pull import (
     MAX_PULL_WAIT_MS,
     PULL_RETRY_FIRST_S,
@@ -38,22 +28,9 @@ from viewport.relay.backplane.bus_pull import (
 from viewport.relay.backplane.signing import FrameVerifier, sign
 from viewport.relay.httpcall import HttpAnswer
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
-from viewport.relay.logs import RepeatedWarning
+from viewport.logs import RepeatedWarning
 
-__all__ = [
-    "ALIVE_PATH",
-    "API_PREFIX",
-    "HEARTBEAT_PATH",
-    "MAX_PULL_WAIT_MS",
-    "PUBLISH_PATH",
-    "PULL_PATH",
-    "PULL_RETRY_FIRST_S",
-    "PULL_RETRY_MAX_S",
-    "RESOLVE_PATH",
-    "ServerBackplane",
-    "UNHEALTHY_AFTER_FAILURES",
-    "UPSERT_PATH",
-]
+__all__ = ["MAX_PULL_WAIT_MS", "PULL_RETRY_FIRST_S", "PULL_RETRY_MAX_S", "ServerBackplane", "UNHEALTHY_AFTER_FAILURES"]
 
 #: What a bus may say it can do (in its pull answers): take several frames per publish, and keep
 #: relay liveness records. The Viewport platform has neither: one frame per call, no liveness.

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from twisted.logger import Logger, LogLevel
 
-from viewport.relay.logs import in_words
+from viewport.logs import in_words
 from viewport.relay.metrics import EventCount
 from viewport.relay.registry import Connection
 
