@@ -336,12 +336,17 @@ def _start(impl: str, mode: str, args: argparse.Namespace, processes: _Processes
     return processes.relays[0], processes.relays[-1]
 
 
-def run_flow(impl: str, mode: str, args: argparse.Namespace, label: str) -> Dict[str, Any]:
-    """Start ``impl`` in ``mode``, run both directions (after a short warm-up), stop; the numbers per direction."""
+def run_flow(impl: str, mode: str, args: argparse.Namespace, label: str,
+             node_pids: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
+    """
+    Start ``impl`` in ``mode``, run both directions (after a short warm-up), stop; the numbers per direction.
+    ``node_pids`` (name → pid: a Redis Cluster's nodes) are metered each, and together as the backplane.
+    """
     run_id = uuid.uuid4().hex[:8]
     processes = _Processes(args.keep)
     generator: Optional[GeneratorChild] = None
-    result: Dict[str, Any] = {"impl": impl, "mode": mode, "label": label, "directions": {}}
+    #: The generator's workspaces are named after this prefix (``rawws.Pair``).
+    result: Dict[str, Any] = {"impl": impl, "mode": mode, "label": label, "directions": {}, "prefix": f"f{run_id}"}
     try:
         relay_a, relay_b = _start(impl, mode, args, processes, run_id)
         generator = GeneratorChild("benchmarks.cross_flow")
@@ -351,7 +356,9 @@ def run_flow(impl: str, mode: str, args: argparse.Namespace, label: str) -> Dict
         if mode != "single":
             pids["B"] = relay_b.pid
             profiled["B"] = relay_b.pid
-        if mode == "redis":
+        if node_pids:
+            pids.update(node_pids)
+        elif mode == "redis":
             redis_pid = redis_server_pid(args.redis_url)
             if redis_pid is not None:
                 pids["backplane"] = redis_pid
@@ -368,7 +375,7 @@ def run_flow(impl: str, mode: str, args: argparse.Namespace, label: str) -> Dict
             flush=True,
         )
         result["setup"] = generator.call(
-            "setup_flow", daemon_url=relay_a.url, client_url=relay_b.url, prefix=f"f{run_id}",
+            "setup_flow", daemon_url=relay_a.url, client_url=relay_b.url, prefix=result["prefix"],
             size=args.size, workspaces=args.flow_workspaces,
         )
         for direction in DIRECTIONS:
@@ -381,7 +388,10 @@ def run_flow(impl: str, mode: str, args: argparse.Namespace, label: str) -> Dict
             with spy, CpuMeter(pids, extra) as meter:
                 sending = generator.call("flow", direction=direction, duration=args.flow_duration, window=args.flow_window)
             drained = generator.call("drain")
-            cpu = {name: meter.cpu.get(name, float("nan")) for name in ("A", "B", "backplane", "postgres", "gen")}
+            names = ("A", "B", "backplane", "postgres", "gen", *(node_pids or {}))
+            cpu = {name: meter.cpu.get(name, float("nan")) for name in names}
+            if node_pids:
+                cpu["backplane"] = sum(cpu[name] for name in node_pids)
             phase: Dict[str, Any] = {"sending": sending, "drained": drained, "cpu": cpu, "wall": meter.wall}
             if database is not None:
                 # Frames stored per publish request over the phase (drain included): the bus's batching.

@@ -34,6 +34,11 @@ direction at a time, frames lost counted); ``--against-original`` runs it for ou
 alternately (``original.py``) and prints the ratios (``flow_report.py``):
 
     .venv/bin/python benchmarks/cross_relay.py --against-original --modes server --rounds 3
+
+``--cluster`` runs the same figure on private Redis Clusters of 1 and 3 shards (``cluster_flow.py``: many
+workspaces spread over the shards, CPU per node and each node's share of the commands from ``INFO stats``):
+
+    .venv/bin/python benchmarks/cross_relay.py --cluster --flow-workspaces 24
 """
 
 from __future__ import annotations
@@ -635,9 +640,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", help="py-spy record the relays (and the bus) during each phase")
     parser.add_argument("--keep", action="store_true", help="keep the relays' and the bus's log directories")
     parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
+    from benchmarks.cluster_flow import add_cluster_arguments
     from benchmarks.cross_flow import add_arguments
 
     add_arguments(parser)
+    add_cluster_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -651,6 +658,10 @@ def measure(args: argparse.Namespace) -> int:
         raise SystemExit("--size must be at least 200 bytes (the envelope's fixed fields)")
     if args.profile:
         args.profile = os.path.abspath(args.profile)
+    if args.cluster:
+        from benchmarks.cluster_flow import measure_cluster
+
+        return measure_cluster(args)
     if args.issue8 or args.against_original:
         from benchmarks.flow_report import measure as measure_flow
 

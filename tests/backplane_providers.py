@@ -1,4 +1,4 @@
-"""Factories of backplane pairs for the IBackplane contract suite (one entry per provider)."""
+"""Factories of backplane trios for the IBackplane contract suite (one entry per provider, fakes included)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred, succeed
 from viewport.relay.backplane.redis import RedisBackplane
 from viewport.relay.backplane.single import SingleBackplane
 from viewport.relay.interfaces import BusFrame
+from viewport.testing import InMemoryBackplane, InMemoryBus, RecordingBackplane
 
 
 class BackplaneHarness:
@@ -53,24 +54,46 @@ def _single() -> "Deferred[BackplaneHarness]":
     ).start()
 
 
+class InMemoryHarness(BackplaneHarness):
+    """Three in-memory relays on one ``InMemoryBus``: cross-relay, and a publish says whether a relay took it."""
+
+    cross_relay = True
+    confirms_delivery = True
+
+
+def _memory() -> "Deferred[BackplaneHarness]":
+    from twisted.internet import reactor
+
+    # Frames wait for the reactor's next turn, as on a real bus.
+    bus = InMemoryBus(clock=reactor)
+    return InMemoryHarness(*(InMemoryBackplane(relay_id, bus) for relay_id in ("relay-a", "relay-b", "relay-c"))).start()
+
+
+def _recording() -> "Deferred[BackplaneHarness]":
+    # The router tests' fake, as they build it but sharing one bus, synchronous (no clock).
+    bus = InMemoryBus()
+    return InMemoryHarness(*(RecordingBackplane(relay_id, bus=bus) for relay_id in ("relay-a", "relay-b", "relay-c"))).start()
+
+
 #: The machine's shared Redis (VIEWPORT_TEST_REDIS_URL); each harness uses its own key prefix.
 from tests.redis_server import SHARED_REDIS_URL  # noqa: E402
 
 
 class RedisHarness(BackplaneHarness):
-    """Three ``RedisBackplane`` relays on the shared Redis, under a key prefix of their own."""
+    """Three ``RedisBackplane`` relays (or ``kind``) on the shared Redis (or ``url``), under a key prefix of their own."""
 
     cross_relay = True
     confirms_delivery = True
 
-    def __init__(self) -> None:
+    def __init__(self, url: str = SHARED_REDIS_URL, kind: type = RedisBackplane) -> None:
         from twisted.internet import reactor
 
+        self.url = url
         prefix = f"viewport-test:{uuid.uuid4().hex}"
         super().__init__(*(
-            RedisBackplane(
+            kind(
                 relay_id=relay_id,
-                redis_url=SHARED_REDIS_URL,
+                redis_url=url,
                 hmac_key="contract-bus-key",
                 reactor=reactor,
                 key_prefix=prefix,
@@ -89,7 +112,7 @@ class RedisHarness(BackplaneHarness):
                 return harness
 
             def unreachable(_: object) -> None:
-                raise AssertionError(f"Redis at {SHARED_REDIS_URL} unreachable")
+                raise AssertionError(f"Redis at {self.url} unreachable")
 
             return self.close().addCallback(unreachable)
 
@@ -108,6 +131,14 @@ def _redis() -> "Deferred[BackplaneHarness]":
     return RedisHarness().start()
 
 
+def _redis_cluster() -> "Deferred[BackplaneHarness]":
+    # A private 3-master, 3-replica Redis Cluster shared by the session (its topology stays as started).
+    from tests.redis_cluster import shared_cluster
+    from viewport.relay.backplane.redis_cluster import RedisClusterBackplane
+
+    return RedisHarness(shared_cluster().url, RedisClusterBackplane).start()
+
+
 def _server() -> "Deferred[BackplaneHarness]":
     # A real viewport-bus process on a fresh PostgreSQL database (see tests/pg_server.py).
     from tests.pg_server import server_harness
@@ -117,6 +148,9 @@ def _server() -> "Deferred[BackplaneHarness]":
 
 PROVIDERS: Dict[str, Callable[[], "Deferred[BackplaneHarness]"]] = {
     "single": _single,
+    "memory": _memory,
+    "recording": _recording,
     "redis": _redis,
+    "redis-cluster": _redis_cluster,
     "server": _server,
 }

@@ -22,9 +22,11 @@ from twisted.internet.threads import deferToThread
 from tests.fault_ledger import Ledger, Report, classify_client_to_daemon, classify_daemon_to_client, wrong_ready_seconds
 from tests.fault_peers import RATE, RUNTIME_TARGET, TrafficClient, TrafficDaemon, now
 from tests.pg_server import PrivateCluster, ScratchDatabase
+from tests.redis_cluster import RedisCluster, start_cluster
 from tests.redis_server import RedisServer, free_port
 from tests.relay_cluster import Backplane, BusOnScratchDatabase, all_ready, ready_status, relay_id_of
 from tests.support import RelayProcess, fetch_metrics, poll_until, start_relays
+from viewport.relay.backplane.cluster_slots import key_slot
 
 #: After the senders stop: wait until everything arrived, or nothing arrived for QUIET_SECONDS, at most DRAIN_SECONDS.
 QUIET_SECONDS = 1.0
@@ -87,7 +89,10 @@ class Fault:
 
 
 class Bench:
-    """Two relays A and B on one backplane (a private redis-server, or viewport-bus on a private PostgreSQL)."""
+    """
+    Two relays A and B on one backplane: a private redis-server, a private Redis Cluster (mode
+    ``redis-cluster``, 3 masters and 3 replicas), or viewport-bus on a private PostgreSQL.
+    """
 
     def __init__(self, mode: str, rate: float = RATE) -> None:
         self.mode = mode
@@ -96,6 +101,7 @@ class Bench:
         self.to_daemon = Ledger()
         self.to_client = Ledger()
         self.redis: Optional[RedisServer] = None
+        self.redis_cluster: Optional[RedisCluster] = None
         self.cluster: Optional[PrivateCluster] = None
         self.bus: Optional[BusOnScratchDatabase] = None
         self.backplane: Optional[Backplane] = None
@@ -124,6 +130,9 @@ class Bench:
         if self.mode == "redis":
             self.redis = RedisServer().start()
             self.backplane = Backplane("redis", redis_port=self.redis.port)
+        elif self.mode == "redis-cluster":
+            self.redis_cluster = yield deferToThread(start_cluster)
+            self.backplane = Backplane("redis-cluster", redis_cluster=self.redis_cluster)
         else:
             self.cluster = PrivateCluster()
             self.cluster.start()
@@ -269,6 +278,8 @@ class Bench:
         steps += [partial(stop_process, relay) for relay in self.relays.values()]
         if self.redis is not None:
             steps.append(self.redis.stop)
+        if self.redis_cluster is not None:
+            steps.append(self.redis_cluster.stop)
         if self.bus is not None:
             steps.append(partial(stop_bus, self.bus))
         if self.cluster is not None:
@@ -284,6 +295,8 @@ class Bench:
         """At interpreter exit, if ``close`` never ran: stop the servers a dead test would leave behind."""
         if self.redis is not None:
             self.redis.stop()
+        if self.redis_cluster is not None:
+            self.redis_cluster.stop()
         if self.cluster is not None:
             self.cluster.destroy()
 
@@ -356,6 +369,28 @@ def redis_paused(paused_for: float = 5.0) -> Fault:
     return Fault(f"Redis SIGSTOP {paused_for:g} s", inject, "redis", breaks_backplane=True, duration=12.0)
 
 
+def cluster_failover_then_master_killed(pause: float = 2.0) -> Fault:
+    """
+    On the shard holding the scope: ``CLUSTER FAILOVER`` on its replica, ``pause`` seconds of traffic, then
+    that shard's (new) master SIGKILLed. Over once every node agrees the former master is master again.
+    """
+
+    @inlineCallbacks
+    def inject(bench: Bench) -> Any:
+        cluster, backplane = bench.redis_cluster, bench.backplane
+        assert cluster is not None and backplane is not None
+        slot = key_slot(backplane.presence_key(bench.workspace, RUNTIME_TARGET))
+        master = cluster.master_of(slot)
+        replica = cluster.replicas_of(slot)[0]
+        yield deferToThread(cluster.failover, replica)
+        yield deferLater(reactor, pause, lambda: None)
+        cluster.kill(replica)
+        yield deferToThread(cluster.wait_for_promotion, master)
+
+    return Fault(f"Redis Cluster: CLUSTER FAILOVER on the scope's replica, {pause:g} s later its master SIGKILLed",
+                 inject, "redis-cluster", breaks_backplane=True, duration=14.0)
+
+
 def relay_a_killed(mode: str) -> Fault:
     """Relay A SIGKILL; the daemon reconnects to B a second later. Over when the daemon is connected to B."""
 
@@ -424,6 +459,7 @@ __all__ = [
     "Fault",
     "Report",
     "bus_restarted",
+    "cluster_failover_then_master_killed",
     "measure",
     "postgres_restarted",
     "redis_killed",

@@ -483,6 +483,23 @@ def start_cluster(masters: int = 3, replicas: int = 1, node_timeout_ms: int = DE
     return RedisCluster(masters, replicas, node_timeout_ms).start()
 
 
+_SHARED: Optional[RedisCluster] = None
+
+
+def shared_cluster() -> RedisCluster:
+    """
+    A 3-master, 3-replica cluster started on first use and stopped when the test process exits, for
+    tests that leave its topology alone (each under a key prefix of its own).
+    """
+    global _SHARED
+    if _SHARED is None or not all(node.alive for node in _SHARED.nodes):
+        import atexit
+
+        _SHARED = start_cluster()
+        atexit.register(_SHARED.stop)
+    return _SHARED
+
+
 def single_shard(replica: bool = False, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS) -> RedisCluster:
     """A started one-shard cluster (one master owning every slot, optionally one replica), for benchmarks."""
     return RedisCluster(1, 1 if replica else 0, node_timeout_ms).start()

@@ -9,26 +9,36 @@ from typing import Any, Dict, Iterable, Optional
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 
 from tests.pg_server import INTERNAL_KEY, BusProcess, ScratchDatabase
+from tests.redis_cluster import RedisCluster, shared_cluster
 from tests.redis_server import SHARED_REDIS_HOST, SHARED_REDIS_PORT, free_port, redis_command
 from tests.support import RelayProcess, e2e_env, http_request, kex_init, kex_response, poll_until
 from viewport.client import RelayConnection, is_status
+from viewport.relay.backplane.cluster_slots import key_slot
 from viewport.relay.backplane.redis import presence_key
+from viewport.relay.backplane.redis_cluster import cluster_presence_key
 
 MACHINE_REDIS_PORT = SHARED_REDIS_PORT
 HMAC_KEY = "cross-relay-test-bus-hmac-key-0123456789"
 MODES = ("redis", "server")
+#: The cross-relay suites also run on a Redis Cluster (``redis+cluster://``, the session's shared cluster).
+CROSS_RELAY_MODES = MODES + ("redis-cluster",)
 
 
 class Backplane:
     """
     What the relays of one test share: the machine's Redis under a fresh key prefix (or a private
-    redis-server), or a viewport-bus; builds relay environments and reads presence directly.
+    redis-server, or a Redis Cluster: mode ``redis-cluster``), or a viewport-bus; builds relay
+    environments and reads presence directly.
     """
 
-    def __init__(self, mode: str, *, bus_url: str = "", redis_port: int = MACHINE_REDIS_PORT) -> None:
+    def __init__(self, mode: str, *, bus_url: str = "", redis_port: int = MACHINE_REDIS_PORT,
+                 redis_cluster: Optional[RedisCluster] = None) -> None:
         self.mode = mode
         self.bus_url = bus_url
         self.redis_port = redis_port
+        if mode == "redis-cluster" and redis_cluster is None:
+            redis_cluster = shared_cluster()
+        self.redis_cluster = redis_cluster
         #: The machine's Redis may live elsewhere (VIEWPORT_TEST_REDIS_URL); private servers are local.
         self.redis_host = SHARED_REDIS_HOST if redis_port == SHARED_REDIS_PORT else "127.0.0.1"
         self.prefix = f"viewport-test:{uuid.uuid4().hex[:12]}"
@@ -39,6 +49,9 @@ class Backplane:
         env = e2e_env(RELAY_BACKPLANE_MODE=self.mode, RELAY_BUS_HMAC_KEY=HMAC_KEY, RELAY_ID=relay_id)
         if self.mode == "redis":
             env.update(RELAY_BACKPLANE_URL=f"redis://{self.redis_host}:{self.redis_port}", RELAY_REDIS_KEY_PREFIX=self.prefix)
+        elif self.redis_cluster is not None:
+            env.update(RELAY_BACKPLANE_MODE="redis", RELAY_BACKPLANE_URL=self.redis_cluster.url,
+                       RELAY_REDIS_KEY_PREFIX=self.prefix)
         elif self.mode == "server":
             env.update(RELAY_BACKPLANE_URL=self.bus_url, RELAY_INTERNAL_KEY=INTERNAL_KEY)
         env.update(extra)
@@ -59,9 +72,8 @@ class Backplane:
     @inlineCallbacks
     def presence(self, workspace: str, runtime_target: str) -> Any:
         """The relay id the backplane names for the scope's daemon right now (None when none)."""
-        if self.mode == "redis":
-            raw = redis_command(self.redis_port, "GET", presence_key(self.prefix, workspace, runtime_target),
-                                host=self.redis_host)
+        if self.mode in ("redis", "redis-cluster"):
+            raw = self.redis("GET", self.presence_key(workspace, runtime_target))
             return json.loads(raw)["relayId"] if isinstance(raw, str) else None
         body = json.dumps({"workspaceId": workspace, "runtimeTargetId": runtime_target}).encode()
         status, _, answer = yield http_request(
@@ -72,6 +84,19 @@ class Backplane:
         )
         document = json.loads(answer) if status == 200 else {}
         return document.get("relayId") if document.get("daemonConnected") else None
+
+    def presence_key(self, workspace: str, runtime_target: str) -> str:
+        """The Redis key of the scope's presence (hash-tagged on a cluster)."""
+        if self.redis_cluster is not None:
+            return cluster_presence_key(self.prefix, workspace, runtime_target)
+        return presence_key(self.prefix, workspace, runtime_target)
+
+    def redis(self, *args: str) -> object:
+        """One command on the Redis (on a cluster: on the master of the slot of ``args[1]``, the key)."""
+        if self.redis_cluster is not None:
+            port = self.redis_cluster.master_of(key_slot(args[1]))
+            return redis_command(port, *args)
+        return redis_command(self.redis_port, *args, host=self.redis_host)
 
     def presence_at(self, workspace: str, runtime_target: str, relay: Optional[RelayProcess],
                     timeout: float = 10.0) -> "Deferred[Any]":
@@ -186,6 +211,7 @@ def stopped_counters(relay: RelayProcess) -> Dict[str, int]:
 
 
 __all__ = [
+    "CROSS_RELAY_MODES",
     "HMAC_KEY",
     "MODES",
     "Backplane",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, Dict, List
 
 import pytest
@@ -11,9 +10,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 
-from tests.redis_server import redis_command
 from tests.relay_cluster import (
-    MODES,
+    CROSS_RELAY_MODES,
     Backplane,
     BusOnScratchDatabase,
     all_ready,
@@ -26,6 +24,7 @@ from tests.support import (
     CHANNEL,
     OTHER_CHANNEL,
     RelayProcess,
+    assert_nothing_pending,
     envelope,
     fetch_metrics,
     kex_init,
@@ -43,9 +42,9 @@ from tests.support import (
     stop_relays,
     subscribe,
     token,
+    unique_workspace,
 )
-from viewport.client import ReconnectingConnection, RelayConnection, UpgradeRefused, connect, is_status
-from viewport.relay.backplane.redis import presence_key
+from viewport.client import ReconnectingConnection, UpgradeRefused, connect
 
 
 class Cluster:
@@ -56,11 +55,6 @@ class Cluster:
         self.a = a
         self.b = b
         self.c = c
-
-
-def workspace(name: str) -> str:
-    """A workspace id no other test uses."""
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +71,7 @@ def make_backplane(request: Any, mode: str) -> Backplane:
     return Backplane(mode, bus_url=request.getfixturevalue("bus").url if mode == "server" else "")
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=CROSS_RELAY_MODES)
 def cluster(request: Any) -> Any:
     """Relays A, B and C forwarding over the bus (no client redirect), ready."""
     backplane = make_backplane(request, request.param)
@@ -90,7 +84,7 @@ def cluster(request: Any) -> Any:
         pytest_twisted.blockon(stop_relays(*relays))
 
 
-@pytest.fixture(scope="module", params=MODES)
+@pytest.fixture(scope="module", params=CROSS_RELAY_MODES)
 def redirecting(request: Any) -> Any:
     """Relays A and B with client redirect on, each announcing its real URL (fixed free ports), ready."""
     backplane = make_backplane(request, request.param)
@@ -101,15 +95,6 @@ def redirecting(request: Any) -> Any:
         yield backplane, relays[0], relays[1]
     finally:
         pytest_twisted.blockon(stop_relays(*relays))
-
-
-@inlineCallbacks
-def assert_nothing_pending(*conns: RelayConnection) -> Any:
-    """Each client's next message is the INVALID_FRAME answer to garbage it sends now (nothing was queued before)."""
-    for conn in conns:
-        conn.send_text("garbage")
-        reply = yield conn.next_json()
-        assert is_status(reply, "INVALID_FRAME"), reply
 
 
 @inlineCallbacks
@@ -126,7 +111,7 @@ def daemon_on(cluster_backplane: Backplane, relay: RelayProcess, ws: str) -> Any
 @pytest_twisted.inlineCallbacks
 def test_key_exchange_and_e2ee_cross_relays_reach_only_their_owner(cluster: Cluster) -> Any:
     """Clients on B and C key-exchange with A's daemon, envelopes flow both ways, nobody sees another's frames."""
-    ws = workspace("kex")
+    ws = unique_workspace("kex")
     daemon = yield daemon_on(cluster.backplane, cluster.a, ws)
     alice = yield open_peer(cluster.b, "client", ws, "rt1", clientId="alice")
     bob = yield open_peer(cluster.b, "client", ws, "rt1", clientId="bob")
@@ -165,7 +150,7 @@ def test_key_exchange_and_e2ee_cross_relays_reach_only_their_owner(cluster: Clus
 @pytest_twisted.inlineCallbacks
 def test_pairing_round_trip_across_relays(cluster: Cluster) -> Any:
     """Pairing offer and redeem from a client on B reach A's daemon and the answers return only to it."""
-    ws = workspace("pair")
+    ws = unique_workspace("pair")
     daemon = yield daemon_on(cluster.backplane, cluster.a, ws)
     asker = yield open_peer(cluster.b, "client", ws, "rt1", scope="pairing", clientId="asker")
     other = yield open_peer(cluster.c, "client", ws, "rt1", scope="pairing", clientId="other")
@@ -190,7 +175,7 @@ def test_pairing_round_trip_across_relays(cluster: Cluster) -> Any:
 @pytest_twisted.inlineCallbacks
 def test_session_events_and_viewer_presence_cross_relays(cluster: Cluster) -> Any:
     """Session events from A's daemon reach subscribers on every relay; viewer presence crosses relays, never back."""
-    ws = workspace("events")
+    ws = unique_workspace("events")
     daemon = yield daemon_on(cluster.backplane, cluster.a, ws)
 
     def viewer(relay: RelayProcess, name: str) -> Any:
@@ -221,7 +206,7 @@ def test_session_events_and_viewer_presence_cross_relays(cluster: Cluster) -> An
 @pytest_twisted.inlineCallbacks
 def test_daemon_disconnect_reaches_clients_on_other_relays(cluster: Cluster) -> Any:
     """When A's daemon disconnects, clients on B and C get DAEMON_UNAVAILABLE, and so does their next frame."""
-    ws = workspace("gone")
+    ws = unique_workspace("gone")
     daemon = yield daemon_on(cluster.backplane, cluster.a, ws)
     on_b = yield open_peer(cluster.b, "client", ws, "rt1")
     on_c = yield open_peer(cluster.c, "client", ws, "rt1")
@@ -243,7 +228,7 @@ def test_daemon_disconnect_reaches_clients_on_other_relays(cluster: Cluster) -> 
 @pytest_twisted.inlineCallbacks
 def test_frame_with_no_daemon_anywhere_gets_daemon_unavailable(cluster: Cluster) -> Any:
     """A client frame for a runtime target no relay holds is answered DAEMON_UNAVAILABLE without publishing."""
-    ws = workspace("nobody")
+    ws = unique_workspace("nobody")
     client = yield open_peer(cluster.b, "client", ws, "rt1")
     try:
         before = yield fetch_metrics(cluster.b)
@@ -256,16 +241,15 @@ def test_frame_with_no_daemon_anywhere_gets_daemon_unavailable(cluster: Cluster)
         yield stop_all(client)
 
 
-@pytest.mark.parametrize("cluster", ["redis"], indirect=True)
+@pytest.mark.parametrize("cluster", ["redis", "redis-cluster"], indirect=True)
 @pytest_twisted.inlineCallbacks
 def test_redis_publish_reaching_nobody_gives_daemon_unavailable(cluster: Cluster) -> Any:
-    """Redis mode (PUBLISH counts receivers): a stale presence leads to a PUBLISH that reaches nobody, answered DAEMON_UNAVAILABLE."""
-    ws = workspace("stale")
-    key = presence_key(cluster.backplane.prefix, ws, "rt1")
+    """Redis mode (PUBLISH, or SPUBLISH on a cluster, counts receivers): a stale presence leads to a publish that reaches nobody, answered DAEMON_UNAVAILABLE."""
+    ws = unique_workspace("stale")
+    key = cluster.backplane.presence_key(ws, "rt1")
     stale = {"relayId": relay_id_of(cluster.c), "relayWsBaseUrl": "ws://127.0.0.1:9/ws", "daemonConnected": True,
              "runtimeTargetId": "rt1", "updatedAtMs": 0}
-    redis_command(cluster.backplane.redis_port, "SET", key, json.dumps(stale), "PX", "30000",
-                  host=cluster.backplane.redis_host)
+    cluster.backplane.redis("SET", key, json.dumps(stale), "PX", "30000")
     before = yield fetch_metrics(cluster.b)
     # B looks the presence up when the client registers and for its frame (once if the first answer is cached by then).
     client = yield open_peer(cluster.b, "client", ws, "rt1")
@@ -276,7 +260,7 @@ def test_redis_publish_reaching_nobody_gives_daemon_unavailable(cluster: Cluster
         assert after["relay_bus_publish_failed_total"] == before["relay_bus_publish_failed_total"] + 1
         assert after["relay_presence_resolve_ok_total"] - before["relay_presence_resolve_ok_total"] in (1, 2)
     finally:
-        redis_command(cluster.backplane.redis_port, "DEL", key, host=cluster.backplane.redis_host)
+        cluster.backplane.redis("DEL", key)
         yield stop_all(client)
 
 
@@ -287,7 +271,7 @@ def test_redis_publish_reaching_nobody_gives_daemon_unavailable(cluster: Cluster
 def test_in_band_redirect_once_and_first_frame_still_forwarded(redirecting: Any) -> Any:
     """A client on B is told once (RELAY_REDIRECT naming A) and its frames still reach A's daemon over the bus."""
     backplane, a, b = redirecting
-    ws = workspace("inband")
+    ws = unique_workspace("inband")
     daemon = yield daemon_on(backplane, a, ws)
     client = yield open_peer(b, "client", ws, "rt1")
     try:
@@ -308,7 +292,7 @@ def test_in_band_redirect_once_and_first_frame_still_forwarded(redirecting: Any)
 def test_http_redirect_answers_307_to_the_daemon_relay(redirecting: Any) -> Any:
     """With redirect=http B answers 307 to A; connect() follows it and the key exchange is local to A."""
     backplane, a, b = redirecting
-    ws = workspace("http")
+    ws = unique_workspace("http")
     daemon = yield daemon_on(backplane, a, ws)
     bearer = token("client", ws, "rt1")
     options: Dict[str, Any] = dict(token=bearer, role="client", workspace_id=ws, runtime_target_id="rt1",
@@ -333,7 +317,7 @@ def test_http_redirect_answers_307_to_the_daemon_relay(redirecting: Any) -> Any:
 def test_reconnecting_client_follows_both_redirects_to_the_daemon_relay(redirecting: Any) -> Any:
     """ReconnectingConnection clients pointed at B end up on A, whether told in-band or by a 307."""
     backplane, a, b = redirecting
-    ws = workspace("follow")
+    ws = unique_workspace("follow")
     daemon = yield daemon_on(backplane, a, ws)
     followers: List[ReconnectingConnection] = []
     landed: List[List[str]] = []

@@ -28,6 +28,7 @@ from tests.faults import (
     Fault,
     Report,
     bus_restarted,
+    cluster_failover_then_master_killed,
     measure,
     postgres_restarted,
     redis_killed,
@@ -88,6 +89,12 @@ def test_redis_killed_and_restarted() -> Any:
 def test_redis_paused() -> Any:
     """Redis stopped (SIGSTOP) for 5 s: no envelope lost silently, duplicated or reordered; traffic back within 3 s of SIGCONT."""
     yield check(redis_paused(5.0))
+
+
+@pytest_twisted.inlineCallbacks
+def test_redis_cluster_failover_then_master_killed() -> Any:
+    """Redis Cluster: the scope's shard fails over, then its new master is killed: no silent loss or duplicate; traffic back within 3 s of the promotion."""
+    yield check(cluster_failover_then_master_killed())
 
 
 @pytest.mark.parametrize("mode", ["redis", "server"])

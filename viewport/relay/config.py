@@ -455,7 +455,10 @@ def _platform_url(name: str, value: str) -> str:
 
 
 def _redis_url(name: str, value: str) -> str:
-    accepted = "redis://host[:port][/db], rediss://..., redis+sentinel://host[:port][,host:port]/service, unix:///path"
+    accepted = (
+        "redis://host[:port][/db], rediss://..., redis+sentinel://host[:port][,host:port]/service, unix:///path,"
+        " redis+cluster://host[:port][,host:port] (rediss+cluster:// with TLS)"
+    )
     try:
         parse_redis_url(value)
     except ValueError as error:

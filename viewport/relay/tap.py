@@ -153,9 +153,13 @@ def build_backplane(
     """The configured backplane: nothing (single), Redis pub/sub, or the platform's HTTP bus."""
     if backplane.mode == "redis":
         from viewport.relay.backplane.redis import RedisBackplane
+        from viewport.relay.backplane.redis_cluster import RedisClusterBackplane
+        from viewport.relay.backplane.redis_url import parse_redis_url
 
         assert backplane.redis_url is not None and backplane.bus_hmac_key is not None
-        return RedisBackplane(
+        # redis+cluster:// (seed nodes of a Redis Cluster) takes the sharded variant of the same backplane.
+        kind = RedisClusterBackplane if parse_redis_url(backplane.redis_url).cluster else RedisBackplane
+        return kind(
             relay_id=relay_id,
             redis_url=backplane.redis_url,
             hmac_key=backplane.bus_hmac_key,

@@ -20,7 +20,7 @@ else:
     _TxRedisProtocol = object
 
 
-class ClusterRedirectError(txredisapi.ResponseError):  # type: ignore[misc]
+class ClusterRedirectError(txredisapi.ResponseError):
     """A ``-MOVED``/``-ASK`` reply: the command's slot is served elsewhere (still a ``ResponseError``)."""
 
     def __init__(self, redirect: Redirect, text: str) -> None:
@@ -71,7 +71,10 @@ class ClusterRedirectsMixin(_TxRedisProtocol):
 
     def replyReceived(self, reply: object) -> None:
         """Type redirections, then queue the reply for the waiting command (txredisapi)."""
-        super().replyReceived(typed_error(reply, self.asked_host()))
+        if isinstance(reply, txredisapi.ResponseError):
+            # Only errors are looked at: the peer lookup would cost every SPUBLISH reply a few µs.
+            reply = typed_error(reply, self.asked_host())
+        super().replyReceived(reply)
 
     def asked_host(self) -> str:
         """The host this connection reached: a redirection with an empty endpoint means this host."""
@@ -257,9 +260,9 @@ class ShardSubscriberMixin(ClusterRedirectsMixin):
             self._log.failure("sharded pub/sub callback failed", relay_event="relay_redis_error")
 
 
-class ClusterCommandProtocol(ClusterCommandsMixin, txredisapi.RedisProtocol):  # type: ignore[misc]
+class ClusterCommandProtocol(ClusterCommandsMixin, txredisapi.RedisProtocol):
     """A command connection to one cluster node: every txredisapi command plus SPUBLISH and slot maps."""
 
 
-class ShardSubscriberProtocol(ShardSubscriberMixin, txredisapi.RedisProtocol):  # type: ignore[misc]
+class ShardSubscriberProtocol(ShardSubscriberMixin, txredisapi.RedisProtocol):
     """A sharded pub/sub connection to one cluster node (its master or a replica)."""

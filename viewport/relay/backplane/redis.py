@@ -324,21 +324,79 @@ class RedisBackplane:
         #: Relays seen announcing a liveness record (only they can be judged dead by its absence).
         self._tracked: OrderedDict[str, None] = OrderedDict()
 
-        timeout_s = command_timeout_ms / 1000.0
-        self._endpoint = redis_endpoint(self._target, reactor, self._connect_timeout_s)
-
-        def retry(attempt: int) -> float:
-            return backoff_delay(attempt, retry_initial_ms / 1000.0, retry_max_ms / 1000.0, 0.2, self._random.random)
-
-        self._commands = RedisLink(
-            "command", self._target, self._endpoint, reactor, timeout_s, retry, self._commands_up, self._link_down
-        )
-        self._subscriber = RedisLink(
-            "subscriber", self._target, self._endpoint, reactor, timeout_s, retry,
-            self._subscriber_up, self._link_down, self._on_message,
-        )
+        self._retry_initial_s = retry_initial_ms / 1000.0
+        self._retry_max_s = retry_max_ms / 1000.0
+        self._connect(command_timeout_ms / 1000.0)
         self._refresher = LoopingCall(self._refresh)
         self._refresher.clock = reactor
+
+    # -- connections: what a Redis Cluster backplane (``redis_cluster``) does its own way ----------
+
+    def _retry_delay(self, attempt: int) -> float:
+        """Seconds before reconnect ``attempt``: capped exponential backoff with jitter."""
+        return backoff_delay(attempt, self._retry_initial_s, self._retry_max_s, 0.2, self._random.random)
+
+    def _connect(self, timeout_s: float) -> None:
+        """Prepare the connections (nothing connects yet): one for commands, one for pub/sub."""
+        self._endpoint = redis_endpoint(self._target, self._reactor, self._connect_timeout_s)
+        self._commands = RedisLink(
+            "command", self._target, self._endpoint, self._reactor, timeout_s, self._retry_delay,
+            self._commands_up, self._link_down,
+        )
+        self._subscriber = RedisLink(
+            "subscriber", self._target, self._endpoint, self._reactor, timeout_s, self._retry_delay,
+            self._subscriber_up, self._link_down, self._on_message,
+        )
+
+    def _start_connections(self) -> None:
+        self._commands.start()
+        self._subscriber.start()
+
+    def _disconnect(self) -> "Deferred[Any]":
+        """Close every connection, then the endpoint (Sentinel's connections)."""
+
+        def close_endpoint(_: object) -> "Deferred[Any]":
+            closer = getattr(self._endpoint, "close", None)
+            return closer() if closer is not None else succeed(None)
+
+        stopped = gatherResults([self._commands.stop(), self._subscriber.stop()], consumeErrors=True)
+        return stopped.addBoth(close_endpoint)
+
+    def _usable(self, key: str) -> bool:
+        """A command on ``key`` can be sent now."""
+        return self._commands.protocol is not None
+
+    def _call(self, key: str, method: str, *args: Any) -> "Deferred[Any]":
+        """Run a txredisapi command on ``key`` (the first key it names), with the command timeout."""
+        return self._commands.call(method, *args)
+
+    def _publish_on(self, channel: str, envelope: str) -> "Deferred[Any]":
+        """PUBLISH; fires with the receiver count."""
+        return self._commands.call("publish", channel, envelope)
+
+    def _subscribe(self, channel: str) -> None:
+        """SUBSCRIBE now if the pub/sub connection is up (else once it is)."""
+        if self._subscriber.protocol is not None:
+            self._subscription(self._subscriber, "subscribe", channel)
+
+    def _unsubscribe(self, channel: str) -> "Deferred[Any]":
+        """UNSUBSCRIBE if the pub/sub connection is up; never fails."""
+        if self._subscriber.protocol is None:
+            return succeed(None)
+        return self._subscription(self._subscriber, "unsubscribe", channel)
+
+    def _connections_healthy(self) -> bool:
+        return bool(self._commands.protocol and self._subscriber.protocol and self._synced)
+
+    def _ping_listeners(self) -> None:
+        if self._subscriber.protocol is not None:
+            self._subscriber.call("ping").addErrback(lambda _: None)
+
+    def _channel(self, side: Side, workspace_id: str, runtime_target_id: Optional[str]) -> str:
+        return bus_channel(self._prefix, side, workspace_id, runtime_target_id)
+
+    def _presence_key(self, workspace_id: str, runtime_target_id: Optional[str]) -> str:
+        return presence_key(self._prefix, workspace_id, runtime_target_id)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -367,8 +425,7 @@ class RedisBackplane:
             lambda f: self._log.failure("presence refresh stopped", f, relay_event="relay_presence_refresh_error")
         )
         try:
-            self._commands.start()
-            self._subscriber.start()
+            self._start_connections()
         except Exception:
             self._log.failure("redis connection start failed", relay_event="relay_redis_error")
         return waiter
@@ -403,15 +460,14 @@ class RedisBackplane:
         if self._refresher.running:
             self._refresher.stop()
         cleanups: List[Deferred[Any]] = []
-        if self._commands.protocol is not None:
-            for key in sorted(set(self._owned) | self._pending_clears):
+        for key in sorted(set(self._owned) | self._pending_clears):
+            if self._usable(key):
                 cleanups.append(self._clear(key))
-            cleanups.append(
-                self._commands.call("delete", liveness_key(self._prefix, self.relay_id)).addErrback(lambda _: None)
-            )
-        if self._subscriber.protocol is not None:
-            for channel in sorted(self._watched):
-                cleanups.append(self._subscriber.call("unsubscribe", channel).addErrback(lambda _: None))
+        alive = liveness_key(self._prefix, self.relay_id)
+        if self._usable(alive):
+            cleanups.append(self._call(alive, "delete", alive).addErrback(lambda _: None))
+        for channel in sorted(self._watched):
+            cleanups.append(self._unsubscribe(channel))
         self._owned.clear()
         self._pending_clears.clear()
         self._watched.clear()
@@ -421,11 +477,7 @@ class RedisBackplane:
         self._publish_warning.cancel()
 
         def disconnect(_: object) -> "Deferred[Any]":
-            return gatherResults([self._commands.stop(), self._subscriber.stop()], consumeErrors=True)
-
-        def close_endpoint(_: object) -> "Deferred[Any]":
-            closer = getattr(self._endpoint, "close", None)
-            return closer() if closer is not None else succeed(None)
+            return self._disconnect()
 
         def done(_: object) -> None:
             waiters, self._stop_waiters = self._stop_waiters, []
@@ -435,12 +487,13 @@ class RedisBackplane:
         self._stop_waiters.append(waiter)
         result = gatherResults(cleanups, consumeErrors=True)
         self._stop_result = result
-        result.addBoth(disconnect).addBoth(close_endpoint).addBoth(done)
+        result.addBoth(disconnect).addBoth(done)
         return waiter
 
     # -- connection events --------------------------------------------------------------------------
 
     def _commands_up(self, link: RedisLink) -> None:
+        """Commands work (again): write liveness, re-announce the owned presences, apply pending clears."""
         if self._stopped:
             return
         self._write_liveness()
@@ -456,7 +509,7 @@ class RedisBackplane:
             return
         proto = link.protocol
         self._synced = False
-        resubscribed = [self._subscription("subscribe", channel) for channel in sorted(self._watched)]
+        resubscribed = [self._subscription(link, "subscribe", channel) for channel in sorted(self._watched)]
 
         def synced(results: List[bool]) -> None:
             if link.protocol is proto and all(results):
@@ -471,7 +524,7 @@ class RedisBackplane:
         self._update_health()
 
     def _update_health(self) -> None:
-        healthy = bool(not self._stopped and self._commands.protocol and self._subscriber.protocol and self._synced)
+        healthy = not self._stopped and self._connections_healthy()
         if healthy == self._healthy:
             return
         self._healthy = healthy
@@ -498,41 +551,38 @@ class RedisBackplane:
         the owned presences, machine id included.
         """
         try:
-            if self._commands.protocol is not None:
-                self._write_liveness()
-                now = self._now_ms()
-                if now - self._presences_refreshed_ms >= self._ttl_ms / 3.0 - 1:
-                    self._presences_refreshed_ms = now
-                    for key, presence in list(self._owned.items()):
-                        self._upsert(key, presence)
-            if self._subscriber.protocol is not None:
-                self._subscriber.call("ping").addErrback(lambda _: None)
+            self._write_liveness()
+            now = self._now_ms()
+            if now - self._presences_refreshed_ms >= self._ttl_ms / 3.0 - 1:
+                self._presences_refreshed_ms = now
+                for key, presence in list(self._owned.items()):
+                    self._upsert(key, presence)
+            self._ping_listeners()
         except Exception:
             self._log.failure("presence refresh failed", relay_event="relay_presence_refresh_error")
 
     def _write_liveness(self) -> None:
         key = liveness_key(self._prefix, self.relay_id)
-        self._commands.call("set", key, "1", None, self._liveness_ttl_ms).addErrback(lambda _: None)
+        if self._usable(key):
+            self._call(key, "set", key, "1", None, self._liveness_ttl_ms).addErrback(lambda _: None)
 
     # -- frames -------------------------------------------------------------------------------------
 
     def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """SUBSCRIBE to the scope's ``side`` channel (again after each reconnection). Idempotent."""
-        channel = bus_channel(self._prefix, side, workspace_id, runtime_target_id)
+        channel = self._channel(side, workspace_id, runtime_target_id)
         if self._stopped or channel in self._watched:
             return
         self._watched.add(channel)
-        if self._subscriber.protocol is not None:
-            self._subscription("subscribe", channel)
+        self._subscribe(channel)
 
     def unwatch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
         """UNSUBSCRIBE from the scope's ``side`` channel. Idempotent."""
-        channel = bus_channel(self._prefix, side, workspace_id, runtime_target_id)
+        channel = self._channel(side, workspace_id, runtime_target_id)
         if channel not in self._watched:
             return
         self._watched.discard(channel)
-        if self._subscriber.protocol is not None:
-            self._subscription("unsubscribe", channel)
+        self._unsubscribe(channel)
 
     def subscriptions_settled(self) -> "Deferred[None]":
         """Fires once every SUBSCRIBE/UNSUBSCRIBE sent so far has been answered (or has failed)."""
@@ -541,13 +591,18 @@ class RedisBackplane:
             return succeed(None)
         return gatherResults(pending).addCallback(lambda _: None)
 
-    def _subscription(self, command: str, channel: str) -> "Deferred[bool]":
+    def _subscription(self, link: RedisLink, command: str, *args: Any) -> "Deferred[bool]":
+        """Send a (un)subscribe on ``link``: True once answered, False (logged) on failure; tracked until then."""
+
         def failed(failure: Failure) -> bool:
-            self._log.warn("redis {command} failed: {error}", relay_event="relay_redis_error", channel="subscriber",
+            self._log.warn("redis {command} failed: {error}", relay_event="relay_redis_error", channel=link.name,
                            command=command, error=describe_failure(failure))
             return False
 
-        d: Deferred[bool] = self._subscriber.call(command, channel).addCallbacks(lambda _: True, failed)
+        return self._track(link.call(command, *args).addCallbacks(lambda _: True, failed))
+
+    def _track(self, d: "Deferred[bool]") -> "Deferred[bool]":
+        """Count ``d`` in ``subscriptions_settled`` until it fires."""
         if not d.called:
             self._pending_subscriptions.add(d)  # type: ignore[arg-type]
 
@@ -579,7 +634,8 @@ class RedisBackplane:
             reason = "invalid_direction"
         elif size is None or size > self._max_payload_bytes:
             reason = "frame_too_large"
-        if reason is not None or side is None or self._commands.protocol is None:
+        channel = self._channel(side, frame.workspace_id, frame.runtime_target_id) if side is not None else ""
+        if reason is not None or side is None or not self._usable(channel):
             self._metrics.relay_bus_publish_failed.inc()
             if reason is not None and reason != "not_running":
                 self._log.warn("bus publish refused: {reason}", relay_event="relay_bus_publish_failed",
@@ -592,8 +648,7 @@ class RedisBackplane:
         nonce = secrets.token_urlsafe(16)
         signature = sign(self._hmac_key, frame, issued_at_ms, signed_nonce(nonce, deliver_by_ms))
         envelope = encode_envelope(frame, issued_at_ms, nonce, signature, deliver_by_ms)
-        channel = bus_channel(self._prefix, side, frame.workspace_id, frame.runtime_target_id)
-        d: Deferred[bool] = self._commands.call("publish", channel, envelope).addCallbacks(
+        d: Deferred[bool] = self._publish_on(channel, envelope).addCallbacks(
             self._published, self._publish_failed, errbackArgs=(frame,)
         )
         return d
@@ -626,8 +681,8 @@ class RedisBackplane:
             return
         envelope = parse_envelope(message)
         frame = envelope.frame if envelope is not None else None
-        if envelope is None or frame is None or channel != bus_channel(
-            self._prefix, _SIDE_OF[frame.direction], frame.workspace_id, frame.runtime_target_id
+        if envelope is None or frame is None or channel != self._channel(
+            _SIDE_OF[frame.direction], frame.workspace_id, frame.runtime_target_id
         ):
             self._metrics.relay_bus_pull_failed.inc()
             self._log.warn("malformed bus envelope skipped", relay_event="relay_bus_frame_malformed")
@@ -671,7 +726,7 @@ class RedisBackplane:
             return succeed(None)
 
     def _announce(self, presence: Presence) -> "Deferred[None]":
-        key = presence_key(self._prefix, presence.workspace_id, presence.runtime_target_id)
+        key = self._presence_key(presence.workspace_id, presence.runtime_target_id)
         self._cache.pop(key, None)
         self._cache_epoch += 1
         if self._stopped:
@@ -681,7 +736,7 @@ class RedisBackplane:
             self._pending_clears.discard(key)
             return self._upsert(key, presence)
         self._owned.pop(key, None)
-        if self._commands.protocol is None:
+        if not self._usable(key):
             # Applied once reconnected; the key expires anyway, as nothing refreshes it any more.
             self._pending_clears.add(key)
             self._metrics.relay_presence_upsert_failed.inc()
@@ -689,15 +744,15 @@ class RedisBackplane:
         return self._clear(key)
 
     def _upsert(self, key: str, presence: Presence) -> "Deferred[None]":
-        if self._commands.protocol is None:
+        if not self._usable(key):
             self._metrics.relay_presence_upsert_failed.inc()
             return succeed(None)
         value = encode_presence(presence, int(self._now_ms()))
-        d = self._commands.call("set", key, value, None, self._ttl_ms)
+        d = self._call(key, "set", key, value, None, self._ttl_ms)
         return d.addCallbacks(self._presence_written, self._presence_failed, errbackArgs=(presence,))
 
     def _clear(self, key: str) -> "Deferred[None]":
-        d = self._commands.call("eval", COMPARE_AND_DELETE, [key], [self.relay_id])
+        d = self._call(key, "eval", COMPARE_AND_DELETE, [key], [self.relay_id])
         return d.addCallbacks(self._presence_written, self._presence_failed, errbackArgs=(None,))
 
     def _presence_written(self, _: object) -> None:
@@ -721,18 +776,18 @@ class RedisBackplane:
             return succeed(None)
 
     def _resolve(self, workspace_id: str, runtime_target_id: Optional[str]) -> "Deferred[Optional[Presence]]":
-        key = presence_key(self._prefix, workspace_id, runtime_target_id)
+        key = self._presence_key(workspace_id, runtime_target_id)
         cached = self._cache.get(key)
         if cached is not None:
             if cached[1] > self._now_ms():
                 self._cache.move_to_end(key)
                 return succeed(cached[0])
             del self._cache[key]
-        if self._stopped or self._commands.protocol is None:
+        if self._stopped or not self._usable(key):
             self._metrics.relay_presence_resolve_failed.inc()
             return succeed(None)
         epoch = self._cache_epoch
-        d: Deferred[Optional[Presence]] = self._commands.call("get", key).addCallbacks(
+        d: Deferred[Optional[Presence]] = self._call(key, "get", key).addCallbacks(
             self._resolved, self._resolve_failed,
             callbackArgs=(key, workspace_id, runtime_target_id, epoch), errbackArgs=(workspace_id,),
         )
@@ -779,7 +834,8 @@ class RedisBackplane:
         known = self._alive.get(relay_id)
         if known is not None and known[1] > now and not fresh:
             return succeed(known[0])
-        if self._commands.protocol is None:
+        key = liveness_key(self._prefix, relay_id)
+        if not self._usable(key):
             return succeed(True)
 
         def answered(exists: object) -> bool:
@@ -790,9 +846,7 @@ class RedisBackplane:
                 self._alive.popitem(last=False)
             return alive
 
-        return self._commands.call("exists", liveness_key(self._prefix, relay_id)).addCallbacks(
-            answered, lambda _: True
-        )
+        return self._call(key, "exists", key).addCallbacks(answered, lambda _: True)
 
     def dead_relays(self, relay_ids: Collection[str]) -> "Deferred[frozenset[str]]":
         """

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from viewport.failures import describe_failure as describe_any_failure
+from viewport.relay.backplane.cluster_protocol import ClusterCommandsMixin, ShardSubscriberMixin
 from viewport.relay.backplane.redis_url import RedisTarget
 from viewport.sockets import set_no_delay
 
@@ -65,6 +66,22 @@ class _SubscriberLinkProtocol(_LinkProtocol, txredisapi.SubscriberProtocol):
         self.link.message_received(channel, message)
 
 
+class ClusterCommandLinkProtocol(ClusterCommandsMixin, _LinkProtocol):
+    """A link's command connection to one cluster node: SPUBLISH, slot maps, typed MOVED/ASK."""
+
+
+class ShardSubscriberLinkProtocol(ShardSubscriberMixin, _LinkProtocol):
+    """A link's sharded pub/sub connection to one cluster node."""
+
+    def shardMessageReceived(self, channel: str, message: object) -> None:
+        """One ``smessage``: to the link's handler."""
+        self.link.message_received(channel, message)
+
+    def shardChannelUnsubscribed(self, channel: str) -> None:
+        """Redis dropped ``channel`` (its slot moved, the node was demoted): tell the link."""
+        self.link.channel_dropped(channel)
+
+
 class _LinkFactory(Factory):
     """Builds protocols of one link, scheduling txredisapi's timers on our reactor."""
 
@@ -107,8 +124,13 @@ class RedisLink:
         on_up: Callable[["RedisLink"], None],
         on_down: Callable[["RedisLink"], None],
         on_message: Optional[Callable[[object, object], None]] = None,
+        protocol_class: Optional[type] = None,
+        on_dropped: Optional[Callable[[str], None]] = None,
     ) -> None:
-        """A pub/sub connection when ``on_message`` is given (called per message), else a command one."""
+        """
+        A pub/sub connection when ``on_message`` is given (called per message), else a command one;
+        ``protocol_class`` replaces the protocol (the cluster's), ``on_dropped`` hears of a channel Redis unsubscribed.
+        """
         self.name = name
         self.protocol: Optional[Any] = None
         self._reactor = reactor
@@ -118,11 +140,12 @@ class RedisLink:
         self._on_up = on_up
         self._on_down = on_down
         self._on_message = on_message
+        self._on_dropped = on_dropped
         self._rejected = 0
         self._stopping = False
         self._service = ClientService(
             endpoint,
-            _LinkFactory(self, _LinkProtocol if on_message is None else _SubscriberLinkProtocol, reactor),
+            _LinkFactory(self, protocol_class or (_LinkProtocol if on_message is None else _SubscriberLinkProtocol), reactor),
             retryPolicy=self._retry,
             clock=reactor,
         )
@@ -239,6 +262,11 @@ class RedisLink:
         if self._on_message is not None and not self._stopping:
             self._on_message(channel, message)
 
+    def channel_dropped(self, channel: str) -> None:
+        """Redis ended the subscription to ``channel`` by itself (a cluster slot moved)."""
+        if self._on_dropped is not None and not self._stopping:
+            self._on_dropped(channel)
+
 
 @implementer(IStreamClientEndpoint)
 class _SentinelMasterEndpoint:
@@ -282,9 +310,14 @@ def redis_endpoint(target: RedisTarget, reactor: Any, timeout_s: float) -> Any:
         assert target.service is not None
         return _SentinelMasterEndpoint(reactor, target.sentinels, target.service, timeout_s)
     assert target.host is not None
-    endpoint = HostnameEndpoint(reactor, target.host, target.port, timeout=timeout_s)
-    if target.scheme == "rediss":
+    return node_endpoint(target.host, target.port, target.tls, reactor, timeout_s)
+
+
+def node_endpoint(host: str, port: int, tls: bool, reactor: Any, timeout_s: float) -> Any:
+    """A TCP client endpoint to one Redis server, TLS-wrapped (verifying ``host``) when ``tls``."""
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout_s)
+    if tls:
         from twisted.internet.ssl import optionsForClientTLS
 
-        return wrapClientTLS(optionsForClientTLS(target.host), endpoint)
+        return wrapClientTLS(optionsForClientTLS(host), endpoint)
     return endpoint
