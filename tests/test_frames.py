@@ -242,6 +242,17 @@ class ParseFrameTests(SynchronousTestCase):
         assert frame is not None
         self.assertEqual((type(frame["a"]), frame["b"], frame["c"]), (float, 9007199254740993, float("inf")))
 
+    def test_integers_beyond_the_double_range_are_infinite(self) -> None:
+        """An integer too large for a double is Infinity, as JSON.parse reads it, at any length (found by the fuzz run)."""
+        for digits in (309, 400, 5000, 100000):
+            for sign in ("", "-"):
+                frame = parse_frame('{"seq":' + sign + "9" * digits + ',"type":"e2ee"}')
+                assert frame is not None, (sign, digits)
+                self.assertEqual(frame["seq"], float(sign + "inf"))
+        frame = parse_frame('{"a":18446744073709551615,"b":18446744073709551616,"c":-9223372036854775809}')
+        assert frame is not None
+        self.assertEqual((frame["a"], type(frame["b"]), type(frame["c"])), (2**64 - 1, float, float))
+
     def test_fast_and_strict_parsers_agree(self) -> None:
         """
         orjson answers most frames; what it refuses goes to the json parser: for valid frames, mutated

@@ -75,13 +75,21 @@ SESSION_EVENT_KINDS = frozenset(
     {ClientKind.SESSION_SUBSCRIBE, ClientKind.SESSION_UNSUBSCRIBE, ClientKind.VIEWER_PRESENCE}
 )
 
-
+#: Digits beyond which an integer is surely outside [-2**63, 2**64) (2**64 has 20).
+_MAX_EXACT_DIGITS = 20
 
 
 def _integer_as_orjson_reads_it(text: str) -> int | float:
-    """An integer within [-2**63, 2**64) exactly, a larger one as a float (orjson's rule, near JSON.parse's)."""
-    value = int(text)
-    return value if -(2**63) <= value < 2**64 else float(value)
+    """
+    An integer within [-2**63, 2**64) exactly, a larger one as a float (orjson's rule, near JSON.parse's):
+    one beyond the double range is infinity, as in JavaScript, and a long digit string is never made an
+    ``int`` (Python refuses over 4300 digits, and the conversion is quadratic).
+    """
+    if len(text) - text.startswith("-") <= _MAX_EXACT_DIGITS:
+        value = int(text)
+        if -(2**63) <= value < 2**64:
+            return value
+    return float(text)
 
 
 # raw_decode skips the whitespace/trailing-data handling of loads; _parse_strictly does its own.
