@@ -200,6 +200,25 @@ def test_presence_round_trip(harness: BackplaneHarness) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_forgotten_presence_is_read_again(harness: BackplaneHarness) -> Any:
+    """
+    After forget_presence naming A (the router heard A's daemon-gone notice), B's next resolve reads the
+    store, whatever B kept; forgetting a scope nobody resolved, or another relay's presence, is harmless.
+    """
+    harness.a.forget_presence("w:never", None, "relay-z")
+    _needs_other_relays(harness)
+    presence = Presence("w:1", "rt:1", "relay-a", "ws://a.example:7781/ws", True)
+    yield harness.a.announce_presence(presence)
+    found = yield harness.b.resolve_presence("w:1", "rt:1")
+    assert found is not None and found.relay_id == "relay-a"
+    harness.b.forget_presence("w:1", "rt:1", "relay-c")
+    yield harness.a.announce_presence(Presence("w:1", "rt:1", "relay-a", "ws://a.example:7781/ws", False))
+    harness.b.forget_presence("w:1", "rt:1", "relay-a")
+    gone = yield harness.b.resolve_presence("w:1", "rt:1")
+    assert gone is None
+
+
+@pytest_twisted.inlineCallbacks
 def test_disconnect_by_another_relay_keeps_presence(harness: BackplaneHarness) -> Any:
     """A relay clearing presence it no longer owns leaves the new owner's presence in place."""
     _needs_other_relays(harness)

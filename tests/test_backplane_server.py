@@ -236,6 +236,26 @@ class ServerBackplaneUnitTests(SynchronousTestCase):
         self.assertEqual((harness.counter("relay_presence_resolve_ok"), harness.counter("relay_presence_resolve_failed")),
                          (1, 1))
 
+    def test_forget_presence_drops_the_cached_answer_naming_that_relay(self) -> None:
+        """After forget_presence for the relay a cached answer names, the next resolve asks the platform; another relay's is kept."""
+        harness = _Harness(resolve_cache_ms=60000)
+        connected = {"ok": True, "daemonConnected": True, "relayId": "relay-b", "relayWsBaseUrl": "ws://b/ws",
+                     "runtimeTargetId": "t"}
+        harness.platform.queue("/presence/resolve", 200, connected)
+        harness.platform.queue("/presence/resolve", 200, {"ok": True, "daemonConnected": False})
+        found: List[Any] = []
+        harness.backplane.resolve_presence("w", "t").addCallback(found.append)
+        harness.flush()
+        harness.backplane.forget_presence("w", "t", "relay-c")
+        harness.backplane.resolve_presence("w", "t").addCallback(found.append)
+        harness.flush()
+        self.assertIs(found[1], found[0], "an answer naming another relay stays cached")
+        harness.backplane.forget_presence("w", "t", "relay-b")
+        harness.backplane.resolve_presence("w", "t").addCallback(found.append)
+        harness.flush()
+        self.assertIsNone(found[2])
+        self.assertEqual(harness.platform.paths().count("/presence/resolve"), 2)
+
     def test_starts_at_head_and_checks_every_frame(self) -> None:
         """Frames before the head are dropped; each pulled frame passes the §6.4 checks before delivery."""
         harness = _Harness()

@@ -50,6 +50,16 @@ class BusTests(SynchronousTestCase):
         self.assertEqual(self.h.backplane.published, [
             BusFrame(WS, RT, "relay-a", "relay-b", "daemon_to_clients", frames.daemon_unavailable(WS, RT))])
 
+    def test_daemon_gone_notice_makes_the_backplane_forget_that_relay(self) -> None:
+        """A relay's notice that the scope's daemon left reaches the local clients and tells the backplane to forget its presence."""
+        client = self.h.client()
+        notice = frames.daemon_unavailable(WS, RT).encode("utf-8")
+        self.h.bus(notice, "daemon_to_clients", source="relay-b")
+        self.assertEqual(peer(client).payloads, [notice])
+        self.assertEqual(self.h.backplane.forgotten, [(WS, RT, "relay-b")])
+        self.h.bus(e2ee("s1"), "daemon_to_clients", source="relay-b")
+        self.assertEqual(self.h.backplane.forgotten, [(WS, RT, "relay-b")], "only the notice says the daemon left")
+
     def test_kex_response_published_to_source_relay(self) -> None:
         """The daemon's answer to a remote key exchange is published back to the asking relay."""
         daemon = self.h.daemon()

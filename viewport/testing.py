@@ -282,6 +282,9 @@ class InMemoryBackplane:
             return succeed(None)
         return succeed(self.bus.resolve(_scope(workspace_id, runtime_target_id)))
 
+    def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
+        """Nothing is cached: every resolve reads the bus."""
+
     def publish(self, frame: BusFrame) -> "Deferred[bool]":
         """Hand the frame to the relays that take it (its source is this relay); True when one did."""
         if not self._reachable() or not self._valid(frame):
@@ -405,6 +408,8 @@ class RecordingBackplane(InMemoryBackplane):
         self.publish_result: Optional[bool] = None
         self.announcements: List[Presence] = []
         self.resolved: List[ScopeKey] = []
+        #: ``(workspace_id, runtime_target_id, relay_id)`` of each ``forget_presence``, in order.
+        self.forgotten: List[Tuple[str, Optional[str], str]] = []
         self.published: List[BusFrame] = []
         #: ``(workspace_id, runtime_target_id, side)`` of each call, in order.
         self.watch_calls: List[WatchCall] = []
@@ -446,6 +451,11 @@ class RecordingBackplane(InMemoryBackplane):
         """Record the lookup and answer from the bus."""
         self.resolved.append((workspace_id, runtime_target_id))
         return super().resolve_presence(workspace_id, runtime_target_id)
+
+    def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
+        """Record the call."""
+        self.forgotten.append((workspace_id, runtime_target_id, relay_id))
+        super().forget_presence(workspace_id, runtime_target_id, relay_id)
 
     def publish(self, frame: BusFrame) -> "Deferred[bool]":
         """Record the frame; fire with ``publish_result`` when set, else with the bus's answer."""

@@ -96,6 +96,13 @@ class IBackplane(Interface):
         liveness record is fresh), or None when no live relay reports one.
         """
 
+    def forget_presence(workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
+        """
+        The router received ``relay_id``'s notice that the scope's daemon left: forget any
+        presence of the scope naming ``relay_id`` that is kept here (a cached answer), so the
+        next ``resolve_presence`` asks the store. Idempotent; never fails.
+        """
+
     def publish(frame: BusFrame) -> "Deferred[bool]":
         """
         Send a frame to another relay. Returns a Deferred firing with True when at least one

@@ -68,7 +68,8 @@ class Router:
             delivery=delivery,
         )
         self._bus = BusInbound(
-            registry=registry, metrics=metrics, events=events, delivery=delivery, daemon_pipeline=self._daemons,
+            registry=registry, backplane=backplane, metrics=metrics, events=events, delivery=delivery,
+            daemon_pipeline=self._daemons,
             client_pipeline=self._clients,
         )
         self._upgrades = UpgradeDecisions(

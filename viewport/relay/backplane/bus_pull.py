@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Generator, Optional
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
@@ -12,7 +11,6 @@ from twisted.python.failure import Failure
 
 from viewport.platform_api import PULL_PATH
 from viewport.relay.backplane.bus_http import describe, ok_document
-from viewport.strict_json import reject_constant
 from viewport.relay.backplane.signing import FrameVerifier, Verdict
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed
 from viewport.relay.interfaces import BusFrame, Direction, Side
@@ -63,13 +61,11 @@ class PullLoop:
         max_payload_bytes: int,
         count: Callable[[str], None],
         noted: Callable[[dict[str, Any]], None],
-        daemon_gone: Callable[[str, str, str], None],
         path_changed: Callable[[bool], None],
     ) -> None:
         """
         ``watched`` is the backplane's own set (read, never changed here); ``noted(document)`` sees
-        every good pull answer (its capabilities); ``daemon_gone(workspace, runtime target, relay)``
-        hears that a relay announced its daemon left; ``count(name)`` bumps a metric.
+        every good pull answer (its capabilities); ``count(name)`` bumps a metric.
         """
         self.relay_id = relay_id
         self._post = post
@@ -83,7 +79,6 @@ class PullLoop:
         self._max_payload_bytes = max_payload_bytes
         self._count = count
         self._noted = noted
-        self._daemon_gone = daemon_gone
         self._path_changed = path_changed
         self._deliver: Optional[Callable[[BusFrame], None]] = None
         self._started = False
@@ -335,29 +330,12 @@ class PullLoop:
         deliver = self._deliver
         if deliver is None:
             return False
-        if frame.direction == "daemon_to_clients" and _announces_daemon_gone(payload):
-            self._daemon_gone(workspace_id, runtime_target_id, source)
         try:
             deliver(frame)
         except Exception:
             self._log.failure("bus frame delivery failed", relay_event="bus_frame_delivery_error")
             return False
         return True
-
-
-def _announces_daemon_gone(payload: str) -> bool:
-    """Whether a daemon→clients payload is the relay's notice that the scope's daemon disconnected."""
-    if '"DAEMON_UNAVAILABLE"' not in payload:
-        return False
-    try:
-        document = json.loads(payload, parse_constant=reject_constant)
-    except (ValueError, RecursionError):
-        return False
-    return (
-        isinstance(document, dict)
-        and document.get("type") == "relay_status"
-        and document.get("code") == "DAEMON_UNAVAILABLE"
-    )
 
 
 def _direction(value: str) -> Direction:

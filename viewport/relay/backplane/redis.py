@@ -775,6 +775,13 @@ class RedisBackplane:
             self._metrics.relay_presence_resolve_failed.inc()
             return succeed(None)
 
+    def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
+        """Drop the cached answer for the scope when it names ``relay_id`` (which said its daemon left)."""
+        key = self._presence_key(workspace_id, runtime_target_id)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0].relay_id == relay_id:
+            del self._cache[key]
+
     def _resolve(self, workspace_id: str, runtime_target_id: Optional[str]) -> "Deferred[Optional[Presence]]":
         key = self._presence_key(workspace_id, runtime_target_id)
         cached = self._cache.get(key)

@@ -172,7 +172,6 @@ class ServerBackplane:
             max_payload_bytes=max_payload_bytes,
             count=self._count,
             noted=self._note_capabilities,
-            daemon_gone=self._forget_resolved,
             path_changed=self._tell_path,
         )
 
@@ -509,7 +508,7 @@ class ServerBackplane:
 
     # --- pulled frames -------------------------------------------------------------------
 
-    def _forget_resolved(self, workspace_id: str, runtime_target_id: str, relay_id: str) -> None:
+    def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
         """
         Drop a cached presence naming ``relay_id``: that relay said the daemon left, and a publish
         to it would still be accepted by the platform and then dropped without telling the client.

@@ -48,6 +48,9 @@ class SingleBackplane:
         """No other relay can hold the daemon."""
         return succeed(None)
 
+    def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
+        """Nothing is kept."""
+
     def publish(self, frame: BusFrame) -> "Deferred[bool]":
         """No relay receives it."""
         return succeed(False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from viewport.relay import frames
 from viewport.relay.frames import ClientKind, DaemonKind
-from viewport.relay.interfaces import BusFrame
+from viewport.relay.interfaces import BusFrame, IBackplane
 from viewport.relay.metrics import RelayMetrics
 from viewport.relay.registry import Owner, Registry, ScopeState
 from viewport.relay.routing.client_pipeline import ClientPipeline
@@ -22,6 +22,7 @@ class BusInbound:
         self,
         *,
         registry: Registry,
+        backplane: IBackplane,
         metrics: RelayMetrics,
         events: RoutingLog,
         delivery: Delivery,
@@ -29,6 +30,7 @@ class BusInbound:
         client_pipeline: ClientPipeline,
     ) -> None:
         self._registry = registry
+        self._backplane = backplane
         self._m = metrics
         self._events = events
         self._delivery = delivery
@@ -88,7 +90,7 @@ class BusInbound:
     def _to_clients(self, bus: BusFrame, scope: ScopeState, frame: "dict | None", payload: bytes, now_ms: float) -> None:
         kind = frames.classify_daemon_frame(frame) if frame is not None else None
         if kind is None or frame is None:
-            if frame is not None and self._relay_broadcast(scope, frame, payload):
+            if frame is not None and self._relay_broadcast(bus, scope, frame, payload):
                 return
             self._reject(bus, "invalid_daemon_frame")
             return
@@ -100,16 +102,18 @@ class BusInbound:
         if routed or kind in _RESPONSES:
             self._m.relay_bus_frames_to_clients.inc()
 
-    def _relay_broadcast(self, scope: ScopeState, frame: dict, payload: bytes) -> bool:
+    def _relay_broadcast(self, bus: BusFrame, scope: ScopeState, frame: dict, payload: bytes) -> bool:
         """
         Frames relays share beyond the daemon's own: a client's viewer presence (fanned out to
         this relay's subscribers) and the notice that the scope's daemon disconnected (sent to
-        this relay's clients of the scope). True when the frame was one of them.
+        this relay's clients of the scope, and the backplane told to forget a presence of the
+        scope it keeps naming the sender). True when the frame was one of them.
         """
         if frames.classify_client_frame(frame) is ClientKind.VIEWER_PRESENCE:
             self._clients.fan_out_viewer_presence(scope, str(frame["channel"]).strip(), payload, exclude=None)
             return True
         if frame.get("type") == "relay_status" and frame.get("code") == "DAEMON_UNAVAILABLE":
+            self._backplane.forget_presence(bus.workspace_id, bus.runtime_target_id, bus.source_relay_id)
             if scope.daemon_open() is None:
                 scope.remote_daemon_relay = None
                 for client in scope.clients:
