@@ -13,6 +13,7 @@ from viewport.platform_api import PULL_PATH
 from viewport.relay.backplane.bus_http import describe, ok_document
 from viewport.relay.backplane.signing import FrameVerifier, Verdict
 from viewport.relay.httpcall import HttpAnswer, HttpCallFailed
+from viewport.relay.metrics import RelayMetrics
 from viewport.relay.interfaces import BusFrame, Direction, Side
 from viewport.tokens import as_json_integer
 
@@ -59,13 +60,13 @@ class PullLoop:
         timeout_ms: int,
         max_response_bytes: int,
         max_payload_bytes: int,
-        count: Callable[[str], None],
+        metrics: RelayMetrics,
         noted: Callable[[dict[str, Any]], None],
         path_changed: Callable[[bool], None],
     ) -> None:
         """
         ``watched`` is the backplane's own set (read, never changed here); ``noted(document)`` sees
-        every good pull answer (its capabilities); ``count(name)`` bumps a metric.
+        every good pull answer (its capabilities); ``metrics`` counts pulls and refused frames.
         """
         self.relay_id = relay_id
         self._post = post
@@ -77,7 +78,12 @@ class PullLoop:
         self._pull_timeout_ms = self._pull_wait_ms + timeout_ms
         self._max_response_bytes = max_response_bytes
         self._max_payload_bytes = max_payload_bytes
-        self._count = count
+        self._metrics = metrics
+        self._refusals = {
+            Verdict.INVALID: metrics.relay_bus_pull_invalid_signature,
+            Verdict.STALE: metrics.relay_bus_pull_stale_signature,
+            Verdict.REPLAYED: metrics.relay_bus_pull_replayed_signature,
+        }
         self._noted = noted
         self._path_changed = path_changed
         self._deliver: Optional[Callable[[BusFrame], None]] = None
@@ -135,7 +141,7 @@ class PullLoop:
         def answered(answer: HttpAnswer) -> bool:
             document = ok_document(answer)
             if document is None:
-                self._count("relay_bus_pull_failed")
+                self._metrics.relay_bus_pull_failed.inc()
                 self._log_failure(f"status {answer.status}")
                 return False
             self._noted(document)
@@ -152,7 +158,7 @@ class PullLoop:
         def failed(failure: Failure) -> bool:
             if failure.check(CancelledError):
                 return False
-            self._count("relay_bus_pull_failed")
+            self._metrics.relay_bus_pull_failed.inc()
             self._log_failure(describe(failure))
             return False
 
@@ -220,20 +226,20 @@ class PullLoop:
         def answered(answer: HttpAnswer) -> bool:
             document = ok_document(answer)
             if document is None:
-                self._count("relay_bus_pull_failed")
+                self._metrics.relay_bus_pull_failed.inc()
                 self._log_failure(f"status {answer.status}")
                 return False
             self._limit_now = self._pull_limit
             self._noted(document)
             accepted = self._accept_page(document)
             if accepted:
-                self._count("relay_bus_pull_ok")
+                self._metrics.relay_bus_pull_ok.inc()
             return True
 
         def failed(failure: Failure) -> bool:
             if failure.check(CancelledError):
                 return False
-            self._count("relay_bus_pull_failed")
+            self._metrics.relay_bus_pull_failed.inc()
             if failure.check(HttpCallFailed) and failure.value.kind == "too_large":
                 # Fewer frames per answer until one fits again.
                 self._limit_now = max(1, self._limit_now // 4)
@@ -303,7 +309,7 @@ class PullLoop:
         if len(payload) * 4 > self._max_payload_bytes and (
             len(payload.encode("utf-8", "surrogatepass")) > self._max_payload_bytes
         ):
-            self._count("relay_bus_pull_frame_too_large")
+            self._metrics.relay_bus_pull_frame_too_large.inc()
             return False
         direction = raw.get("direction")
         if direction not in _DIRECTIONS:
@@ -325,7 +331,7 @@ class PullLoop:
                 frame, raw.get("issuedAtMs"), raw.get("signature"), now_ms
             )
             if verdict != Verdict.ACCEPTED:
-                self._count(f"relay_bus_pull_{verdict}_signature")
+                self._refusals[verdict].inc()
                 return False
         deliver = self._deliver
         if deliver is None:

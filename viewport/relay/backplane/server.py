@@ -27,6 +27,7 @@ from viewport.relay.backplane.bus_pull import (
 )
 from viewport.relay.backplane.signing import FrameVerifier, sign
 from viewport.relay.httpcall import HttpAnswer
+from viewport.relay.metrics import RelayMetrics
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
 from viewport.logs import RepeatedWarning
 
@@ -86,7 +87,7 @@ class ServerBackplane:
         max_batch: int = 200,
         queue_max_bytes: int = 4 * 1024 * 1024,
         queue_max_age_ms: int = 2000,
-        metrics: Optional[Any] = None,
+        metrics: Optional[RelayMetrics] = None,
     ) -> None:
         """
         ``server_url``: only its origin is used. ``hmac_key`` signs published frames and is
@@ -134,7 +135,7 @@ class ServerBackplane:
         self._resolve_cache_s = max(0, resolve_cache_ms) / 1000.0
         self._resolve_cache_max = resolve_cache_max
         self._presence_refresh_s = presence_refresh_ms / 1000.0
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else RelayMetrics()
         self._path_changed: Optional[Callable[[bool], None]] = None
         self._capabilities: frozenset[str] = frozenset()
         self._liveness_ttl_ms = liveness_ttl_ms
@@ -170,7 +171,7 @@ class ServerBackplane:
             # A payload may grow sixfold as a JSON string; the bus adds frames up to a byte budget.
             max_response_bytes=max(max_response_bytes, 8 * max_payload_bytes + 65536),
             max_payload_bytes=max_payload_bytes,
-            count=self._count,
+            metrics=self._metrics,
             noted=self._note_capabilities,
             path_changed=self._tell_path,
         )
@@ -300,7 +301,7 @@ class ServerBackplane:
         def answered(answer: HttpAnswer) -> Optional[Presence]:
             document = ok_document(answer)
             if document is None:
-                self._count("relay_presence_resolve_failed")
+                self._metrics.relay_presence_resolve_failed.inc()
                 return None
             relay_id = _text(document.get("relayId"))
             url = _text(document.get("relayWsBaseUrl"))
@@ -315,7 +316,7 @@ class ServerBackplane:
                 daemon_connected=True,
                 machine_id=_text(document.get("machineId")),
             )
-            self._count("relay_presence_resolve_ok")
+            self._metrics.relay_presence_resolve_ok.inc()
             if self._resolve_cache_s > 0:
                 self._resolved[key] = _Cached(presence, self._clock.seconds() + self._resolve_cache_s)
                 self._resolved.move_to_end(key)
@@ -324,7 +325,7 @@ class ServerBackplane:
             return presence
 
         def failed(failure: Failure) -> None:
-            self._count("relay_presence_resolve_failed")
+            self._metrics.relay_presence_resolve_failed.inc()
             self._log.warn(
                 "presence resolve for {workspaceId} failed: {error}",
                 relay_event="relay_presence_resolve_error",
@@ -340,7 +341,7 @@ class ServerBackplane:
         if self._stopped:
             return succeed(False)
         if not frame.runtime_target_id:
-            self._count("relay_bus_publish_failed")
+            self._metrics.relay_bus_publish_failed.inc()
             self._log.warn(
                 "bus publish for {workspaceId} refused: {reason}",
                 relay_event="relay_bus_publish_failed",
@@ -383,9 +384,9 @@ class ServerBackplane:
 
         def answered(answer: HttpAnswer) -> bool:
             if ok_document(answer) is not None:
-                self._count("relay_bus_publish_ok", len(bodies))
+                self._metrics.relay_bus_publish_ok.inc(len(bodies))
                 return True
-            self._count("relay_bus_publish_failed", len(bodies))
+            self._metrics.relay_bus_publish_failed.inc(len(bodies))
             self._publish_warning.warn(
                 workspaceId=first["workspaceId"], direction=first["direction"], frames=len(bodies),
                 status=answer.status,
@@ -393,7 +394,7 @@ class ServerBackplane:
             return False
 
         def failed(failure: Failure) -> bool:
-            self._count("relay_bus_publish_failed", len(bodies))
+            self._metrics.relay_bus_publish_failed.inc(len(bodies))
             self._publish_warning.warn(
                 workspaceId=first["workspaceId"], direction=first["direction"], frames=len(bodies),
                 error=describe(failure),
@@ -403,7 +404,7 @@ class ServerBackplane:
         return self._post(PUBLISH_PATH, document).addCallbacks(answered, failed)
 
     def _queue_refused(self, reason: str, count: int) -> None:
-        self._count("relay_bus_publish_failed", count)
+        self._metrics.relay_bus_publish_failed.inc(count)
         self._publish_warning.warn(reason=reason, frames=count)
 
     def watch_scope(self, workspace_id: str, runtime_target_id: Optional[str], side: Side) -> None:
@@ -455,11 +456,6 @@ class ServerBackplane:
                 self._capabilities = known
                 self._start_liveness()
 
-    # --- metrics ------------------------------------------------------------------------------
-
-    def _count(self, name: str, amount: int = 1) -> None:
-        if self._metrics is not None:
-            getattr(self._metrics, name).inc(amount)
 
     # --- presence ----------------------------------------------------------------------------
 
@@ -477,9 +473,9 @@ class ServerBackplane:
 
         def answered(answer: HttpAnswer) -> None:
             if ok_document(answer) is not None:
-                self._count("relay_presence_upsert_ok")
+                self._metrics.relay_presence_upsert_ok.inc()
                 return
-            self._count("relay_presence_upsert_failed")
+            self._metrics.relay_presence_upsert_failed.inc()
             self._log.warn(
                 "presence upsert for {workspaceId} failed with status {status}",
                 relay_event="relay_presence_upsert_failed",
@@ -488,7 +484,7 @@ class ServerBackplane:
             )
 
         def failed(failure: Failure) -> None:
-            self._count("relay_presence_upsert_failed")
+            self._metrics.relay_presence_upsert_failed.inc()
             self._log.warn(
                 "presence upsert for {workspaceId} failed: {error}",
                 relay_event="relay_presence_upsert_error",
