@@ -236,6 +236,53 @@ class ServerBackplaneUnitTests(SynchronousTestCase):
         self.assertEqual((harness.counter("relay_presence_resolve_ok"), harness.counter("relay_presence_resolve_failed")),
                          (1, 1))
 
+    def test_a_failed_upsert_is_sent_again_soon_while_the_presence_holds(self) -> None:
+        """
+        A 503 or a transport failure on upsert is retried after 0.25 s, doubling, not left to the next
+        refresh (60 s here); a 4xx is not retried, and a presence withdrawn meanwhile is not sent again.
+        """
+        harness = _Harness(presence_refresh_ms=60000)
+        harness.start()
+        for status in (503, 503, 200):
+            harness.platform.queue("/presence/upsert", status, {"ok": status == 200})
+        harness.backplane.announce_presence(Presence("w", "t", "relay-a", "ws://a.test/ws", True))
+        harness.flush()
+
+        def upserts() -> List[bool]:
+            return [c["body"]["daemonConnected"] for c in harness.platform.calls if c["path"].endswith("/presence/upsert")]
+
+        self.assertEqual(upserts(), [True])
+        harness.clock.advance(0.25)
+        harness.flush()
+        self.assertEqual(upserts(), [True, True])
+        harness.clock.advance(0.25)
+        harness.flush()
+        self.assertEqual(upserts(), [True, True], "the second retry waits twice as long")
+        harness.clock.advance(0.25)
+        harness.flush()
+        self.assertEqual(upserts(), [True, True, True])
+        harness.clock.advance(10)
+        harness.flush()
+        self.assertEqual(upserts(), [True, True, True], "after a success nothing is retried")
+        self.assertEqual((harness.counter("relay_presence_upsert_failed"), harness.counter("relay_presence_upsert_ok")), (2, 1))
+
+        harness.platform.queue("/presence/upsert", 503, {"ok": False})
+        harness.platform.queue("/presence/upsert", 200, {"ok": True})
+        harness.backplane.announce_presence(Presence("w", "u", "relay-a", "ws://a.test/ws", True))
+        harness.flush()
+        harness.backplane.announce_presence(Presence("w", "u", "relay-a", "ws://a.test/ws", False))
+        harness.flush()
+        harness.clock.advance(5)
+        harness.flush()
+        self.assertEqual(upserts(), [True, True, True, True, False], "a withdrawn presence is not sent again")
+
+        harness.platform.queue("/presence/upsert", 400, {"ok": False})
+        harness.backplane.announce_presence(Presence("w", "v", "relay-a", "ws://a.test/ws", True))
+        harness.flush()
+        harness.clock.advance(5)
+        harness.flush()
+        self.assertEqual(len(upserts()), 6, "a refused upsert is not retried before the refresh")
+
     def test_forget_presence_drops_the_cached_answer_naming_that_relay(self) -> None:
         """After forget_presence for the relay a cached answer names, the next resolve asks the platform; another relay's is kept."""
         harness = _Harness(resolve_cache_ms=60000)

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +37,14 @@ __all__ = ["MAX_PULL_WAIT_MS", "PULL_RETRY_FIRST_S", "PULL_RETRY_MAX_S", "Server
 #: relay liveness records. The Viewport platform has neither: one frame per call, no liveness.
 CAPABILITY_BATCH = "batch"
 CAPABILITY_LIVENESS = "liveness"
+
+
+#: The first pause before a failed presence upsert is sent again (seconds); it doubles up to the refresh period.
+UPSERT_RETRY_FIRST_S = 0.25
+
+
+def _presence_key(presence: Presence) -> tuple[str, Optional[str]]:
+    return (presence.workspace_id, presence.runtime_target_id or None)
 
 
 @dataclass
@@ -155,6 +163,8 @@ class ServerBackplane:
         self._presences: dict[tuple[str, Optional[str]], Presence] = {}
         self._resolved: OrderedDict[tuple[str, Optional[str]], _Cached] = OrderedDict()
         self._refresh: Optional[LoopingCall] = None
+        #: Scope -> the pending retry of its failed upsert and the delay it waited.
+        self._upsert_retries: dict[tuple[str, Optional[str]], tuple[IDelayedCall, float]] = {}
         self._puller = PullLoop(
             relay_id=relay_id,
             post=self._post,
@@ -210,6 +220,10 @@ class ServerBackplane:
         if self._refresh is not None and self._refresh.running:
             self._refresh.stop()
         self._refresh = None
+        for retry, _ in self._upsert_retries.values():
+            if retry.active():
+                retry.cancel()
+        self._upsert_retries.clear()
         withdrawals = [
             self._upsert(replace(presence, daemon_connected=False)) for presence in self._presences.values()
         ]
@@ -272,7 +286,7 @@ class ServerBackplane:
         """Upsert now (never fails); a connected presence is also re-sent every refresh period."""
         if self._stopped:
             return succeed(None)
-        key = (presence.workspace_id, presence.runtime_target_id)
+        key = _presence_key(presence)
         if presence.daemon_connected:
             self._presences[key] = presence
         else:
@@ -474,6 +488,7 @@ class ServerBackplane:
         def answered(answer: HttpAnswer) -> None:
             if ok_document(answer) is not None:
                 self._metrics.relay_presence_upsert_ok.inc()
+                self._upsert_retries.pop(_presence_key(presence), None)
                 return
             self._metrics.relay_presence_upsert_failed.inc()
             self._log.warn(
@@ -482,6 +497,8 @@ class ServerBackplane:
                 workspaceId=presence.workspace_id,
                 status=answer.status,
             )
+            if answer.status >= 500:
+                self._retry_upsert(presence)
 
         def failed(failure: Failure) -> None:
             self._metrics.relay_presence_upsert_failed.inc()
@@ -491,8 +508,33 @@ class ServerBackplane:
                 workspaceId=presence.workspace_id,
                 error=describe(failure),
             )
+            self._retry_upsert(presence)
 
         return self._post(UPSERT_PATH, body).addCallbacks(answered, failed)
+
+    def _retry_upsert(self, presence: Presence) -> None:
+        """
+        Send a failed upsert again soon (doubling from ``UPSERT_RETRY_FIRST_S`` up to the refresh period),
+        rather than leaving other relays without the daemon until the next refresh; only while the
+        presence is still what this relay holds for its scope, and never after ``stop``.
+        """
+        key = _presence_key(presence)
+        if self._stopped:
+            return
+        previous = self._upsert_retries.get(key)
+        if previous is not None and previous[0].active():
+            return
+        delay = UPSERT_RETRY_FIRST_S if previous is None else min(previous[1] * 2, self._presence_refresh_s)
+
+        def again() -> None:
+            current = self._presences.get(key)
+            still_held = current is presence if presence.daemon_connected else current is None
+            if self._stopped or not still_held:
+                self._upsert_retries.pop(key, None)
+                return
+            self._upsert(presence)
+
+        self._upsert_retries[key] = (self._clock.callLater(delay, again), delay)
 
     def _refresh_presences(self) -> None:
         """Re-send every connected presence, machine id included (never raises)."""
