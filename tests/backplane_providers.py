@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.defer import Deferred, succeed
 
 from viewport.relay.backplane.redis import RedisBackplane
 from viewport.relay.backplane.single import SingleBackplane
-from viewport.relay.interfaces import BusFrame
+from viewport.relay.interfaces import BusFrame, Direction
 from viewport.testing import InMemoryBackplane, InMemoryBus, RecordingBackplane
 
+
+
+def bus_frame(source: str, target: Optional[str], *, direction: Direction = "client_to_daemon",
+              payload: str = '{"type":"e2ee"}', workspace: str = "w:1", runtime_target: str = "rt:1") -> BusFrame:
+    """A bus frame of the backplane tests: from ``source`` to ``target`` (None: every relay), in scope w:1/rt:1."""
+    return BusFrame(
+        workspace_id=workspace,
+        runtime_target_id=runtime_target,
+        source_relay_id=source,
+        target_relay_id=target,
+        direction=direction,
+        payload=payload,
+    )
 
 class BackplaneHarness:
     """Three relays' backplanes (``a``, ``b``, ``c``) and what each received."""

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from tests.backplane_providers import PROVIDERS, BackplaneHarness
+from tests.backplane_providers import PROVIDERS, BackplaneHarness, bus_frame
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence
 from viewport.testing import InMemoryBackplane, InMemoryBus, RecordingBackplane
 
@@ -26,16 +26,6 @@ def harness(request: Any) -> Any:
     pytest_twisted.blockon(made.close())
 
 
-def _frame(source: str, target: Any, direction: str = "client_to_daemon", payload: str = '{"type":"e2ee"}',
-           workspace: str = "w:1", runtime_target: str = "rt:1") -> BusFrame:
-    return BusFrame(
-        workspace_id=workspace,
-        runtime_target_id=runtime_target,
-        source_relay_id=source,
-        target_relay_id=target,
-        direction=direction,  # type: ignore[arg-type]
-        payload=payload,
-    )
 
 
 def _wait_for(received: List[BusFrame], count: int) -> Any:
@@ -77,7 +67,7 @@ def test_a_relay_alone_reaches_no_one(harness: BackplaneHarness) -> Any:
         pytest.skip("this provider reaches other relays (cross_relay is True)")
     harness.b.watch_scope("w:1", "rt:1", "daemon")
     yield harness.ready()
-    ok = yield harness.a.publish(_frame("relay-a", "relay-b"))
+    ok = yield harness.a.publish(bus_frame("relay-a", "relay-b"))
     assert ok is False
     yield harness.a.announce_presence(Presence("w:1", "rt:1", "relay-a", "ws://a.example:7781/ws", True))
     found = yield harness.b.resolve_presence("w:1", "rt:1")
@@ -92,7 +82,7 @@ def test_targeted_frame_reaches_the_watching_relay(harness: BackplaneHarness) ->
     _needs_other_relays(harness)
     harness.b.watch_scope("w:1", "rt:1", "daemon")
     yield harness.ready()
-    sent = _frame("relay-a", "relay-b", payload='{"type":"e2ee","x":"é\\n"}')
+    sent = bus_frame("relay-a", "relay-b", payload='{"type":"e2ee","x":"é\\n"}')
     ok = yield harness.a.publish(sent)
     assert ok is True
     yield _wait_for(harness.received_b, 1)
@@ -111,7 +101,7 @@ def test_frames_arrive_in_publish_order(harness: BackplaneHarness) -> Any:
     harness.b.watch_scope("w:1", "rt:1", "daemon")
     yield harness.ready()
     for index in range(30):
-        yield harness.a.publish(_frame("relay-a", "relay-b", payload=f'{{"n":{index}}}'))
+        yield harness.a.publish(bus_frame("relay-a", "relay-b", payload=f'{{"n":{index}}}'))
     yield _wait_for(harness.received_b, 30)
     assert [f.payload for f in harness.received_b] == [f'{{"n":{i}}}' for i in range(30)]
 
@@ -122,7 +112,7 @@ def test_pipelined_frames_arrive_in_publish_order(harness: BackplaneHarness) -> 
     _needs_other_relays(harness)
     harness.b.watch_scope("w:1", "rt:1", "daemon")
     yield harness.ready()
-    published = [harness.a.publish(_frame("relay-a", "relay-b", payload=f'{{"n":{i}}}')) for i in range(40)]
+    published = [harness.a.publish(bus_frame("relay-a", "relay-b", payload=f'{{"n":{i}}}')) for i in range(40)]
     from twisted.internet.defer import gatherResults
 
     yield gatherResults(published)
@@ -137,7 +127,7 @@ def test_reply_reaches_only_its_target_relay(harness: BackplaneHarness) -> Any:
     harness.a.watch_scope("w:1", "rt:1", "clients")
     harness.b.watch_scope("w:1", "rt:1", "clients")
     yield harness.ready()
-    yield harness.c.publish(_frame("relay-c", "relay-a", direction="daemon_to_clients"))
+    yield harness.c.publish(bus_frame("relay-c", "relay-a", direction="daemon_to_clients"))
     yield _wait_for(harness.received_a, 1)
     yield _settle()
     assert harness.received_b == []
@@ -150,7 +140,7 @@ def test_broadcast_reaches_every_watching_relay(harness: BackplaneHarness) -> An
     harness.a.watch_scope("w:1", "rt:1", "clients")
     harness.b.watch_scope("w:1", "rt:1", "clients")
     yield harness.ready()
-    yield harness.c.publish(_frame("relay-c", None, direction="daemon_to_clients"))
+    yield harness.c.publish(bus_frame("relay-c", None, direction="daemon_to_clients"))
     yield _wait_for(harness.received_a, 1)
     yield _wait_for(harness.received_b, 1)
 
@@ -163,7 +153,7 @@ def test_unwatched_scope_receives_nothing(harness: BackplaneHarness) -> Any:
     yield harness.ready()
     harness.b.unwatch_scope("w:1", "rt:1", "daemon")
     yield harness.ready()
-    ok = yield harness.a.publish(_frame("relay-a", "relay-b"))
+    ok = yield harness.a.publish(bus_frame("relay-a", "relay-b"))
     if harness.confirms_delivery:
         assert ok is False
     yield _settle()
@@ -176,7 +166,7 @@ def test_ids_with_colons_do_not_collide(harness: BackplaneHarness) -> Any:
     _needs_other_relays(harness)
     harness.b.watch_scope("a", "b:c", "daemon")
     yield harness.ready()
-    yield harness.a.publish(_frame("relay-a", "relay-b", workspace="a:b", runtime_target="c"))
+    yield harness.a.publish(bus_frame("relay-a", "relay-b", workspace="a:b", runtime_target="c"))
     yield _settle()
     assert harness.received_b == []
 
@@ -232,7 +222,7 @@ def test_disconnect_by_another_relay_keeps_presence(harness: BackplaneHarness) -
 def test_stop_then_publish_fails_quietly(harness: BackplaneHarness) -> Any:
     """After stop, publishing reports False instead of raising."""
     yield harness.a.stop()
-    ok = yield harness.a.publish(_frame("relay-a", "relay-b"))
+    ok = yield harness.a.publish(bus_frame("relay-a", "relay-b"))
     assert ok is False
 
 
@@ -244,11 +234,11 @@ def test_watching_twice_delivers_once(harness: BackplaneHarness) -> Any:
     harness.b.watch_scope("w:1", "rt:1", "daemon")
     harness.b.unwatch_scope("w:1", "rt:1", "clients")
     yield harness.ready()
-    yield harness.a.publish(_frame("relay-a", "relay-b", payload='{"n":1}'))
+    yield harness.a.publish(bus_frame("relay-a", "relay-b", payload='{"n":1}'))
     yield _wait_for(harness.received_b, 1)
     harness.b.unwatch_scope("w:1", "rt:1", "daemon")
     yield harness.ready()
-    yield harness.a.publish(_frame("relay-a", "relay-b", payload='{"n":2}'))
+    yield harness.a.publish(bus_frame("relay-a", "relay-b", payload='{"n":2}'))
     yield _settle()
     assert [f.payload for f in harness.received_b] == ['{"n":1}']
 
@@ -300,8 +290,8 @@ class InMemoryBusTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(self.b.resolve_presence("w", "t")))
         self.assertEqual(self.successResultOf(self.b.dead_relays(["relay-a"])), frozenset({"relay-a"}))
         self.assertEqual(self.bus.presence, {})
-        self.assertFalse(self.successResultOf(self.b.publish(_frame("relay-b", "relay-a"))))
-        self.assertFalse(self.successResultOf(self.a.publish(_frame("relay-a", None, "daemon_to_clients"))))
+        self.assertFalse(self.successResultOf(self.b.publish(bus_frame("relay-b", "relay-a"))))
+        self.assertFalse(self.successResultOf(self.a.publish(bus_frame("relay-a", None, direction="daemon_to_clients"))))
 
     def test_restarted_relay_is_alive_again(self) -> None:
         """A relay id that said goodbye is alive again once a backplane with that id starts."""
@@ -316,8 +306,8 @@ class InMemoryBusTests(SynchronousTestCase):
         self.b.watch_scope("w", "t", "daemon")
         self.b.disconnect()
         self.assertEqual((self.paths_b, self.b.healthy, self.a.healthy), ([False], False, True))
-        self.assertFalse(self.successResultOf(self.a.publish(_frame("relay-a", "relay-b", workspace="w", runtime_target="t"))))
-        self.assertFalse(self.successResultOf(self.b.publish(_frame("relay-b", None, "daemon_to_clients"))))
+        self.assertFalse(self.successResultOf(self.a.publish(bus_frame("relay-a", "relay-b", workspace="w", runtime_target="t"))))
+        self.assertFalse(self.successResultOf(self.b.publish(bus_frame("relay-b", None, direction="daemon_to_clients"))))
         self.b.announce_presence(Presence("w", "t", "relay-b", "ws://b/ws", True))
         self.b.announce_presence(Presence("w", "old", "relay-b", "ws://b/ws", False))
         self.assertIsNone(self.successResultOf(self.b.resolve_presence("w", "old")))
@@ -325,7 +315,7 @@ class InMemoryBusTests(SynchronousTestCase):
         self.b.reconnect()
         self.assertEqual((self.paths_b, self.b.healthy), ([False, True], True))
         self.assertEqual(sorted(self.bus.presence), [("w", "t")])
-        self.assertTrue(self.successResultOf(self.a.publish(_frame("relay-a", "relay-b", workspace="w", runtime_target="t"))))
+        self.assertTrue(self.successResultOf(self.a.publish(bus_frame("relay-a", "relay-b", workspace="w", runtime_target="t"))))
         self.assertEqual(len(self.received_b), 1)
 
     def test_outage_cuts_every_relay_off(self) -> None:
@@ -342,15 +332,15 @@ class InMemoryBusTests(SynchronousTestCase):
         def answer(frame: BusFrame) -> None:
             seen.append(f"start {frame.payload}")
             if frame.payload == "1":
-                self.b.publish(_frame("relay-b", "relay-a", payload="2"))
-                self.b.publish(_frame("relay-b", "relay-a", payload="3"))
+                self.b.publish(bus_frame("relay-b", "relay-a", payload="2"))
+                self.b.publish(bus_frame("relay-b", "relay-a", payload="3"))
             seen.append(f"end {frame.payload}")
 
         self.a.stop()
         a = InMemoryBackplane("relay-a", self.bus)
         a.start(answer)
         a.watch_scope("w:1", "rt:1", "daemon")
-        self.assertTrue(self.successResultOf(self.b.publish(_frame("relay-b", "relay-a", payload="1"))))
+        self.assertTrue(self.successResultOf(self.b.publish(bus_frame("relay-b", "relay-a", payload="1"))))
         self.assertEqual(seen, ["start 1", "end 1", "start 2", "end 2", "start 3", "end 3"])
 
     def test_a_clock_delays_delivery_to_its_next_turn(self) -> None:
@@ -362,7 +352,7 @@ class InMemoryBusTests(SynchronousTestCase):
         a.start(lambda frame: None)
         b.start(received.append)
         b.watch_scope("w:1", "rt:1", "daemon")
-        self.assertTrue(self.successResultOf(a.publish(_frame("relay-a", "relay-b"))))
+        self.assertTrue(self.successResultOf(a.publish(bus_frame("relay-a", "relay-b"))))
         self.assertEqual(received, [])
         clock.advance(0)
         self.assertEqual([frame.source_relay_id for frame in received], ["relay-a"])
@@ -380,20 +370,20 @@ class InMemoryBusTests(SynchronousTestCase):
         b = InMemoryBackplane("relay-c", self.bus)
         b.start(deliver)
         b.watch_scope("w:1", "rt:1", "daemon")
-        self.assertTrue(self.successResultOf(self.a.publish(_frame("relay-a", None))))
-        self.assertTrue(self.successResultOf(self.a.publish(_frame("relay-a", None))))
+        self.assertTrue(self.successResultOf(self.a.publish(bus_frame("relay-a", None))))
+        self.assertTrue(self.successResultOf(self.a.publish(bus_frame("relay-a", None))))
         self.assertEqual((len(got), len(self.flushLoggedErrors(RuntimeError))), (2, 1))
 
     def test_invalid_frames_are_refused(self) -> None:
         """A frame without a runtime target, or with a payload over the bus's limit, is refused."""
         self.b.watch_scope("w:1", "", "daemon")
-        self.assertFalse(self.successResultOf(self.a.publish(_frame("relay-a", "relay-b", runtime_target=""))))
+        self.assertFalse(self.successResultOf(self.a.publish(bus_frame("relay-a", "relay-b", runtime_target=""))))
         small = InMemoryBus(max_payload_bytes=4)
         a, b = InMemoryBackplane("relay-a", small), InMemoryBackplane("relay-b", small)
         b.start(lambda frame: None)
         b.watch_scope("w:1", "rt:1", "daemon")
-        self.assertFalse(self.successResultOf(a.publish(_frame("relay-a", "relay-b", payload="12345"))))
-        self.assertTrue(self.successResultOf(a.publish(_frame("relay-a", "relay-b", payload="1234"))))
+        self.assertFalse(self.successResultOf(a.publish(bus_frame("relay-a", "relay-b", payload="12345"))))
+        self.assertTrue(self.successResultOf(a.publish(bus_frame("relay-a", "relay-b", payload="1234"))))
 
 
 class RecordingBackplaneTests(SynchronousTestCase):
@@ -402,7 +392,7 @@ class RecordingBackplaneTests(SynchronousTestCase):
     def test_records_calls_and_forces_publish_answers(self) -> None:
         """Calls are recorded; ``publish_result`` answers publishes until stop, after which they fail."""
         backplane = RecordingBackplane("relay-a")
-        frame = _frame("relay-a", "relay-b")
+        frame = bus_frame("relay-a", "relay-b")
         self.assertFalse(self.successResultOf(backplane.publish(frame)))
         backplane.publish_result = True
         self.assertTrue(self.successResultOf(backplane.publish(frame)))

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from tests.backplane_providers import bus_frame
 from tests.redis_server import RedisServer, SentinelServer, free_port, redis_command
 from viewport.relay.backplane.redis import (
     RedisBackplane,
@@ -39,16 +40,6 @@ KEY = "redis-test-bus-key"
 DEADLINE_SECONDS = 15.0
 
 
-def _frame(source: str, target: Optional[str], payload: str = '{"type":"e2ee"}', workspace: str = "w:1",
-           runtime_target: str = "rt:1", direction: str = "client_to_daemon") -> BusFrame:
-    return BusFrame(
-        workspace_id=workspace,
-        runtime_target_id=runtime_target,
-        source_relay_id=source,
-        target_relay_id=target,
-        direction=direction,  # type: ignore[arg-type]
-        payload=payload,
-    )
 
 
 def _presence(relay_id: str, connected: bool = True, machine_id: Optional[str] = "m1") -> Presence:
@@ -285,7 +276,7 @@ class ConnectionHandlingClockTests(SynchronousTestCase):
         self.reactor.advance(5.0)
         self.assertIs(self.successResultOf(started), False)
         self.assertFalse(self.backplane.healthy)
-        self.assertIs(self.successResultOf(self.backplane.publish(_frame("relay-a", "relay-b"))), False)
+        self.assertIs(self.successResultOf(self.backplane.publish(bus_frame("relay-a", "relay-b"))), False)
         self.assertIsNone(self.successResultOf(self.backplane.resolve_presence("w:1", "rt:1")))
         self.assertIsNone(self.successResultOf(self.backplane.announce_presence(_presence("relay-a"))))
         self.assertEqual(_count(self.metrics, "relay_bus_publish_failed"), 1)
@@ -296,7 +287,7 @@ class ConnectionHandlingClockTests(SynchronousTestCase):
         started = self.backplane.start(self.received.append)
         commands, subscriber = self._connect_both()
         self.assertIs(self.successResultOf(started), True)
-        published = self.backplane.publish(_frame("relay-a", "relay-b"))
+        published = self.backplane.publish(bus_frame("relay-a", "relay-b"))
         self.assertIn(b"PUBLISH", commands.value())
         self.reactor.advance(1.9)
         self.assertNoResult(published)
@@ -389,7 +380,7 @@ def test_redis_restart_degrades_then_recovers(redis_server: RedisServer, relays:
             return None
         index = state["next"]
         state["next"] += 1
-        d = a.publish(_frame("relay-a", "relay-b", payload=f'{{"n":{index}}}'))
+        d = a.publish(bus_frame("relay-a", "relay-b", payload=f'{{"n":{index}}}'))
         return d.addCallback(lambda _: task.deferLater(reactor, 0.005, stream))
 
     streaming = stream()
@@ -400,7 +391,7 @@ def test_redis_restart_degrades_then_recovers(redis_server: RedisServer, relays:
     yield streaming
 
     began = reactor.seconds()
-    assert (yield a.publish(_frame("relay-a", "relay-b"))) is False
+    assert (yield a.publish(bus_frame("relay-a", "relay-b"))) is False
     assert (yield a.resolve_presence("w:1", "rt:1")) is None
     yield a.announce_presence(_presence("relay-a", connected=False))
     assert reactor.seconds() - began < 0.1
@@ -409,7 +400,7 @@ def test_redis_restart_degrades_then_recovers(redis_server: RedisServer, relays:
     yield _poll(lambda: a.healthy and b.healthy, "both relays healthy again")
     found = yield a.resolve_presence("w:1", "rt:1")
     assert found is not None and (found.relay_id, found.machine_id) == ("relay-b", "m2")
-    assert (yield a.publish(_frame("relay-a", "relay-b", payload='{"n":"after"}'))) is True
+    assert (yield a.publish(bus_frame("relay-a", "relay-b", payload='{"n":"after"}'))) is True
     yield _poll(lambda: received[-1].payload == '{"n":"after"}', "the frame published after recovery")
     numbers = [json.loads(frame.payload)["n"] for frame in received[:-1]]
     assert numbers == sorted(set(numbers)), "a frame was delivered twice or out of order"
@@ -427,13 +418,13 @@ def test_hung_redis_times_out_instead_of_hanging(redis_server: RedisServer, rela
     redis_server.pause()
     try:
         began = reactor.seconds()
-        assert (yield a.publish(_frame("relay-a", "relay-b"))) is False
+        assert (yield a.publish(bus_frame("relay-a", "relay-b"))) is False
         assert reactor.seconds() - began < 2.0
         yield _poll(lambda: not a.healthy, "relay A degraded")
     finally:
         redis_server.resume()
     yield _poll(lambda: a.healthy, "relay A healthy again")
-    assert (yield a.publish(_frame("relay-a", "relay-b", payload='{"n":1}'))) is True
+    assert (yield a.publish(bus_frame("relay-a", "relay-b", payload='{"n":1}'))) is True
     yield _poll(lambda: len(relays.received["relay-b"]) == 1, "delivery after resuming")
 
 
@@ -449,14 +440,14 @@ def test_start_while_redis_is_down_then_catch_up(relays: Relays) -> Any:
         assert not a.healthy
         a.watch_scope("w:1", "rt:1", "daemon")
         yield a.announce_presence(_presence("relay-a"))
-        assert (yield a.publish(_frame("relay-a", "relay-b"))) is False
+        assert (yield a.publish(bus_frame("relay-a", "relay-b"))) is False
         server.start()
         yield _poll(lambda: a.healthy, "relay A connected")
         b = relays.make(server.url, "relay-b")
         assert (yield relays.start(b)) is True
         found = yield b.resolve_presence("w:1", "rt:1")
         assert found is not None and found.relay_id == "relay-a"
-        assert (yield b.publish(_frame("relay-b", "relay-a"))) is True
+        assert (yield b.publish(bus_frame("relay-b", "relay-a"))) is True
         yield _poll(lambda: len(relays.received["relay-a"]) == 1, "delivery to the late starter")
     finally:
         server.stop()
@@ -541,21 +532,21 @@ def test_inbound_envelopes_are_verified(redis_server: RedisServer, relays: Relay
     def envelope(frame: BusFrame, issued: int = now, nonce: str = "n", key: str = KEY) -> str:
         return encode_envelope(frame, issued, nonce, sign(key, frame, issued, nonce))
 
-    good = _frame("relay-a", "relay-b", payload='{"n":"good"}')
-    unsigned_nonce = _frame("relay-a", None, payload='{"n":"platform"}')
+    good = bus_frame("relay-a", "relay-b", payload='{"n":"good"}')
+    unsigned_nonce = bus_frame("relay-a", None, payload='{"n":"platform"}')
     platform_style = json.loads(envelope(unsigned_nonce))
     del platform_style["nonce"]
     platform_style["signature"] = sign(KEY, unsigned_nonce, now)
     messages = [
         "not json",
-        envelope(_frame("relay-a", "relay-b", workspace="w:2")),
-        envelope(_frame("relay-a", "relay-b", payload='{"n":"forged"}'), key="other-key"),
-        envelope(_frame("relay-a", "relay-b", payload='{"n":"stale"}'), issued=now - 60000),
+        envelope(bus_frame("relay-a", "relay-b", workspace="w:2")),
+        envelope(bus_frame("relay-a", "relay-b", payload='{"n":"forged"}'), key="other-key"),
+        envelope(bus_frame("relay-a", "relay-b", payload='{"n":"stale"}'), issued=now - 60000),
         envelope(good),
         envelope(good),
-        envelope(_frame("relay-a", "relay-c", payload='{"n":"for c"}')),
-        envelope(_frame("relay-b", "relay-b", payload='{"n":"own"}')),
-        envelope(_frame("relay-a", "relay-b", payload='{"n":"' + "x" * 200 + '"}')),
+        envelope(bus_frame("relay-a", "relay-c", payload='{"n":"for c"}')),
+        envelope(bus_frame("relay-b", "relay-b", payload='{"n":"own"}')),
+        envelope(bus_frame("relay-a", "relay-b", payload='{"n":"' + "x" * 200 + '"}')),
         json.dumps(platform_style),
     ]
     for message in messages:
@@ -582,9 +573,9 @@ def test_publish_refuses_oversized_and_unscoped_frames(redis_server: RedisServer
     yield gatherResults([relays.start(a), relays.start(b)])
     b.watch_scope("w:1", "rt:1", "daemon")
     yield b.subscriptions_settled()
-    assert (yield a.publish(_frame("relay-a", "relay-b", payload='{"n":"too long"}'))) is False
-    assert (yield a.publish(_frame("relay-a", "relay-b", runtime_target=""))) is False
-    assert (yield a.publish(_frame("relay-a", "relay-b", payload="{}"))) is True
+    assert (yield a.publish(bus_frame("relay-a", "relay-b", payload='{"n":"too long"}'))) is False
+    assert (yield a.publish(bus_frame("relay-a", "relay-b", runtime_target=""))) is False
+    assert (yield a.publish(bus_frame("relay-a", "relay-b", payload="{}"))) is True
     assert _count(relays.metrics["relay-a"], "relay_bus_publish_failed") == 2
 
 
@@ -599,8 +590,8 @@ def test_stop_clears_presence_and_subscriptions(redis_server: RedisServer, relay
     yield a.stop()
     assert not a.healthy
     assert (yield b.resolve_presence("w:1", "rt:1")) is None
-    assert (yield b.publish(_frame("relay-b", "relay-a"))) is False
-    assert (yield a.publish(_frame("relay-a", "relay-b"))) is False
+    assert (yield b.publish(bus_frame("relay-b", "relay-a"))) is False
+    assert (yield a.publish(bus_frame("relay-a", "relay-b"))) is False
     yield a.stop()
     assert redis_command(redis_server.port, "PUBSUB", "NUMSUB", bus_channel("viewport-test", "daemon", "w:1", "rt:1")
                          )[1] == 0  # type: ignore[index]
@@ -618,7 +609,7 @@ def test_unix_socket_and_database_selection(redis_server: RedisServer, relays: R
     assert (yield c.resolve_presence("w:1", "rt:1")) is None
     a.watch_scope("w:1", "rt:1", "daemon")
     yield a.subscriptions_settled()
-    assert (yield c.publish(_frame("relay-c", "relay-a"))) is True
+    assert (yield c.publish(bus_frame("relay-c", "relay-a"))) is True
     yield _poll(lambda: len(relays.received["relay-a"]) == 1, "delivery over the unix socket")
 
 
@@ -651,7 +642,7 @@ def test_sentinel_url_finds_the_master(redis_server: RedisServer, relays: Relays
         assert (yield b.resolve_presence("w:1", "rt:1")).relay_id == "relay-a"
         a.watch_scope("w:1", "rt:1", "daemon")
         yield a.subscriptions_settled()
-        assert (yield b.publish(_frame("relay-b", "relay-a"))) is True
+        assert (yield b.publish(bus_frame("relay-b", "relay-a"))) is True
         yield _poll(lambda: len(relays.received["relay-a"]) == 1, "delivery through the Sentinel-found master")
         yield a.stop()
     finally:
@@ -669,7 +660,7 @@ def test_frames_past_their_deadline_are_dropped(redis_server: RedisServer, relay
     now = int(time.time() * 1000)
 
     def envelope(payload: str, deliver_by: int) -> str:
-        frame = _frame("relay-a", "relay-b", payload=payload)
+        frame = bus_frame("relay-a", "relay-b", payload=payload)
         return encode_envelope(frame, now, "n" + payload, sign(KEY, frame, now, signed_nonce("n" + payload, deliver_by)),
                                deliver_by)
 
@@ -730,7 +721,7 @@ def test_publish_errors_of_an_outage_are_logged_once_with_a_count(redis_server: 
         a = relays.make(redis_server.url, "relay-a")
         yield relays.start(a)
         redis_server.pause()
-        results = yield gatherResults([a.publish(_frame("relay-a", "relay-b", payload=f'{{"n":{n}}}'))
+        results = yield gatherResults([a.publish(bus_frame("relay-a", "relay-b", payload=f'{{"n":{n}}}'))
                                        for n in range(300)])
         assert results == [False] * 300
         logged = [e for e in events if e.get("relay_event") == "relay_bus_publish_error"]
