@@ -13,6 +13,11 @@ lean raw WebSocket client). The open-file limit is raised for the generator and,
 ``preexec_fn``, for the relay child: never in the relay's defaults. Prints numbers; asserts nothing.
 
     /work/venv/bin/python benchmarks/connections.py [--workspaces 2000] [--idle 30] [--load 20]
+
+``--against-original [--rounds 3] [--impls ours,ours-platform,original]`` instead runs connect, key exchange
+and 30 s of load on each relay in turn per round (a fresh relay and generator each) and prints round-trip
+p50/p99, relay CPU and memory per connection for every relay with the ratios to the original
+(``side_by_side.report``).
 """
 
 from __future__ import annotations
@@ -192,14 +197,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspaces", type=int, default=2000, help="workspaces, each one daemon and one client socket")
     parser.add_argument("--concurrency", type=int, default=32, help="handshakes in flight while connecting")
-    parser.add_argument("--idle", type=float, default=30.0,
-                        help="seconds of idle measurement (30 s covers one tick of the default 30 s heartbeat)")
-    parser.add_argument("--load", type=float, default=20.0, help="seconds of 1 frame/s/client load")
+    parser.add_argument("--idle", type=float, default=None,
+                        help="seconds of idle measurement (30 s covers one tick of the default 30 s heartbeat; "
+                             "default 30, with --against-original 0: no idle phase)")
+    parser.add_argument("--load", type=float, default=None,
+                        help="seconds of 1 frame/s/client load (default 20; with --against-original 30, so one "
+                             "tick of a 30 s heartbeat falls in it on every relay)")
     parser.add_argument("--rate", type=float, default=1.0, help="frames per second per client in the load phase")
     parser.add_argument("--size", type=int, default=256, help="bytes per frame (whole JSON envelope)")
     parser.add_argument("--nofile", type=int, default=0, help=argparse.SUPPRESS)
+    side = parser.add_argument_group(
+        "--against-original",
+        "ours and the original relay alternately (ours first in each round), the issue-11 figures, ratios",
+    )
+    side.add_argument("--against-original", action="store_true",
+                      help="run connect / key exchange / load on ours and on the original relay, round by round")
+    side.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    side.add_argument("--impls", default="ours,ours-platform,original",
+                      help="relays per round, in order: ours, ours-platform (admission by the platform call), original")
     parser.add_argument("--generator", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.idle is None:
+        args.idle = 0.0 if args.against_original else 30.0
+    if args.load is None:
+        args.load = 30.0 if args.against_original else 20.0
+    return args
 
 
 def measure(args: argparse.Namespace) -> int:
@@ -300,6 +322,141 @@ def measure(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- ours against the original (--against-original) ------------------------------------------------
+
+
+def side_figures(args: argparse.Namespace) -> List[Any]:
+    """The issue-11 connection rows (and what explains them), in the order they are printed."""
+    from benchmarks.side_by_side import Figure
+
+    scale = f"{2 * args.workspaces} connections ({args.workspaces} workspaces)"
+    return [
+        Figure("sockets", f"{scale}: sockets connected", "{:.0f}", ratio=False),
+        Figure("rtt_p50", f"  {args.rate:g} frame/s per client, {args.load:g} s: round trip p50 ms", "{:.2f}"),
+        Figure("rtt_p99", "  same: round trip p99 ms", "{:.2f}"),
+        Figure("calm_p99", "  same: round trip p99 ms, ±1 s of a heartbeat tick excluded", "{:.2f}"),
+        Figure("ticks", "  same: heartbeat ticks seen during the load", "{:.0f}", ratio=False),
+        Figure("lost", "  same: round trips lost", "{:.0f}", ratio=False),
+        Figure("load_us", "  same: relay CPU µs per forwarded frame"),
+        Figure("cpu_conn", "relay CPU per connection (upgrade, admission, key exchange) ms", "{:.3f}"),
+        Figure("cpu_upgrade", "  of which connect phase (upgrade, admission) ms per socket", "{:.3f}"),
+        Figure("cpu_kex", "  of which key exchange (init + response) ms per workspace", "{:.3f}"),
+        Figure("platform_conn", "  fake platform CPU per connection (its validate answers) ms", "{:.3f}"),
+        Figure("handshake_p99", "  handshake p99 ms (connect phase)", "{:.2f}"),
+        Figure("mem_conn", "relay memory per connection over an empty relay (at rest, after kex) KiB"),
+        Figure("mem_connected", "  same, right after connecting KiB"),
+        Figure("rss_empty", "  relay RSS of the empty relay MiB"),
+        Figure("idle_pct", "relay idle CPU % of a core (heartbeat), when --idle > 0", "{:.2f}"),
+    ]
+
+
+def side_round(impl: str, number: int, args: argparse.Namespace) -> Any:
+    """One relay, one round: connect, key exchange, (idle,) load on a fresh relay and generator."""
+    from benchmarks.side_by_side import Run, SideRelay
+
+    sockets = 2 * args.workspaces
+    nofile = sockets + FD_HEADROOM
+    side = SideRelay(impl, nofile=nofile)
+    generator: Optional[GeneratorChild] = None
+    values: Dict[str, float] = {}
+    notes: List[str] = []
+    try:
+        url = side.start()
+        generator = GeneratorChild("benchmarks.connections", ["--nofile", str(nofile)])
+        print(f"[round {number}] {impl}: relay pid {side.pid} at {url}; generator pid {generator.pid}", flush=True)
+        generator.call("prepare", url=url, workspaces=args.workspaces)
+        time.sleep(1.0)
+        rss_before = side.rss_kib()
+        values["rss_empty"] = rss_before / 1024
+        platform0 = side.platform_cpu_seconds()
+        with Meter(side.pid, generator.pid) as connect_meter:
+            connected = generator.call("connect", concurrency=args.concurrency)
+        rss_connected = side.rss_kib()
+        with Meter(side.pid, generator.pid) as kex_meter:
+            generator.call("kex", concurrency=200)
+        platform_cpu = side.platform_cpu_seconds() - platform0
+        time.sleep(1.0)
+        rss_rest = side.rss_kib()
+        count = connected["sockets"]
+        values["sockets"] = count
+        if count:
+            values["cpu_conn"] = (connect_meter.relay_cpu + kex_meter.relay_cpu) / count * 1e3
+            values["cpu_upgrade"] = connect_meter.relay_cpu / count * 1e3
+            values["cpu_kex"] = kex_meter.relay_cpu / args.workspaces * 1e3
+            if side.platform_pid is not None:
+                values["platform_conn"] = platform_cpu / count * 1e3
+            values["mem_conn"] = (rss_rest - rss_before) / count
+            values["mem_connected"] = (rss_connected - rss_before) / count
+        values["handshake_p99"] = connected["handshake"]["p99_ms"]
+        if args.idle > 0:
+            idle_cpu0, idle_wall0 = side.cpu_seconds(), time.perf_counter()
+            time.sleep(args.idle)
+            values["idle_pct"] = 100 * (side.cpu_seconds() - idle_cpu0) / (time.perf_counter() - idle_wall0)
+        with Meter(side.pid, generator.pid) as load_meter:
+            load = generator.call("load", seconds=args.load, size=args.size, rate=args.rate)
+        values["rtt_p50"] = load["p50_ms"]
+        values["rtt_p99"] = load["p99_ms"]
+        values["calm_p99"] = load["calm"]["p99_ms"]
+        values["ticks"] = len(load["ticks"])
+        values["lost"] = load["lost"]
+        if load["received"]:
+            values["load_us"] = load_meter.relay_cpu / (2 * load["received"]) * 1e6
+        if load["unexpected"]:
+            notes.append(f"unexpected frame {load['unexpected'][0][:120]}")
+        if load["ticks"]:
+            notes.append(f"heartbeat ticks at {load['ticks']} s into the load")
+        status = generator.call("status")
+        if status["open"] != status["total"]:
+            notes.append(f"sockets open at the end {status['open']}/{status['total']}; closes {status['closes']}")
+    except Exception as error:  # a failed run keeps the figures it has; the report shows the rest as "-"
+        notes.append(f"FAILED: {error}; relay log: {side.tail()[-400:]}")
+    finally:
+        if generator is not None:
+            generator.close()
+        side.stop()
+        terminated = side.terminated()
+        if terminated:
+            notes.append(f"our relay terminated {terminated} connections")
+        side.cleanup()
+    return Run(number, impl, values, notes, 0.0)
+
+
+def measure_against_original(args: argparse.Namespace) -> int:
+    """``--against-original``: ``--rounds`` rounds of every relay in ``--impls``, same load, then the comparison."""
+    from benchmarks.side_by_side import IMPLEMENTATIONS, report, run_rounds, utc_now
+
+    impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
+    for impl in impls:
+        if impl not in IMPLEMENTATIONS:
+            raise SystemExit(f"unknown relay {impl!r}: use {', '.join(IMPLEMENTATIONS)}")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    began = utc_now()
+    print(f"started {began}; {args.rounds} round(s) of {', '.join(impls)}; {2 * args.workspaces} sockets; "
+          f"open-file limit wanted {2 * args.workspaces + FD_HEADROOM}", flush=True)
+    runs = run_rounds(args.rounds, impls, lambda impl, number: side_round(impl, number, args))
+    report(
+        side_figures(args),
+        runs,
+        legend=[
+            "",
+            f"relay CPU per connection: relay utime+stime over the connect phase ({args.concurrency} handshakes in "
+            "flight; daemons, then clients) plus the key-exchange phase, divided by the sockets connected.",
+            "memory per connection: relay VmRSS 1 s after the key exchanges minus VmRSS of the empty relay, "
+            "divided by the sockets.",
+            f"round trip: client → daemon → the daemon's answer → client, {args.size} B e2ee frames, every client "
+            f"{args.rate:g} frame/s (staggered), {args.load:g} s, generator clock; the relays' heartbeats run "
+            "with their defaults.",
+            "heartbeat ticks: bursts of pings more than 2 s apart as the generator sees them; a relay that pings its "
+            "sockets in slices shows a tick per slice, so the ±1 s-excluded p99 then drops most of its samples: "
+            "compare the all-samples p99.",
+            "The machine is shared: absolute figures move by ±30 % between runs; read the same-round ratios.",
+        ],
+    )
+    print(f"started {began}, ended {utc_now()}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Measure, or be the load generator."""
     args = parse_args(argv)
@@ -308,6 +465,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         run_generator(ConnectionsGenerator, nofile=args.nofile or None)
         return 0
+    if args.against_original:
+        return measure_against_original(args)
     return measure(args)
 
 
