@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from viewport.relay.backplane.cluster_protocol import AskError, ClusterCommandProtocol, MovedError
+from viewport.relay.backplane.cluster_protocol import ClusterCommandProtocol, ClusterRedirectError, MovedError
 from viewport.relay.backplane.cluster_slots import Address, Redirect, SlotMap, key_slot
 from viewport.relay.backplane.redis_connection import (
     ClusterCommandLinkProtocol,
@@ -159,10 +159,11 @@ class ClusterLinks:
         return d.addErrback(self._redirected, key, method, args, redirects)
 
     def _redirected(self, failure: Failure, key: str, method: str, args: Any, redirects: int) -> Any:
-        if redirects <= 0 or not failure.check(MovedError, AskError):
+        error = failure.value
+        if redirects <= 0 or not isinstance(error, ClusterRedirectError):
             return failure
-        redirect: Redirect = failure.value.redirect  # type: ignore[union-attr]
-        if isinstance(failure.value, MovedError):
+        redirect: Redirect = error.redirect
+        if isinstance(error, MovedError):
             self._moved(redirect)
             return self._call(key, method, args, redirects - 1)
         # ASK: this one command goes to the importing node, after ASKING on the same connection.
@@ -253,8 +254,9 @@ class ClusterLinks:
 
     def _refused(self, failure: Failure, channel: str, proto: Any) -> bool:
         self._settled(channel, proto)
-        if failure.check(MovedError):
-            self._moved(failure.value.redirect)  # type: ignore[union-attr]
+        error = failure.value
+        if isinstance(error, MovedError):
+            self._moved(error.redirect)
         elif proto.connected:  # a lost connection is handled (and logged) once, by the link
             self._log.warn("redis cluster ssubscribe failed: {error}", relay_event="relay_redis_error",
                            channel="subscriber", error=describe_failure(failure))
