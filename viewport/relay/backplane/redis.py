@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from viewport import strict_json
+from viewport.relay.backplane.presence_cache import PresenceCache
 from viewport.relay.backplane.redis_connection import (
     RedisLink,
     backoff_delay,
@@ -317,7 +318,7 @@ class RedisBackplane:
         self._pending_subscriptions: Set[Deferred[None]] = set()
         self._owned: Dict[str, Presence] = {}
         self._pending_clears: Set[str] = set()
-        self._cache: OrderedDict[str, Tuple[Presence, float]] = OrderedDict()
+        self._cache: PresenceCache[str] = PresenceCache(self._cache_ms, self._cache_max)
         self._cache_epoch = 0
         #: relay id -> (alive, until ms): liveness answers, kept for one refresh period.
         self._alive: OrderedDict[str, Tuple[bool, float]] = OrderedDict()
@@ -727,7 +728,7 @@ class RedisBackplane:
 
     def _announce(self, presence: Presence) -> "Deferred[None]":
         key = self._presence_key(presence.workspace_id, presence.runtime_target_id)
-        self._cache.pop(key, None)
+        self._cache.forget(key)
         self._cache_epoch += 1
         if self._stopped:
             return succeed(None)
@@ -777,19 +778,13 @@ class RedisBackplane:
 
     def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
         """Drop the cached answer for the scope when it names ``relay_id`` (which said its daemon left)."""
-        key = self._presence_key(workspace_id, runtime_target_id)
-        cached = self._cache.get(key)
-        if cached is not None and cached[0].relay_id == relay_id:
-            del self._cache[key]
+        self._cache.forget(self._presence_key(workspace_id, runtime_target_id), relay_id)
 
     def _resolve(self, workspace_id: str, runtime_target_id: Optional[str]) -> "Deferred[Optional[Presence]]":
         key = self._presence_key(workspace_id, runtime_target_id)
-        cached = self._cache.get(key)
+        cached = self._cache.get(key, self._now_ms())
         if cached is not None:
-            if cached[1] > self._now_ms():
-                self._cache.move_to_end(key)
-                return succeed(cached[0])
-            del self._cache[key]
+            return succeed(cached)
         if self._stopped or not self._usable(key):
             self._metrics.relay_presence_resolve_failed.inc()
             return succeed(None)
@@ -805,7 +800,7 @@ class RedisBackplane:
     ) -> "Deferred[Optional[Presence]] | Optional[Presence]":
         presence = parse_presence(raw, workspace_id, runtime_target_id) if raw is not None else None
         if presence is None:
-            self._cache.pop(key, None)
+            self._cache.forget(key)
             return None
         doc = _json_object(raw)
         if presence.relay_id == self.relay_id or doc is None or doc.get("liveness") is not True:
@@ -818,7 +813,7 @@ class RedisBackplane:
         def checked(alive: bool) -> Optional[Presence]:
             if not alive:
                 # A relay that died without a goodbye: its presence lingers until its TTL, unused.
-                self._cache.pop(key, None)
+                self._cache.forget(key)
                 self._metrics.relay_presence_dead_relay.inc()
                 return None
             return self._keep_resolved(presence, key, epoch)
@@ -828,11 +823,8 @@ class RedisBackplane:
     def _keep_resolved(self, presence: Presence, key: str, epoch: int) -> Presence:
         self._metrics.relay_presence_resolve_ok.inc()
         # An own announcement made while the GET was in flight makes its answer stale.
-        if self._cache_ms > 0 and epoch == self._cache_epoch and not self._stopped:
-            self._cache[key] = (presence, self._now_ms() + self._cache_ms)
-            self._cache.move_to_end(key)
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
+        if epoch == self._cache_epoch and not self._stopped:
+            self._cache.put(key, presence, self._now_ms())
         return presence
 
     def _relay_alive(self, relay_id: str, fresh: bool = False) -> "Deferred[bool]":
@@ -867,10 +859,7 @@ class RedisBackplane:
 
         def collect(results: List[bool]) -> frozenset[str]:
             gone = frozenset(relay_id for relay_id, alive in zip(tracked, results) if not alive)
-            if gone:
-                for key, (presence, _) in list(self._cache.items()):
-                    if presence.relay_id in gone:
-                        del self._cache[key]
+            self._cache.forget_relays(gone)
             return gone
 
         return gatherResults(checks).addCallbacks(collect, lambda _: frozenset())

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Collection, Optional
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ from viewport.relay.backplane.bus_pull import (
     UNHEALTHY_AFTER_FAILURES,
     PullLoop,
 )
+from viewport.relay.backplane.presence_cache import PresenceCache
 from viewport.relay.backplane.signing import FrameVerifier, sign
 from viewport.relay.httpcall import HttpAnswer
 from viewport.relay.metrics import RelayMetrics
@@ -45,12 +45,6 @@ UPSERT_RETRY_FIRST_S = 0.25
 
 def _presence_key(presence: Presence) -> tuple[str, Optional[str]]:
     return (presence.workspace_id, presence.runtime_target_id or None)
-
-
-@dataclass
-class _Cached:
-    presence: Presence
-    expires_at: float
 
 
 def _text(value: object) -> Optional[str]:
@@ -141,7 +135,6 @@ class ServerBackplane:
         self._hmac_key = hmac_key or None
         self._clock = clock
         self._resolve_cache_s = max(0, resolve_cache_ms) / 1000.0
-        self._resolve_cache_max = resolve_cache_max
         self._presence_refresh_s = presence_refresh_ms / 1000.0
         self._metrics = metrics if metrics is not None else RelayMetrics()
         self._path_changed: Optional[Callable[[bool], None]] = None
@@ -161,7 +154,7 @@ class ServerBackplane:
         self._stopped = False
         self._watched: set[tuple[str, Optional[str], Side]] = set()
         self._presences: dict[tuple[str, Optional[str]], Presence] = {}
-        self._resolved: OrderedDict[tuple[str, Optional[str]], _Cached] = OrderedDict()
+        self._resolved: PresenceCache[tuple[str, Optional[str]]] = PresenceCache(self._resolve_cache_s, resolve_cache_max)
         self._refresh: Optional[LoopingCall] = None
         #: Scope -> the pending retry of its failed upsert and the delay it waited.
         self._upsert_retries: dict[tuple[str, Optional[str]], tuple[IDelayedCall, float]] = {}
@@ -275,9 +268,7 @@ class ServerBackplane:
             if not isinstance(dead, list):
                 return frozenset()
             gone = frozenset(relay_id for relay_id in dead if isinstance(relay_id, str) and relay_id in asked)
-            for key, cached in list(self._resolved.items()):
-                if cached.presence.relay_id in gone:
-                    del self._resolved[key]
+            self._resolved.forget_relays(gone)
             return gone
 
         return self._post(ALIVE_PATH, {"relayIds": asked}).addCallbacks(answered, lambda _: frozenset())
@@ -291,7 +282,7 @@ class ServerBackplane:
             self._presences[key] = presence
         else:
             self._presences.pop(key, None)
-            self._resolved.pop(key, None)
+            self._resolved.forget(key)
         return self._upsert(presence)
 
     def resolve_presence(
@@ -301,13 +292,9 @@ class ServerBackplane:
         if self._stopped:
             return succeed(None)
         key = (workspace_id, runtime_target_id or None)
-        now = self._clock.seconds()
-        cached = self._resolved.get(key)
+        cached = self._resolved.get(key, self._clock.seconds())
         if cached is not None:
-            if cached.expires_at > now:
-                self._resolved.move_to_end(key)
-                return succeed(cached.presence)
-            del self._resolved[key]
+            return succeed(cached)
         body: dict[str, Any] = {"workspaceId": workspace_id}
         if runtime_target_id:
             body["runtimeTargetId"] = runtime_target_id
@@ -320,7 +307,7 @@ class ServerBackplane:
             relay_id = _text(document.get("relayId"))
             url = _text(document.get("relayWsBaseUrl"))
             if document.get("daemonConnected") is not True or relay_id is None or url is None:
-                self._resolved.pop(key, None)
+                self._resolved.forget(key)
                 return None
             presence = Presence(
                 workspace_id=workspace_id,
@@ -331,11 +318,7 @@ class ServerBackplane:
                 machine_id=_text(document.get("machineId")),
             )
             self._metrics.relay_presence_resolve_ok.inc()
-            if self._resolve_cache_s > 0:
-                self._resolved[key] = _Cached(presence, self._clock.seconds() + self._resolve_cache_s)
-                self._resolved.move_to_end(key)
-                while len(self._resolved) > self._resolve_cache_max:
-                    self._resolved.popitem(last=False)
+            self._resolved.put(key, presence, self._clock.seconds())
             return presence
 
         def failed(failure: Failure) -> None:
@@ -551,7 +534,4 @@ class ServerBackplane:
         Drop a cached presence naming ``relay_id``: that relay said the daemon left, and a publish
         to it would still be accepted by the platform and then dropped without telling the client.
         """
-        key = (workspace_id, runtime_target_id or None)
-        cached = self._resolved.get(key)
-        if cached is not None and cached.presence.relay_id == relay_id:
-            del self._resolved[key]
+        self._resolved.forget((workspace_id, runtime_target_id or None), relay_id)
