@@ -98,6 +98,11 @@ def test_redis_paused() -> Any:
     yield check(redis_paused(5.0))
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 12, open: in some runs one or a few daemon->client frames arrive reordered across the failover, "
+    "or traffic waits for the periodic slot-map read; never lost silently or duplicated",
+)
 @pytest_twisted.inlineCallbacks
 def test_redis_cluster_failover_then_master_killed() -> Any:
     """
