@@ -7,13 +7,15 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from tests.redis_server import free_port, redis_command, redis_server_binary
+from tests.certs import TestCertificates, make_certificates
+from tests.redis_server import _read_reply, free_port, redis_command, redis_server_binary
 
 SLOT_COUNT = 16384
 #: Short enough that a killed master is replaced in a few seconds, long enough that a busy
@@ -45,6 +47,128 @@ def require_sharded_pubsub(binary: str) -> None:
     import pytest
 
     message = f"Redis Cluster tests need redis-server 7.0+, found {output.strip()!r}"
+    if os.environ.get("CI"):
+        raise RuntimeError(message)
+    pytest.skip(message)
+
+
+def _tls_context(ca_path: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_path)
+    context.check_hostname = False  # the test's own commands: the relay's verification is what is tested
+    return context
+
+
+def tls_redis_command(port: int, ca_path: str, *args: str, host: str = "127.0.0.1") -> object:
+    """``redis_command`` over TLS (trusting ``ca_path``): for a node that listens on a ``tls-port`` only."""
+    with socket.create_connection((host, port), timeout=5) as raw:
+        with _tls_context(ca_path).wrap_socket(raw, server_hostname=host) as conn:
+            encoded = [part.encode("utf-8") for part in args]
+            conn.sendall(b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in encoded))
+            return _read_reply(conn.makefile("rb"))
+
+
+@dataclass(frozen=True)
+class ClusterCertificates:
+    """
+    What the nodes present: ``server`` (``make_certificates``: the private CA the relay is told to trust,
+    and the nodes' serverAuth certificate for 127.0.0.1), plus a self-signed client certificate for the
+    cluster bus, which demands one from its peers whatever ``tls-auth-clients`` says (Redis 7.0) and
+    refuses a serverAuth-only one ("unsupported certificate"); ``bundle`` trusts both.
+    """
+
+    server: TestCertificates
+    client_cert_path: str
+    client_key_path: str
+    bundle_path: str
+
+
+def make_cluster_certificates(directory: str) -> ClusterCertificates:
+    """``make_certificates`` in ``directory``, and the cluster bus's client certificate beside it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    server = make_certificates(directory)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "viewport-relay test cluster bus")])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    paths = ClusterCertificates(server, os.path.join(directory, "bus-client.crt"),
+                                os.path.join(directory, "bus-client.key"), os.path.join(directory, "node-ca.pem"))
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    with open(paths.client_cert_path, "wb") as handle:
+        handle.write(pem)
+    with open(paths.client_key_path, "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    with open(paths.bundle_path, "wb") as handle:
+        handle.write(server.ca_pem() + pem)
+    return paths
+
+
+def _tls_args(certs: ClusterCertificates, port: int, plain_port: int = 0) -> List[str]:
+    """A node on ``tls-port`` (and on ``plain_port`` unless 0) whose bus and replication links are TLS too."""
+    return [
+        "--port", str(plain_port),
+        "--tls-port", str(port),
+        "--tls-cert-file", certs.server.cert_path,
+        "--tls-key-file", certs.server.key_path,
+        "--tls-client-cert-file", certs.client_cert_path,
+        "--tls-client-key-file", certs.client_key_path,
+        "--tls-ca-cert-file", certs.bundle_path,
+        "--tls-cluster", "yes",
+        "--tls-replication", "yes",
+        # Clients (the relay, redis-cli, these helpers) present no certificate: not what is tested.
+        "--tls-auth-clients", "no",
+    ]
+
+
+def require_tls(binary: str, certs: ClusterCertificates) -> None:
+    """
+    Skip (fail in CI) unless ``binary`` serves TLS: a throwaway ``redis-server --port 0 --tls-port P``
+    must answer PING over TLS within a deadline (a build without TLS refuses the options or never answers).
+    """
+    port = free_port()
+    directory = tempfile.mkdtemp(prefix="viewport-redis-tls-probe-")
+    process = subprocess.Popen(
+        _die_with_parent([binary, *_tls_args(certs, port), "--tls-cluster", "no", "--tls-replication", "no",
+                          "--save", "", "--appendonly", "no", "--dir", directory, "--daemonize", "no"]),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    problem = ""
+    try:
+        deadline = time.monotonic() + READY_DEADLINE_SECONDS
+        while True:
+            if process.poll() is not None:
+                output = process.stdout.read().decode("utf-8", "replace") if process.stdout else ""
+                problem = f"redis-server exited with {process.returncode}: {output[-500:].strip()}"
+                break
+            try:
+                if tls_redis_command(port, certs.server.ca_path, "PING") == "PONG":
+                    return
+            except (OSError, RuntimeError):
+                pass
+            if time.monotonic() > deadline:
+                problem = f"no TLS answer on port {port} within {READY_DEADLINE_SECONDS} s"
+                break
+            time.sleep(POLL_SECONDS)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+    import pytest
+
+    message = f"TLS Redis Cluster tests need a redis-server built with TLS ({problem})"
     if os.environ.get("CI"):
         raise RuntimeError(message)
     pytest.skip(message)
@@ -91,8 +215,8 @@ def parse_cluster_nodes(text: str) -> List[NodeView]:
     return views
 
 
-def _info(port: int, section: str) -> Dict[str, str]:
-    text = redis_command(port, "INFO", section) if section != "cluster" else redis_command(port, "CLUSTER", "INFO")
+def _info(port: int, section: str, command: Callable[..., object] = redis_command) -> Dict[str, str]:
+    text = command(port, "INFO", section) if section != "cluster" else command(port, "CLUSTER", "INFO")
     assert isinstance(text, str)
     pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line and not line.startswith("#"))
     return {key: value for key, value in pairs}
@@ -101,8 +225,17 @@ def _info(port: int, section: str) -> Dict[str, str]:
 class ClusterNode:
     """One ``redis-server --cluster-enabled yes`` in its own directory (``nodes.conf`` survives a kill)."""
 
-    def __init__(self, root: str, node_timeout_ms: int, used_ports: set[int]) -> None:
+    def __init__(
+        self, root: str, node_timeout_ms: int, used_ports: set[int], tls: Optional[ClusterCertificates] = None,
+        plain_port: bool = False,
+    ) -> None:
+        """
+        ``tls``: the node listens on a ``tls-port`` (``port`` is that port) and talks TLS to its peers;
+        ``plain_port`` adds a plain ``port`` beside it (``plain_port``), as while a cluster moves to TLS.
+        """
+        self.tls = tls
         self.port = _distinct_free_port(used_ports)
+        self.plain_port = _distinct_free_port(used_ports) if tls is not None and plain_port else 0
         self.bus_port = _distinct_free_port(used_ports)
         self.directory = os.path.join(root, str(self.port))
         os.makedirs(self.directory)
@@ -118,9 +251,10 @@ class ClusterNode:
 
     def start(self) -> None:
         """Start the process (no waiting: the cluster waits for all its nodes at once)."""
+        listen = _tls_args(self.tls, self.port, self.plain_port) if self.tls is not None else ["--port", str(self.port)]
         args = [
             redis_server_binary(),
-            "--port", str(self.port),
+            *listen,
             "--bind", "127.0.0.1",
             "--cluster-enabled", "yes",
             "--cluster-port", str(self.bus_port),  # port + 10000 may not exist for a high free port
@@ -156,7 +290,9 @@ class ClusterNode:
             process.wait(timeout=10)
 
     def command(self, *args: str) -> object:
-        """One command on a fresh connection (``redis_command``)."""
+        """One command on a fresh connection (``redis_command``; over TLS for a TLS node)."""
+        if self.tls is not None:
+            return tls_redis_command(self.port, self.tls.server.ca_path, *args)
         return redis_command(self.port, *args)
 
     def log_tail(self, lines: int = 15) -> str:
@@ -194,10 +330,17 @@ class RedisCluster:
     master is up. Three masters or more are joined with ``redis-cli --cluster create``; smaller clusters
     (benchmarks) are assembled by hand, as redis-cli refuses fewer than three masters. Use it as a context
     manager or call ``stop()`` in a ``finally``: it kills every process and removes the directory.
+
+    ``tls=True``: every node listens on a ``tls-port`` only (``port 0``), with cluster bus and replication
+    over TLS too, presenting a certificate (for 127.0.0.1 and localhost) from a private CA made in the
+    directory (``certs``); ``url`` is then ``rediss+cluster://``, and the helpers talk TLS. ``plain_port=True``
+    (with ``tls``) gives each node a plain port as well, which CLUSTER SHARDS then reports as ``port``
+    beside ``tls-port``.
     """
 
     def __init__(
-        self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS
+        self, masters: int = 3, replicas: int = 1, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS, tls: bool = False,
+        plain_port: bool = False,
     ) -> None:
         if masters < 1 or replicas < 0:
             raise ValueError("a cluster needs a master")
@@ -205,8 +348,12 @@ class RedisCluster:
         self.replicas_wanted = replicas
         self.node_timeout_ms = node_timeout_ms
         self.directory = tempfile.mkdtemp(prefix="viewport-redis-cluster-")
+        self._tls = make_cluster_certificates(os.path.join(self.directory, "certs")) if tls else None
+        #: The private CA (``ca_path``: what a client must trust) and the nodes' certificate (``tls=True``), else None.
+        self.certs = self._tls.server if self._tls is not None else None
         used: set[int] = set()
-        self.nodes = [ClusterNode(self.directory, node_timeout_ms, used) for _ in range(masters * (1 + replicas))]
+        self.nodes = [ClusterNode(self.directory, node_timeout_ms, used, self._tls, plain_port)
+                      for _ in range(masters * (1 + replicas))]
         #: Seconds the last ``start()`` took (processes up to a healthy, agreed cluster).
         self.start_seconds = 0.0
 
@@ -217,6 +364,8 @@ class RedisCluster:
         began = time.monotonic()
         try:
             require_sharded_pubsub(redis_server_binary())
+            if self._tls is not None:
+                require_tls(redis_server_binary(), self._tls)
             for node in self.nodes:
                 node.start()
             self._wait_until(lambda: all(self._answers(node) for node in self.nodes), "cluster nodes did not start")
@@ -250,8 +399,9 @@ class RedisCluster:
 
     def _create_with_redis_cli(self) -> None:
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        tls = ["--tls", "--cacert", self.certs.ca_path] if self.certs is not None else []
         result = subprocess.run(
-            [redis_cli_binary(), "--cluster", "create", *addresses,
+            [redis_cli_binary(), *tls, "--cluster", "create", *addresses,
              "--cluster-replicas", str(self.replicas_wanted), "--cluster-yes"],
             capture_output=True, text=True, timeout=READY_DEADLINE_SECONDS,
         )
@@ -270,7 +420,7 @@ class RedisCluster:
         for node in self.nodes[1:]:
             node.command("CLUSTER", "MEET", "127.0.0.1", str(first.port), str(first.bus_port))
         self._wait_until(
-            lambda: all(_info(node.port, "cluster").get("cluster_known_nodes") == str(len(self.nodes))
+            lambda: all(self._info(node.port, "cluster").get("cluster_known_nodes") == str(len(self.nodes))
                         for node in self.nodes),
             "cluster nodes did not meet",
         )
@@ -295,8 +445,18 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        """``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...`` naming every live node."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.live_nodes)
+        """``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,...`` naming every live node (``rediss+cluster://`` with TLS)."""
+        scheme = "rediss+cluster" if self.certs is not None else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{node.port}" for node in self.live_nodes)
+
+    def command(self, port: int, *args: str) -> object:
+        """One command to the node on ``port`` (``redis_command``; over TLS, trusting the CA, with ``tls=True``)."""
+        if self.certs is not None:
+            return tls_redis_command(port, self.certs.ca_path, *args)
+        return redis_command(port, *args)
+
+    def _info(self, port: int, section: str) -> Dict[str, str]:
+        return _info(port, section, self.command)
 
     def node(self, port: int) -> ClusterNode:
         """The node listening on ``port``."""
@@ -308,13 +468,13 @@ class RedisCluster:
     def view(self, port: Optional[int] = None) -> List[NodeView]:
         """``CLUSTER NODES`` as the node on ``port`` (default: the first live node) sees it."""
         asked = port if port is not None else self.live_nodes[0].port
-        text = redis_command(asked, "CLUSTER", "NODES")
+        text = self.command(asked, "CLUSTER", "NODES")
         assert isinstance(text, str)
         return parse_cluster_nodes(text)
 
     def key_slot(self, key: str) -> int:
         """The slot of ``key`` as Redis computes it (``CLUSTER KEYSLOT``)."""
-        slot = redis_command(self.live_nodes[0].port, "CLUSTER", "KEYSLOT", key)
+        slot = self.command(self.live_nodes[0].port, "CLUSTER", "KEYSLOT", key)
         assert isinstance(slot, int)
         return slot
 
@@ -411,7 +571,7 @@ class RedisCluster:
         try:
             owners = None
             for node in self.live_nodes:
-                info = _info(node.port, "cluster")
+                info = self._info(node.port, "cluster")
                 if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != str(SLOT_COUNT):
                     return False
                 views = self.view(node.port)
@@ -421,7 +581,7 @@ class RedisCluster:
                 elif mine != owners:
                     return False
                 me = next(entry for entry in views if "myself" in entry.flags)
-                if not me.is_master and _info(node.port, "replication").get("master_link_status") != "up":
+                if not me.is_master and self._info(node.port, "replication").get("master_link_status") != "up":
                     return False
                 if not self._all_live_online(node.port):
                     return False
@@ -437,12 +597,13 @@ class RedisCluster:
         # CLUSTER SHARDS calls a replica "loading" until its replication offset moved off 0: clients
         # (and CLUSTER SLOTS) ignore it until then.
         health = {}
-        shards = redis_command(port, "CLUSTER", "SHARDS")
+        shards = self.command(port, "CLUSTER", "SHARDS")
         assert isinstance(shards, list)
         for shard in shards:
             for fields in dict(zip(shard[::2], shard[1::2]))["nodes"]:
                 entry = dict(zip(fields[::2], fields[1::2]))
-                health[entry["port"]] = entry["health"]
+                # A TLS cluster names the TLS port "tls-port" (and "port" only for a plain one beside it).
+                health[entry["tls-port" if self.certs is not None else "port"]] = entry["health"]
         return all(health.get(node.port) == "online" for node in self.live_nodes)
 
     def _agreed_master(self, port: int) -> bool:
@@ -454,11 +615,19 @@ class RedisCluster:
     def _answers(self, node: ClusterNode) -> bool:
         # A short timeout: whatever else listens on a port a node failed to bind must not stall the wait.
         try:
+            if self.certs is not None:
+                return self._answers_tls(node.port, self.certs.ca_path)
             with socket.create_connection(("127.0.0.1", node.port), timeout=0.5) as conn:
                 conn.sendall(b"PING\r\n")
                 return conn.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+    def _answers_tls(self, port: int, ca_path: str) -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+            with _tls_context(ca_path).wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64).startswith(b"+PONG")
 
     def _wait_until(self, ready: Callable[[], bool], message: str) -> None:
         deadline = time.monotonic() + READY_DEADLINE_SECONDS
@@ -478,9 +647,12 @@ class RedisCluster:
             time.sleep(POLL_SECONDS)
 
 
-def start_cluster(masters: int = 3, replicas: int = 1, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS) -> RedisCluster:
+def start_cluster(
+    masters: int = 3, replicas: int = 1, node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS, tls: bool = False,
+    plain_port: bool = False,
+) -> RedisCluster:
     """A started ``RedisCluster`` (for a fixture: ``cluster = start_cluster(); yield cluster; cluster.stop()``)."""
-    return RedisCluster(masters, replicas, node_timeout_ms).start()
+    return RedisCluster(masters, replicas, node_timeout_ms, tls=tls, plain_port=plain_port).start()
 
 
 _SHARED: Optional[RedisCluster] = None

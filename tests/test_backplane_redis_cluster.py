@@ -1,10 +1,12 @@
 """
 The redis backplane on a real Redis Cluster (3 masters, 3 replicas, private to this module): URLs, hash tags,
-routing by slot, SPUBLISH's receiver count, and surviving slot moves, a manual failover and a killed master.
+routing by slot, SPUBLISH's receiver count, and surviving slot moves, a manual failover and a killed master;
+and rediss+cluster:// against TLS clusters (a trusted and an untrusted CA, plain ports beside the TLS ones).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from typing import Any, Iterator, List, Tuple
@@ -15,7 +17,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent, globalLogPublisher
 
+from tests.certs import make_certificates
 from tests.redis_cluster import RedisCluster, start_cluster
 from tests.redis_server import redis_command
 from tests.support import poll_until
@@ -303,3 +307,112 @@ def test_ask_is_followed_during_a_slot_migration(cluster: RedisCluster, pairs: L
     finally:
         yield deferToThread(cluster.finish_slot_move, pair.slot, target)
     assert "relay-b" in str(redis_command(target, "GET", pair.presence_key))
+
+
+# -- on a real TLS cluster (rediss+cluster://) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cluster() -> Iterator[RedisCluster]:
+    """
+    A private 3-master, 3-replica cluster on ``tls-port`` only (bus and replication over TLS too), its
+    certificate for 127.0.0.1 issued by a private CA; skipped without a TLS-capable redis-server (fails in CI).
+    """
+    started = start_cluster(tls=True)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _trusting(monkeypatch: pytest.MonkeyPatch, ca_path: str) -> None:
+    # What rediss:// has always used: the platform's trust store, which OpenSSL reads from SSL_CERT_FILE
+    # when set (SSL_CERT_DIR unset, so that no other directory adds or hides an authority).
+    monkeypatch.setenv("SSL_CERT_FILE", ca_path)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_cluster_exchanges_frames_and_resolves_presence(
+    tls_cluster: RedisCluster, pairs: List[Pair], monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """rediss+cluster:// with the cluster's CA trusted: frames cross relays over SPUBLISH and presence resolves, all over TLS."""
+    assert tls_cluster.certs is not None and tls_cluster.url.startswith("rediss+cluster://127.0.0.1:")
+    _trusting(monkeypatch, tls_cluster.certs.ca_path)
+    began = time.monotonic()
+    pair = yield started_pair(tls_cluster, pairs, "tls")
+    started = time.monotonic() - began
+    assert pair.a.healthy and pair.b.healthy
+    assert (yield pair.round_trip(1))
+    found = yield pair.b.resolve_presence(pair.workspace, "rt")
+    assert found is not None and found.relay_id == "relay-a" and found.relay_ws_base_url == "ws://a/ws"
+    master = tls_cluster.master_of(pair.slot)
+    assert "relay-a" in str(tls_cluster.command(master, "GET", pair.presence_key))
+    # Seeds by name: verified as a DNS name (sent as SNI), the nodes then as the IPs CLUSTER SHARDS gives.
+    by_name = RedisClusterBackplane(relay_id="relay-c", redis_url=tls_cluster.url.replace("127.0.0.1", "localhost"),
+                                    hmac_key="cluster-test-key", reactor=reactor, key_prefix=pair.prefix,
+                                    resolve_cache_ms=0)
+    try:
+        assert (yield by_name.start(lambda frame: None)) is True
+        found = yield by_name.resolve_presence(pair.workspace, "rt")
+        assert found is not None and found.relay_id == "relay-a"
+    finally:
+        yield by_name.stop()
+    print(f"\nTLS pair healthy after {started:.2f} s")
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_cluster_with_an_untrusted_certificate_stays_unhealthy(
+    tls_cluster: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """Another CA trusted: start() gives False within the connect timeout, healthy stays False, the reason is logged; stop() ends it."""
+    other = make_certificates(tempfile.mkdtemp(prefix="viewport-other-ca-"))
+    _trusting(monkeypatch, other.ca_path)
+    events: List[Any] = []
+    globalLogPublisher.addObserver(events.append)
+    backplane = RedisClusterBackplane(relay_id="relay-a", redis_url=tls_cluster.url, hmac_key="cluster-test-key",
+                                      reactor=reactor, key_prefix=f"viewport-test:untrusted:{time.monotonic_ns()}",
+                                      connect_timeout_ms=1500)
+    try:
+        began = time.monotonic()
+        assert (yield backplane.start(lambda frame: None)) is False
+        assert time.monotonic() - began < 5
+        assert not backplane.healthy
+        errors = [formatEvent(e) for e in events if e.get("relay_event") == "relay_redis_error"]
+        print("\n" + "\n".join(errors[:5]))
+        # Once, however often the seeds are tried again (every 0.25 s while broken).
+        assert len(errors) == 1 and errors[0].startswith("redis cluster slot map unavailable: 127.0.0.1:")
+        assert errors[0].endswith("TLS handshake failed: certificate verify failed"), errors
+        assert not [e for e in events if e.get("log_level") is not None and e["log_level"].name == "critical"]
+        assert not backplane.healthy
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        yield backplane.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_cluster_with_plain_ports_too_is_reached_on_its_tls_ports(
+    pairs: List[Pair], monkeypatch: pytest.MonkeyPatch
+) -> Any:
+    """
+    A TLS cluster that keeps a plain port (moving to TLS): CLUSTER SHARDS reports ``port`` (plain) beside
+    ``tls-port``; rediss+cluster:// must connect to the TLS ports, and the plain ones stay unused.
+    """
+    cluster = start_cluster(masters=1, replicas=0, tls=True, plain_port=True)
+    try:
+        assert cluster.certs is not None
+        _trusting(monkeypatch, cluster.certs.ca_path)
+        node = cluster.nodes[0]
+        assert node.plain_port and redis_command(node.plain_port, "PING") == "PONG"
+        pair = yield started_pair(cluster, pairs, "tls-dual")
+        assert (yield pair.round_trip(1))
+        found = yield pair.b.resolve_presence(pair.workspace, "rt")
+        assert found is not None and found.relay_id == "relay-a"
+        # CLIENT LIST names every client with the local port it came in on: ours all on the TLS port.
+        clients = str(redis_command(node.plain_port, "CLIENT", "LIST")).splitlines()
+        on_plain = [line for line in clients if f" laddr=127.0.0.1:{node.plain_port} " in line]
+        assert len(on_plain) == 1 and "cmd=client|list" in on_plain[0], clients
+        assert sum(f" laddr=127.0.0.1:{node.port} " in line for line in clients) >= 4, clients
+        yield pair.stop()
+    finally:
+        cluster.stop()

@@ -11,14 +11,16 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from viewport.relay.backplane.cluster_protocol import ClusterCommandProtocol, ClusterRedirectError, MovedError
+from viewport.relay.backplane.cluster_protocol import ClusterRedirectError, MovedError
 from viewport.relay.backplane.cluster_slots import Address, Redirect, SlotMap, key_slot
 from viewport.relay.backplane.redis_connection import (
     ClusterCommandLinkProtocol,
+    ClusterMapProtocol,
     RedisLink,
     RedisUnavailable,
     ShardSubscriberLinkProtocol,
     describe_failure,
+    lost_cause,
     node_endpoint,
 )
 from viewport.relay.backplane.redis_url import RedisTarget
@@ -415,8 +417,9 @@ class ClusterLinks:
             slots: SlotMap = await link.call("slot_map")
             return slots
         # A node we keep no link to (a seed, a replica): one short connection.
-        proto = ClusterCommandProtocol(charset="utf-8", convertNumbers=False)
+        proto = ClusterMapProtocol(charset="utf-8", convertNumbers=False)
         proto.callLater = self._reactor.callLater
+        proto.tls = self._target.tls
         endpoint = node_endpoint(address[0], address[1], self._target.tls, self._reactor, self._connect_timeout_s)
         await connectProtocol(endpoint, proto)
         try:
@@ -425,6 +428,12 @@ class ClusterLinks:
                     self._timeout_s, self._reactor)
             slots = await proto.slot_map().addTimeout(self._timeout_s, self._reactor)
             return slots
+        except Exception:
+            # The TLS handshake runs under the first command: say why it failed, not just "Lost connection".
+            cause = lost_cause(Failure(), proto)
+            if cause is proto.lost_reason:
+                raise RedisUnavailable(f"{_name(address)}: {describe_failure(cause)}") from None
+            raise
         finally:
             if proto.transport is not None:
                 proto.transport.abortConnection()

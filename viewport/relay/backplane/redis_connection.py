@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import txredisapi
 from twisted.application.internet import ClientService
@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from viewport.failures import describe_failure as describe_any_failure
-from viewport.relay.backplane.cluster_protocol import ClusterCommandsMixin, ShardSubscriberMixin
+from viewport.relay.backplane.cluster_protocol import ClusterCommandProtocol, ClusterCommandsMixin, ShardSubscriberMixin
 from viewport.relay.backplane.redis_url import RedisTarget
 from viewport.sockets import set_no_delay
 
@@ -26,7 +26,38 @@ def describe_failure(failure: Failure) -> str:
         return "no answer within the command timeout"
     if failure.check(txredisapi.InvalidData):
         return "a value could not be encoded"
+    tls = tls_failure_text(failure.value)
+    if tls is not None:
+        return tls
     return describe_any_failure(failure)
+
+
+def tls_failure_text(error: BaseException) -> Optional[str]:
+    """
+    What a failed TLS handshake means (a certificate no trusted CA signed, an expired one, one that does
+    not name the host or address connected to), or None for any other error.
+    """
+    from OpenSSL import SSL
+    from service_identity import VerificationError
+
+    if isinstance(error, VerificationError):
+        return "TLS certificate does not match the host or address connected to"
+    if isinstance(error, SSL.Error):
+        entries = error.args[0] if error.args and isinstance(error.args[0], list) else []
+        reasons = [str(entry[-1]) for entry in entries if isinstance(entry, tuple) and entry and entry[-1]]
+        return "TLS handshake failed: " + ("; ".join(reasons) or type(error).__name__)
+    return None
+
+
+def lost_cause(failure: Failure, proto: Any) -> Failure:
+    """
+    ``failure`` of a command on ``proto``, unless its connection was lost to a failed TLS handshake: then
+    that (txredisapi fails what was pending with a bare "Lost connection", before anyone hears why).
+    """
+    reason = getattr(proto, "lost_reason", None)
+    if isinstance(reason, Failure) and tls_failure_text(reason.value) is not None:
+        return reason
+    return failure
 
 
 def backoff_delay(attempt: int, initial_s: float, max_s: float, jitter: float, rand: Callable[[], float]) -> float:
@@ -43,6 +74,8 @@ class _LinkProtocol(txredisapi.RedisProtocol):
     """A txredisapi protocol that reports to its ``RedisLink`` when it connects, disconnects or hears a message."""
 
     link: "RedisLink"
+    #: Why the connection closed (``lost_cause``), set before pending commands fail.
+    lost_reason: Optional[Failure] = None
 
     def connectionMade(self) -> object:
         """Let txredisapi set up, then start our own setup (AUTH, SELECT, checks)."""
@@ -52,6 +85,7 @@ class _LinkProtocol(txredisapi.RedisProtocol):
 
     def connectionLost(self, reason: Failure) -> None:
         """Fail pending commands (txredisapi), then tell the link."""
+        self.lost_reason = reason
         try:
             super().connectionLost(reason)
         finally:
@@ -66,8 +100,72 @@ class _SubscriberLinkProtocol(_LinkProtocol, txredisapi.SubscriberProtocol):
         self.link.message_received(channel, message)
 
 
+def tls_ports(reply: Any) -> Any:
+    """
+    A ``CLUSTER SHARDS`` reply whose nodes' ``port`` is their ``tls-port`` wherever they have one. A TLS
+    cluster that keeps plain ports too reports both, ``port`` being the plain one; the slot map reads
+    ``port`` first, and a TLS connection to a plain port fails its handshake.
+    """
+    if not isinstance(reply, list):
+        return reply
+    return [_shard_with_tls_ports(shard) for shard in reply]
+
+
+def _shard_with_tls_ports(shard: Any) -> Any:
+    if not isinstance(shard, list):
+        return shard
+    out = list(shard)
+    for index in range(0, len(out) - 1, 2):
+        if _key(out[index]) == "nodes" and isinstance(out[index + 1], list):
+            out[index + 1] = [_node_with_tls_port(node) for node in out[index + 1]]
+    return out
+
+
+def _node_with_tls_port(node: Any) -> Any:
+    if not isinstance(node, list):
+        return node
+    fields = {_key(key): value for key, value in zip(node[::2], node[1::2])}
+    if "tls-port" not in fields:
+        return node
+    out = list(node)
+    for index in range(0, len(out) - 1, 2):
+        if _key(out[index]) == "port":
+            out[index + 1] = fields["tls-port"]
+    return out
+
+
+def _key(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 class ClusterCommandLinkProtocol(ClusterCommandsMixin, _LinkProtocol):
     """A link's command connection to one cluster node: SPUBLISH, slot maps, typed MOVED/ASK."""
+
+    #: The connection is TLS: the slot map names the nodes' TLS ports (``tls_ports``).
+    tls = False
+
+    def cluster_shards(self) -> "Deferred[List[Any]]":
+        """``CLUSTER SHARDS``, with the TLS ports as ``port`` on a TLS connection."""
+        d = super().cluster_shards()
+        return d.addCallback(tls_ports) if self.tls else d
+
+
+class ClusterMapProtocol(ClusterCommandProtocol):
+    """A short connection that reads the slot map from a node; remembers why it was lost (``lost_cause``)."""
+
+    lost_reason: Optional[Failure] = None
+    #: As ``ClusterCommandLinkProtocol.tls``.
+    tls = False
+
+    def cluster_shards(self) -> "Deferred[List[Any]]":
+        """``CLUSTER SHARDS``, with the TLS ports as ``port`` on a TLS connection."""
+        d = super().cluster_shards()
+        return d.addCallback(tls_ports) if self.tls else d
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Remember the reason, then fail pending commands (txredisapi)."""
+        self.lost_reason = reason
+        super().connectionLost(reason)
 
 
 class ShardSubscriberLinkProtocol(ShardSubscriberMixin, _LinkProtocol):
@@ -98,6 +196,7 @@ class _LinkFactory(Factory):
         proto.factory = self
         proto.link = self._link
         proto.callLater = self._reactor.callLater
+        proto.tls = self._link.tls
         return proto
 
 
@@ -132,6 +231,8 @@ class RedisLink:
         ``protocol_class`` replaces the protocol (the cluster's), ``on_dropped`` hears of a channel Redis unsubscribed.
         """
         self.name = name
+        #: Its connections are TLS (``rediss://``, ``rediss+cluster://``).
+        self.tls = target.tls
         self.protocol: Optional[Any] = None
         self._reactor = reactor
         self._timeout_s = timeout_s
@@ -235,7 +336,7 @@ class RedisLink:
             "redis {channel} connection refused: {error}",
             relay_event="relay_redis_error",
             channel=self.name,
-            error=describe_failure(failure),
+            error=describe_failure(lost_cause(failure, proto)),
         )
         self._abort(proto)
 
