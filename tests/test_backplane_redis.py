@@ -729,3 +729,66 @@ def test_publish_errors_of_an_outage_are_logged_once_with_a_count(redis_server: 
     finally:
         redis_server.resume()
         globalLogPublisher.removeObserver(events.append)
+
+
+@pytest_twisted.inlineCallbacks
+def test_frames_out_of_order_are_dropped_and_gaps_reported(redis_server: RedisServer, relays: Relays) -> Any:
+    """
+    A stream's envelopes carry numbers in their signed nonce: one that comes after a later one is dropped,
+    one after a gap is delivered, and both are reported (frames_missed) and counted; a re-subscription
+    after unwatching starts afresh, and frames for another target relay form their own stream.
+    """
+    b = relays.make(redis_server.url, "relay-b")
+    missed: List[BusFrame] = []
+    received = relays.received.setdefault("relay-b", [])
+    yield b.start(received.append, None, missed.append)
+    b.watch_scope("w:1", "rt:1", "clients")
+    yield b.subscriptions_settled()
+    channel = bus_channel("viewport-test", "clients", "w:1", "rt:1")
+
+    def publish(seq: int, target: str = "relay-b", epoch: str = "epochAAAA") -> None:
+        frame = BusFrame("w:1", "rt:1", "relay-a", target, "daemon_to_clients", f'{{"n":{seq}}}')
+        now = int(time.time() * 1000)
+        nonce = f"{epoch}.{seq}"
+        deadline = now + 60000
+        envelope = encode_envelope(frame, now, nonce, sign(KEY, frame, now, signed_nonce(nonce, deadline)), deadline)
+        redis_command(redis_server.port, "PUBLISH", channel, envelope)
+
+    for seq in (1, 2, 4, 3, 5):
+        publish(seq)
+    yield _poll(lambda: len(received) == 4, "four frames delivered")
+    assert [f.payload for f in received] == ['{"n":1}', '{"n":2}', '{"n":4}', '{"n":5}']
+    assert [f.payload for f in missed] == ['{"n":4}', '{"n":3}']
+    assert _count(relays.metrics["relay-b"], "relay_bus_frames_out_of_order") == 1
+    assert _count(relays.metrics["relay-b"], "relay_bus_frames_missing") == 1
+
+    publish(7, target="relay-c")  # skipped unread by relay-b, and no gap in relay-b's own stream
+    publish(6)
+    yield _poll(lambda: len(received) == 5, "frame 6 delivered")
+    assert len(missed) == 2
+
+    b.unwatch_scope("w:1", "rt:1", "clients")
+    yield b.subscriptions_settled()
+    publish(7)
+    b.watch_scope("w:1", "rt:1", "clients")
+    yield b.subscriptions_settled()
+    publish(20)  # published while relay-b listened again: not a gap
+    yield _poll(lambda: len(received) == 6, "frame 20 delivered")
+    assert len(missed) == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_published_envelopes_are_numbered_per_stream(redis_server: RedisServer, relays: Relays) -> Any:
+    """What a relay publishes carries ``<epoch>.<n>`` nonces, counting up per scope and target relay."""
+    a = relays.make(redis_server.url, "relay-a")
+    b = relays.make(redis_server.url, "relay-b")
+    yield relays.start(a)
+    yield relays.start(b)
+    b.watch_scope("w:1", "rt:1", "clients")
+    yield b.subscriptions_settled()
+    for _ in range(3):
+        frame = BusFrame("w:1", "rt:1", "relay-a", "relay-b", "daemon_to_clients", '{"n":1}')
+        assert (yield a.publish(frame)) is True
+    yield _poll(lambda: len(relays.received["relay-b"]) == 3, "three frames delivered")
+    assert _count(relays.metrics["relay-b"], "relay_bus_frames_out_of_order") == 0
+    assert _count(relays.metrics["relay-b"], "relay_bus_frames_missing") == 0

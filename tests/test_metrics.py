@@ -96,6 +96,8 @@ SPEC_GAUGES = frozenset({"relay_connections_total", "relay_workspaces_total"})
 OWN_COUNTERS = frozenset({
     "relay_upgrade_rejected_origin_total",
     "relay_bus_frames_expired_total",
+    "relay_bus_frames_out_of_order_total",
+    "relay_bus_frames_missing_total",
     "relay_presence_dead_relay_total",
     "relay_remote_relay_dead_total",
     "relay_bus_daemon_frames_lost_total",

@@ -280,3 +280,26 @@ class RemotePathTests(SynchronousTestCase):
         self.h.router.check_remote_relays(3000)
         self.assertEqual(len(self.h.backplane.published), 1)
         self.assertEqual(self.h.count("relay_bus_loss_notices_sent"), 1)
+
+    def test_missed_daemon_frames_tell_the_local_clients_once_a_second(self) -> None:
+        """Daemon frames from relay-b lost or reordered on the way: this relay's clients of the scope are told, at most once a second."""
+        client = self.h.client()
+        missed = BusFrame(WS, RT, "relay-b", "relay-a", "daemon_to_clients", e2ee("s1").decode("utf-8"))
+        self.h.router.frames_missed(missed, 1000)
+        self.h.router.frames_missed(missed, 1500)
+        self.assertEqual(peer(client).texts, [frames.daemon_unavailable(WS, RT)])
+        self.h.router.frames_missed(missed, 2100)
+        self.assertEqual(len(peer(client).texts), 2)
+        self.assertEqual(self.h.backplane.published, [])
+
+    def test_missed_client_frames_owe_the_sending_relay_a_notice(self) -> None:
+        """Client frames from relay-b lost or reordered on the way to our daemon: relay-b's clients are sent DAEMON_UNAVAILABLE."""
+        del self.h.backplane.presence[(WS, RT)]
+        daemon = self.h.daemon()
+        missed = BusFrame(WS, RT, "relay-b", "relay-a", "client_to_daemon", e2ee("s1").decode("utf-8"))
+        self.h.router.frames_missed(missed, 1000)
+        self.h.router.frames_missed(missed, 1200)
+        self.assertEqual(self.h.backplane.published, [
+            BusFrame(WS, RT, "relay-a", "relay-b", "daemon_to_clients", frames.daemon_unavailable(WS, RT))])
+        self.assertEqual(peer(daemon).texts, [])
+        self.assertEqual(self.h.count("relay_bus_loss_notices_sent"), 1)

@@ -225,7 +225,10 @@ class InMemoryBackplane:
     # -- IBackplane ---------------------------------------------------------------------------
 
     def start(
-        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+        self,
+        deliver: Callable[[BusFrame], None],
+        path_changed: Optional[Callable[[bool], None]] = None,
+        frames_missed: Optional[Callable[[BusFrame], None]] = None,
     ) -> "Deferred[None]":
         """Receive from now on and write this relay's liveness record (a relay that said goodbye is alive again)."""
         if self._started or self._stopped:

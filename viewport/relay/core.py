@@ -87,6 +87,13 @@ class Relay:
         except Exception:
             self._log.failure("handling a bus path change failed", relay_event="path_change_error")
 
+    def frames_missed(self, frame: BusFrame) -> None:
+        """Entry point for the backplane noticing frames of ``frame``'s stream lost or out of order."""
+        try:
+            self.router.frames_missed(frame, self.now_ms())
+        except Exception:
+            self._log.failure("handling missed bus frames failed", relay_event="bus_frame_error")
+
     def check_remote_relays(self) -> None:
         """Periodic (every second): notice relays that died without a goodbye; retry owed notices."""
         try:

@@ -58,7 +58,9 @@ class IBackplane(Interface):
     )
 
     def start(
-        deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+        deliver: Callable[[BusFrame], None],
+        path_changed: Optional[Callable[[bool], None]] = None,
+        frames_missed: Optional[Callable[[BusFrame], None]] = None,
     ) -> "Deferred[Any]":
         """
         Begin receiving frames addressed to this relay and keep this relay's liveness record
@@ -66,7 +68,9 @@ class IBackplane(Interface):
 
         ``path_changed(False)`` is called as soon as frames addressed to this relay may be
         missed (the Redis subscription or the bus pull is lost), ``path_changed(True)`` when they
-        arrive again. Returns a Deferred that fires when the backplane is usable (it may keep
+        arrive again. ``frames_missed(frame)`` is called when one relay's frames on a scope came out
+        of order (``frame`` arrived after a later one and was dropped) or with a gap before ``frame``
+        (frames lost on the way, e.g. in a Redis Cluster failover): the relay then tells the clients. Returns a Deferred that fires when the backplane is usable (it may keep
         reconnecting in the background afterwards).
         """
 

@@ -185,6 +185,12 @@ class RelayMetrics:
         self.relay_bus_frames_expired = self._counter(
             "relay_bus_frames_expired_total",
             "Bus frames received after their deliver-by deadline (their sender was told they failed).")
+        self.relay_bus_frames_out_of_order = self._counter(
+            "relay_bus_frames_out_of_order_total",
+            "Bus frames dropped for arriving after a later frame of their stream (the clients are then told).")
+        self.relay_bus_frames_missing = self._counter(
+            "relay_bus_frames_missing_total",
+            "Bus frames of a stream that never arrived, seen by the gap in its numbers (the clients are then told).")
         self.relay_presence_dead_relay = self._counter(
             "relay_presence_dead_relay_total", "Presences ignored because the relay they name is no longer alive.")
         self.relay_remote_relay_dead = self._counter(

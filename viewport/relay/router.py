@@ -137,6 +137,10 @@ class Router:
         """The backplane lost (False) or regained (True) the path bringing other relays' frames here."""
         self._remote_path.path_changed(working, now_ms)
 
+    def frames_missed(self, frame: BusFrame, now_ms: float) -> None:
+        """Frames of another relay's stream on a scope were lost or came out of order: tell who they were for."""
+        self._remote_path.frames_missed(frame, now_ms)
+
     def check_remote_relays(self, now_ms: float) -> "Optional[Deferred[Any]]":
         """Periodic: tell clients whose daemon's relay died, and retry notices owed to other relays."""
         return self._remote_path.check_remote_relays(now_ms)

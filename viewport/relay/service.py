@@ -108,7 +108,7 @@ class ListeningService(JsonLoggingService):
         address = self.port.getHost()
         if self._tune_gc:
             tune_garbage_collector()
-        d = relay.backplane.start(relay.deliver_bus_frame, relay.path_changed)
+        d = relay.backplane.start(relay.deliver_bus_frame, relay.path_changed, relay.frames_missed)
         d.addErrback(lambda f: self._log.failure("backplane start failed", f, relay_event="backplane_start_error"))
         super().startService()
         self._log.info(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, Dict, List, Optional, Set, Tuple
@@ -27,6 +26,7 @@ from viewport.relay.backplane.redis_connection import (
 )
 from viewport.relay.backplane.redis_url import parse_redis_url
 from viewport.relay.backplane.signing import FrameVerifier, Verdict, sign
+from viewport.relay.backplane.stream_order import IN_ORDER, LATE, StreamNumbers, StreamOrder
 from viewport.relay.interfaces import BusFrame, IBackplane, Presence, Side
 from viewport.logs import RepeatedWarning
 from viewport.relay.metrics import RelayMetrics
@@ -300,11 +300,14 @@ class RedisBackplane:
             Verdict.REPLAYED: self._metrics.relay_bus_pull_replayed_signature,
         }
         self._verifier = FrameVerifier(hmac_key, max_skew_ms, freshness_track_max)
+        self._stream_numbers = StreamNumbers()
+        self._stream_order = StreamOrder()
         self._publish_warning = RepeatedWarning(self._log, reactor, "relay_bus_publish_error")
         self._random = random.Random()
 
         self._deliver: Optional[Callable[[BusFrame], None]] = None
         self._path_changed: Optional[Callable[[bool], None]] = None
+        self._frames_missed: Optional[Callable[[BusFrame], None]] = None
         self._started = False
         self._stopped = False
         self._healthy = False
@@ -407,18 +410,23 @@ class RedisBackplane:
         return self._healthy
 
     def start(
-        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+        self,
+        deliver: Callable[[BusFrame], None],
+        path_changed: Optional[Callable[[bool], None]] = None,
+        frames_missed: Optional[Callable[[BusFrame], None]] = None,
     ) -> "Deferred[bool]":
         """
         Connect in the background. Fires True once both connections are usable, or False after
         the connect timeout (the relay then runs degraded while reconnecting goes on). Never fails.
         ``path_changed`` follows ``healthy``: False when it drops, True when it returns.
+        ``frames_missed`` hears of a stream's frame that came after a later one (dropped) or after a gap.
         """
         if self._started or self._stopped:
             return succeed(self._healthy)
         self._started = True
         self._deliver = deliver
         self._path_changed = path_changed
+        self._frames_missed = frames_missed
         waiter: Deferred[bool] = Deferred()
         self._start_waiters.append(waiter)
         self._start_timer = self._reactor.callLater(self._connect_timeout_s, self._start_timed_out)
@@ -583,6 +591,7 @@ class RedisBackplane:
         if channel not in self._watched:
             return
         self._watched.discard(channel)
+        self._stream_order.forget(channel)
         self._unsubscribe(channel)
 
     def subscriptions_settled(self) -> "Deferred[None]":
@@ -646,7 +655,7 @@ class RedisBackplane:
         # Past the command timeout this publish is reported failed to the sender: a receiver must
         # not deliver it after that (a stalled Redis hands out what it held when it resumes).
         deliver_by_ms = issued_at_ms + self._command_timeout_ms
-        nonce = secrets.token_urlsafe(16)
+        nonce = self._stream_numbers.next_nonce(channel, frame.target_relay_id or "")
         signature = sign(self._hmac_key, frame, issued_at_ms, signed_nonce(nonce, deliver_by_ms))
         envelope = encode_envelope(frame, issued_at_ms, nonce, signature, deliver_by_ms)
         d: Deferred[bool] = self._publish_on(channel, envelope).addCallbacks(
@@ -708,12 +717,28 @@ class RedisBackplane:
         if verdict != Verdict.ACCEPTED:
             self._verdict_counters.get(verdict, self._metrics.relay_bus_pull_failed).inc()
             return
+        order, missing = self._stream_order.check(str(channel), frame.source_relay_id, frame.target_relay_id or "",
+                                                  envelope.nonce)
+        if order != IN_ORDER:
+            self._stream_broken(frame, order, missing)
+            if order == LATE:
+                return
         if envelope.deliver_by_ms is not None and now_ms > envelope.deliver_by_ms:
             # Its sender has reported it undeliverable by now; delivering it would duplicate a retry.
             self._metrics.relay_bus_frames_expired.inc()
             return
         self._metrics.relay_bus_pull_ok.inc()
         deliver(frame)
+
+    def _stream_broken(self, frame: BusFrame, order: str, missing: int) -> None:
+        """Count a late frame (dropped) or a gap before ``frame``, and say so to the relay (which logs it)."""
+        if order == LATE:
+            self._metrics.relay_bus_frames_out_of_order.inc()
+        else:
+            self._metrics.relay_bus_frames_missing.inc(missing)
+        frames_missed = self._frames_missed
+        if frames_missed is not None:
+            frames_missed(frame)
 
     # -- presence -----------------------------------------------------------------------------------
 

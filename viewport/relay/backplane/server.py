@@ -182,12 +182,16 @@ class ServerBackplane:
     # --- IBackplane --------------------------------------------------------------------------
 
     def start(
-        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+        self,
+        deliver: Callable[[BusFrame], None],
+        path_changed: Optional[Callable[[bool], None]] = None,
+        frames_missed: Optional[Callable[[BusFrame], None]] = None,
     ) -> "Deferred[None]":
         """
         Find the bus head (so only new frames are delivered) and what the bus can do, then start
         the presence refresh and, on a bus with liveness records, this relay's heartbeat.
-        ``path_changed`` follows ``healthy``.
+        ``path_changed`` follows ``healthy``. ``frames_missed`` is never called: the bus numbers every
+        frame itself, and the pull's cursor never skips or repeats one.
         """
         if self._started:
             return succeed(None)

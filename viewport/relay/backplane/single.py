@@ -20,7 +20,10 @@ class SingleBackplane:
         self.relay_id = relay_id
 
     def start(
-        self, deliver: Callable[[BusFrame], None], path_changed: Optional[Callable[[bool], None]] = None
+        self,
+        deliver: Callable[[BusFrame], None],
+        path_changed: Optional[Callable[[bool], None]] = None,
+        frames_missed: Optional[Callable[[BusFrame], None]] = None,
     ) -> "Deferred[None]":
         """Nothing to connect to."""
         return succeed(None)

@@ -14,6 +14,9 @@ from viewport.relay.routing.events import RoutingLog
 
 #: How long a notice owed to another relay's clients is retried before it is given up.
 OWED_NOTICE_TTL_MS = 60_000
+#: At most one notice per scope, direction and relay this often for frames lost or out of order.
+MISSED_NOTICE_INTERVAL_MS = 1000
+_MISSED_NOTICES_TRACKED = 4096
 
 
 class RemotePath:
@@ -28,7 +31,10 @@ class RemotePath:
       periodic liveness check, and its scopes' local clients are told the same way;
     - a daemon→clients frame that could not be published is counted, and the clients of the
       relay it was for are owed a ``DAEMON_UNAVAILABLE``: it is published once the path works
-      again (retried every check for a minute).
+      again (retried every check for a minute);
+    - frames of another relay that came out of order or with a gap (``frames_missed``): for
+      daemon→clients frames this relay's clients of the scope are told, for client→daemon frames
+      the sending relay's clients are owed the notice (at most one per second each way).
     """
 
     def __init__(
@@ -49,6 +55,8 @@ class RemotePath:
         #: (scope key, target relay id or None) -> when the notice became owed.
         self._owed: Dict[Tuple[ScopeKey, Optional[str]], float] = {}
         self._checking = False
+        #: (scope key, direction, relay id) -> when frames_missed last told someone.
+        self._missed_told: Dict[Tuple[ScopeKey, str, str], float] = {}
 
     # -- the inbound path ------------------------------------------------------------------------
 
@@ -65,6 +73,28 @@ class RemotePath:
         elif working and not was_working:
             self._events.info("relay_bus_path_restored", noticesOwed=len(self._owed))
             self.flush_owed(now_ms)
+
+    def frames_missed(self, frame: BusFrame, now_ms: float) -> None:
+        """Another relay's frames on a scope were lost or reordered on the way: tell the clients they concern."""
+        key: ScopeKey = (frame.workspace_id, frame.runtime_target_id)
+        told = (key, frame.direction, frame.source_relay_id)
+        if now_ms - self._missed_told.get(told, -MISSED_NOTICE_INTERVAL_MS) < MISSED_NOTICE_INTERVAL_MS:
+            return
+        if len(self._missed_told) >= _MISSED_NOTICES_TRACKED:
+            self._missed_told = {k: at for k, at in self._missed_told.items()
+                                 if now_ms - at < MISSED_NOTICE_INTERVAL_MS}
+        self._missed_told[told] = now_ms
+        told_here = 0
+        if frame.direction == "client_to_daemon":
+            # The clients that sent them are on the source relay: owe them the notice.
+            self._owed.setdefault((key, frame.source_relay_id), now_ms)
+            self.flush_owed(now_ms)
+        else:
+            scope = self._registry.scopes.get(key)
+            if scope is not None and scope.daemon_open() is None:
+                told_here = self._tell_clients(scope)
+        self._events.warn("relay_bus_frames_missed", workspaceId=frame.workspace_id, direction=frame.direction,
+                          sourceRelayId=frame.source_relay_id, clientsTold=told_here)
 
     # -- relays that died ------------------------------------------------------------------------
 
