@@ -30,11 +30,12 @@ def _server_url(url: str, database: str) -> str:
 class ScratchDatabase:
     """A database of its own on a PostgreSQL server, dropped (even with open connections) by ``drop``."""
 
-    def __init__(self, server_url: str = SHARED_SERVER_URL) -> None:
+    def __init__(self, server_url: str = SHARED_SERVER_URL, encoding: Optional[str] = None) -> None:
         self.server_url = server_url
         self.name = f"bus_{uuid.uuid4().hex}"
+        options = f" ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0" if encoding else ""
         with psycopg.connect(_server_url(server_url, "postgres"), autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{self.name}"')
+            conn.execute(f'CREATE DATABASE "{self.name}"{options}')
         self.url = _server_url(server_url, self.name)
 
     def execute(self, sql: str, params: Any = None) -> List[Any]:

@@ -1025,3 +1025,28 @@ def test_config_errors_name_the_variable(environ: Dict[str, str], variable: str)
     """Each invalid setting stops startup with a one-line message naming the variable."""
     named, message = _config_error(environ)
     assert named == variable and message.startswith(variable) and "\n" not in message
+
+
+@pytest.mark.relay_log_errors(r"encoding SQL_ASCII.*BUS_DATABASE_URL")
+@pytest_twisted.inlineCallbacks
+def test_a_database_that_is_not_utf8_is_refused_with_the_reason() -> Any:
+    """
+    A SQL_ASCII database would store payloads byte for byte and hand them back mangled: the bus says why at
+    start (an error naming BUS_DATABASE_URL), /health and every call answer 503 DATABASE_UNSUITABLE, and no
+    table is created in it.
+    """
+    database = ScratchDatabase(encoding="SQL_ASCII")
+    bus = Bus(BusProcess(database.url), database)
+    try:
+        yield bus.process.start()
+        yield _eventually(lambda: task.deferLater(reactor, 0, lambda: bool(bus.process.events("bus_migration_error"))))
+        [logged] = bus.process.events("bus_migration_error")
+        assert logged["level"] == "error"
+        assert "SQL_ASCII" in logged["details"]["error"] and "BUS_DATABASE_URL" in logged["details"]["error"]
+        status, answer = yield bus.get("/health")
+        assert status == 503 and answer["reason"] == "DATABASE_UNSUITABLE"
+        status, answer = yield bus.post(API + "/bus/publish", _frame("relay-a", None, payload='{"é":"ü"}'))
+        assert (status, answer["reason"]) == (503, "DATABASE_UNSUITABLE")
+        assert database.execute("SELECT to_regclass('relay_bus_frames')") == [(None,)]
+    finally:
+        yield bus.close()

@@ -15,7 +15,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from viewport.bus.store import BusStore, DatabaseUnavailable, NewFrame, PullPage
+from viewport.bus.store import BusStore, DatabaseUnavailable, DatabaseUnsuitable, NewFrame, PullPage
 from viewport.bus.waiters import PullWaiter, PullWaiters
 from viewport.platform_api import (
     ALIVE_PATH,
@@ -359,6 +359,8 @@ class BusApi(Resource):
             if failure.check(BadRequest):
                 error: BadRequest = failure.value
                 return error.status, {"ok": False, "reason": error.reason, "error": error.error}
+            if failure.check(DatabaseUnsuitable):
+                return 503, {"ok": False, "reason": "DATABASE_UNSUITABLE", "error": str(failure.value)}
             if failure.check(DatabaseUnavailable):
                 return 503, {"ok": False, "reason": "DATABASE_UNAVAILABLE"}
             if failure.check(CancelledError) and finished[0]:

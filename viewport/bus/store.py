@@ -20,6 +20,7 @@ from viewport.bus.pool import ConnectionPool, DatabaseUnavailable, retrieve
 __all__ = [
     "BusStore",
     "DatabaseUnavailable",
+    "DatabaseUnsuitable",
     "NewFrame",
     "PresenceRow",
     "PullPage",
@@ -372,6 +373,10 @@ def _presence(row: Any) -> PresenceRow:
     )
 
 
+class DatabaseUnsuitable(DatabaseUnavailable):
+    """PostgreSQL answers, but the database cannot hold the frames faithfully (its encoding is not UTF8)."""
+
+
 class BusStore:
     """
     The bus tables behind a Deferred API; every operation runs as an asyncio task on ``loop``.
@@ -467,6 +472,20 @@ class BusStore:
 
     async def _migrate(self) -> None:
         async with self._pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT current_database(), pg_encoding_to_char(encoding) FROM pg_database"
+                " WHERE datname = current_database()"
+            )
+            row = await cursor.fetchone()
+            # Over a SQL_ASCII connection psycopg hands text back as bytes.
+            name, encoding = (value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+                              for value in (row or ("?", "UTF8")))
+            if encoding != "UTF8":
+                raise DatabaseUnsuitable(
+                    f"database {name!r} has encoding {encoding}; viewport-bus keeps frames as UTF-8 text and needs a"
+                    f" UTF8 database (CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0): point BUS_DATABASE_URL"
+                    f" at one"
+                )
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
                 for statement in _MIGRATION:

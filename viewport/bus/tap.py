@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from viewport.bus.api import BusApi, BusSite, max_body_bytes_for
 from viewport.bus.config import BusConfig, load_bus_config
 from viewport.bus.listener import NotificationListener
-from viewport.bus.store import BusStore, DatabaseUnavailable
+from viewport.bus.store import BusStore, DatabaseUnavailable, DatabaseUnsuitable
 from viewport.bus.waiters import PullWaiters
 from viewport.logs import JsonLineObserver, in_words
 from viewport.service_support import log_stream, EnvironmentOptions, JsonLoggingService, listen_now, tcp_endpoint
@@ -112,6 +112,7 @@ class BusService(JsonLoggingService):
         self.api = api
         self.site = site
         self._shutdown_grace_seconds = shutdown_grace_seconds
+        self._said_unsuitable = False
         self._endpoint = endpoint
         self.port: Optional[IListeningPort] = None
         retention = TimerService(retention_interval_seconds(config.retention_seconds), self.expire)
@@ -146,7 +147,12 @@ class BusService(JsonLoggingService):
         )
 
     def _database_down(self, failure: Failure, event: str) -> None:
-        if failure.check(DatabaseUnavailable):
+        if failure.check(DatabaseUnsuitable):
+            # Not a passing outage: nothing works until the operator points the bus elsewhere. Said once.
+            if not self._said_unsuitable:
+                self._said_unsuitable = True
+                self._log.error(in_words(event) + ": {error}", relay_event=event, error=str(failure.value))
+        elif failure.check(DatabaseUnavailable):
             self._log.warn(in_words(event) + ": {error}", relay_event=event, error=str(failure.value))
         else:
             self._log.failure(in_words(event), failure, relay_event=event)
