@@ -388,6 +388,26 @@ class ServerBackplaneUnitTests(SynchronousTestCase):
         self.assertTrue(harness.backplane.healthy)
         self.assertEqual(harness.counter("relay_bus_pull_failed"), 4)
 
+    def test_unhealthy_until_the_bus_first_answers_even_with_nothing_watched(self) -> None:
+        """A relay started while its bus is down is not ready: the head is asked again, with back-off, until it answers."""
+        harness = _Harness()
+        harness.backplane.start(harness.received.append)
+        harness.flush()
+        self.assertFalse(harness.backplane.healthy)
+        harness.platform.answer(503, {"ok": False, "reason": "DATABASE_UNAVAILABLE"})
+        harness.flush()
+        self.assertFalse(harness.backplane.healthy)
+        self.assertEqual(harness.platform.held, [], "the next attempt waits for the back-off")
+        harness.clock.advance(PULL_RETRY_MAX_S)
+        harness.flush()
+        self.assertEqual(harness.platform.held[0][0]["body"]["waitMs"], 0)
+        harness.platform.answer(200, {"ok": True, "frames": [], "headId": 7})
+        harness.flush()
+        self.assertTrue(harness.backplane.healthy)
+        harness.clock.advance(PULL_RETRY_MAX_S * 4)
+        harness.flush()
+        self.assertEqual(harness.platform.held, [], "nothing watched: no pull after the head")
+
     def test_pull_timeout_exceeds_the_wait(self) -> None:
         """A long poll is not cut by the HTTP timeout before the platform's wait ends."""
         harness = _Harness(timeout_ms=500, pull_wait_ms=2000)

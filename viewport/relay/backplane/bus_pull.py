@@ -96,25 +96,43 @@ class PullLoop:
         self._in_flight: Optional[Deferred[Any]] = None
         self._pause: Optional[IDelayedCall] = None
         self._pause_d: Optional[Deferred[None]] = None
+        self._sync_retry: Optional[IDelayedCall] = None
         self._failures = 0
         self._limit_now = pull_limit
 
     @property
     def healthy(self) -> bool:
-        """False after several consecutive failed pulls, until one succeeds."""
-        return self._failures < UNHEALTHY_AFTER_FAILURES
+        """False until the bus first answered, and after several consecutive failed pulls until one succeeds."""
+        return self._cursor is not None and self._failures < UNHEALTHY_AFTER_FAILURES
 
     def start(self, deliver: Callable[[BusFrame], None]) -> "Deferred[bool]":
-        """Learn the bus head (and what the bus can do); fires True when it answered. Loops only after ``resume``."""
+        """
+        Learn the bus head (and what the bus can do); fires True when it answered, False when it did not
+        (the head is then asked again, with the loop's back-off, until it answers). Loops only after ``resume``.
+        """
         self._started = True
         self._deliver = deliver
+        return self._sync_until_answered(0)
+
+    def _sync_until_answered(self, failures: int) -> "Deferred[bool]":
         self._syncing = True
 
         def synced(ok: bool) -> bool:
             self._syncing = False
+            if not ok and not self._stopped and self._cursor is None:
+                delay = min(PULL_RETRY_FIRST_S * 2 ** failures, PULL_RETRY_MAX_S)
+                self._sync_retry = self._clock.callLater(delay, self._sync_again, failures + 1)
+            elif ok:
+                self.resume()
             return ok
 
         return self._sync_head().addCallback(synced)
+
+    def _sync_again(self, failures: int) -> None:
+        self._sync_retry = None
+        # The loop learns the head itself when it runs (something was watched meanwhile).
+        if not self._stopped and self._cursor is None and not self._looping and not self._syncing:
+            self._sync_until_answered(failures)
 
     def resume(self) -> None:
         """Run the loop if anything is watched and it is not running yet."""
@@ -127,6 +145,8 @@ class PullLoop:
     def stop(self) -> "Optional[Deferred[None]]":
         """Abandon the pull under way and stop looping; the loop's end, if it ran."""
         self._stopped = True
+        if self._sync_retry is not None and self._sync_retry.active():
+            self._sync_retry.cancel()
         if self._in_flight is not None:
             self._in_flight.cancel()
         self._wake()
