@@ -41,7 +41,8 @@ UNLIMITED: Dict[str, Any] = {
     "RELAY_KEX_INIT_RATE_PER_MINUTE": "10000000",
 }
 METRICS = ("relay_bus_publish_failed_total", "relay_bus_frames_dropped_total", "relay_session_frame_dropped_total",
-           "relay_key_exchange_response_dropped_total", "relay_client_messages_dropped_total")
+           "relay_key_exchange_response_dropped_total", "relay_client_messages_dropped_total",
+           "relay_bus_frames_out_of_order_total", "relay_bus_frames_missing_total")
 
 
 class Sampler:

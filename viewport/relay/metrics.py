@@ -190,7 +190,8 @@ class RelayMetrics:
             "Bus frames dropped for arriving after a later frame of their stream (the clients are then told).")
         self.relay_bus_frames_missing = self._counter(
             "relay_bus_frames_missing_total",
-            "Bus frames of a stream that never arrived, seen by the gap in its numbers (the clients are then told).")
+            "Bus frames of a stream that never arrived, seen by the gap in its numbers (the clients are then told);"
+            " publishes reported failed to their sender count here too.")
         self.relay_presence_dead_relay = self._counter(
             "relay_presence_dead_relay_total", "Presences ignored because the relay they name is no longer alive.")
         self.relay_remote_relay_dead = self._counter(
