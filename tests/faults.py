@@ -92,7 +92,8 @@ class Fault:
 class Bench:
     """
     Two relays A and B on one backplane: a private redis-server, a private Redis Cluster (mode
-    ``redis-cluster``, 3 masters and 3 replicas), or viewport-bus on a private PostgreSQL.
+    ``redis-cluster``, 3 masters and 3 replicas; ``redis-cluster-tls`` on TLS ports only), or viewport-bus on a
+    private PostgreSQL.
     """
 
     def __init__(self, mode: str, rate: float = RATE) -> None:
@@ -131,8 +132,8 @@ class Bench:
         if self.mode == "redis":
             self.redis = RedisServer().start()
             self.backplane = Backplane("redis", redis_port=self.redis.port)
-        elif self.mode == "redis-cluster":
-            self.redis_cluster = yield deferToThread(start_cluster)
+        elif self.mode in ("redis-cluster", "redis-cluster-tls"):
+            self.redis_cluster = yield deferToThread(start_cluster, tls=self.mode == "redis-cluster-tls")
             self.backplane = Backplane("redis-cluster", redis_cluster=self.redis_cluster)
         else:
             self.cluster = PrivateCluster()
@@ -370,10 +371,11 @@ def redis_paused(paused_for: float = 5.0) -> Fault:
     return Fault(f"Redis SIGSTOP {paused_for:g} s", inject, "redis", breaks_backplane=True, duration=12.0)
 
 
-def cluster_failover_then_master_killed(pause: float = 2.0) -> Fault:
+def cluster_failover_then_master_killed(pause: float = 2.0, tls: bool = False) -> Fault:
     """
     On the shard holding the scope: ``CLUSTER FAILOVER`` on its replica, ``pause`` seconds of traffic, then
     that shard's (new) master SIGKILLed. Over once every node agrees the former master is master again.
+    With ``tls`` the cluster listens on TLS ports only and the relays use ``rediss+cluster://``.
     """
 
     @inlineCallbacks
@@ -388,8 +390,9 @@ def cluster_failover_then_master_killed(pause: float = 2.0) -> Fault:
         cluster.kill(replica)
         yield deferToThread(cluster.wait_for_promotion, master)
 
-    return Fault(f"Redis Cluster: CLUSTER FAILOVER on the scope's replica, {pause:g} s later its master SIGKILLed",
-                 inject, "redis-cluster", breaks_backplane=True, duration=14.0)
+    over = " over TLS" if tls else ""
+    return Fault(f"Redis Cluster{over}: CLUSTER FAILOVER on the scope's replica, {pause:g} s later its master SIGKILLed",
+                 inject, "redis-cluster-tls" if tls else "redis-cluster", breaks_backplane=True, duration=14.0)
 
 
 def relay_a_killed(mode: str) -> Fault:

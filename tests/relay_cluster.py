@@ -52,6 +52,9 @@ class Backplane:
         elif self.redis_cluster is not None:
             env.update(RELAY_BACKPLANE_MODE="redis", RELAY_BACKPLANE_URL=self.redis_cluster.url,
                        RELAY_REDIS_KEY_PREFIX=self.prefix)
+            if self.redis_cluster.certs is not None:
+                # rediss+cluster:// trusts what OpenSSL trusts: the cluster's private CA here.
+                env.update(SSL_CERT_FILE=self.redis_cluster.certs.ca_path)
         elif self.mode == "server":
             env.update(RELAY_BACKPLANE_URL=self.bus_url, RELAY_INTERNAL_KEY=INTERNAL_KEY)
         env.update(extra)
@@ -95,7 +98,7 @@ class Backplane:
         """One command on the Redis (on a cluster: on the master of the slot of ``args[1]``, the key)."""
         if self.redis_cluster is not None:
             port = self.redis_cluster.master_of(key_slot(args[1]))
-            return redis_command(port, *args)
+            return self.redis_cluster.command(port, *args)
         return redis_command(self.redis_port, *args, host=self.redis_host)
 
     def presence_at(self, workspace: str, runtime_target: str, relay: Optional[RelayProcess],

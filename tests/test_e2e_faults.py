@@ -102,14 +102,15 @@ def test_redis_paused() -> Any:
     yield check(redis_paused(5.0))
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
 @pytest_twisted.inlineCallbacks
-def test_redis_cluster_failover_then_master_killed() -> Any:
+def test_redis_cluster_failover_then_master_killed(tls: bool) -> Any:
     """
     Redis Cluster: the scope's shard fails over, then its new master is killed: no silent loss, duplicate
     or reordering (a frame the old master hands on late is dropped by its stream number, and its clients
     told); traffic back within CLUSTER_RECOVERY_BOUND_SECONDS of the promotion (well under 1 s in most runs).
     """
-    yield check(cluster_failover_then_master_killed(), recovery_bound=CLUSTER_RECOVERY_BOUND_SECONDS)
+    yield check(cluster_failover_then_master_killed(tls=tls), recovery_bound=CLUSTER_RECOVERY_BOUND_SECONDS)
 
 
 @pytest.mark.parametrize("mode", ["redis", "server"])
