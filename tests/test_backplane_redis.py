@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterator, List, Optional
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
@@ -792,3 +793,60 @@ def test_published_envelopes_are_numbered_per_stream(redis_server: RedisServer, 
     yield _poll(lambda: len(relays.received["relay-b"]) == 3, "three frames delivered")
     assert _count(relays.metrics["relay-b"], "relay_bus_frames_out_of_order") == 0
     assert _count(relays.metrics["relay-b"], "relay_bus_frames_missing") == 0
+
+
+class CommandWatchTests(SynchronousTestCase):
+    """The per-connection command timeout: one timer, moved on by answers, failing every waiting command at once."""
+
+    def setUp(self) -> None:
+        from viewport.relay.backplane.redis_connection import _CommandWatch
+
+        self.clock = task.Clock()
+        self.aborted: List[bool] = []
+        self.watch = _CommandWatch(self.clock, 2.0, lambda: self.aborted.append(True))
+
+    def test_many_commands_share_one_timer(self) -> None:
+        """A thousand commands in flight schedule one delayed call, not a thousand."""
+        waiting = [self.watch.watch(Deferred()) for _ in range(1000)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        for d in waiting:
+            d.callback("OK")
+        self.clock.advance(2.0)
+        self.assertEqual((self.clock.getDelayedCalls(), self.aborted), ([], []))
+
+    def test_answers_keep_the_connection_alive_and_silence_times_it_out(self) -> None:
+        """While answers come, nothing times out; 2 s without one fails every waiting command with TimeoutError and aborts."""
+        first, second, third = (self.watch.watch(Deferred()) for _ in range(3))
+        self.clock.advance(1.5)
+        first.callback(1)
+        self.clock.advance(1.5)  # 3 s after the sends, 1.5 s after the last answer
+        self.assertEqual(self.aborted, [])
+        self.assertNoResult(second)
+        self.clock.advance(0.5)
+        self.assertEqual(self.aborted, [True])
+        for d in (second, third):
+            self.failureResultOf(d, DeferredTimeoutError)
+        second.callback("late answer")  # what txredisapi might still do: ignored
+
+    def test_a_command_after_an_idle_spell_gets_the_whole_timeout(self) -> None:
+        """The timer armed for an earlier burst does not cut short a command sent after a quiet time."""
+        self.watch.watch(Deferred()).callback(1)
+        self.clock.advance(1.9)
+        later = self.watch.watch(Deferred())
+        self.clock.advance(1.9)
+        self.assertNoResult(later)
+        self.clock.advance(0.2)
+        self.failureResultOf(later, DeferredTimeoutError)
+
+    def test_readonly_answer_aborts_other_errors_do_not(self) -> None:
+        """READONLY (a demoted server) aborts the connection; another error is just passed on."""
+        import txredisapi
+
+        wrong = self.watch.watch(Deferred())
+        wrong.errback(txredisapi.ResponseError("WRONGTYPE Operation against a key"))
+        self.failureResultOf(wrong, txredisapi.ResponseError)
+        self.assertEqual(self.aborted, [])
+        readonly = self.watch.watch(Deferred())
+        readonly.errback(txredisapi.ResponseError("READONLY You can't write against a read only replica."))
+        self.failureResultOf(readonly, txredisapi.ResponseError)
+        self.assertEqual(self.aborted, [True])

@@ -6,7 +6,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import txredisapi
 from twisted.application.internet import ClientService
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -200,6 +200,71 @@ class _LinkFactory(Factory):
         return proto
 
 
+class _CommandWatch:
+    """
+    The command timeout of one connection, with one timer instead of one per command.
+
+    Redis answers a connection's commands in order, so "the oldest command is unanswered after the
+    timeout" is "no command was answered for the timeout while some were waiting": the timer is moved
+    on at each answer (a later time costs nothing) and fires only then. It fails every waiting command
+    with ``TimeoutError`` and aborts the connection (a server that stopped answering is as good as gone),
+    as a ``READONLY`` answer does (Sentinel demoted our server: reconnecting asks for the new master).
+    Per frame this is one callback instead of ``addTimeout``'s timer, canceller and two callbacks.
+    """
+
+    def __init__(self, reactor: Any, timeout_s: float, abort: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._timeout_s = timeout_s
+        self._abort = abort
+        self._waiting: "dict[Deferred[Any], None]" = {}
+        self._timer: Any = None
+        self._answered_at = 0.0
+        self._timed_out = False
+
+    def watch(self, d: "Deferred[Any]") -> "Deferred[Any]":
+        """Time ``d`` out with the others of this connection; returns ``d``."""
+        if d.called:
+            return d.addErrback(self._failed)
+        if not self._waiting:
+            self._answered_at = self._reactor.seconds()
+            timer = self._timer
+            if timer is None:
+                self._timer = self._reactor.callLater(self._timeout_s, self._check)
+            else:
+                timer.reset(self._timeout_s)
+        self._waiting[d] = None
+        return d.addBoth(self._settled, d)
+
+    def _settled(self, result: Any, d: "Deferred[Any]") -> Any:
+        self._waiting.pop(d, None)
+        self._answered_at = self._reactor.seconds()
+        if isinstance(result, Failure):
+            return self._failed(result)
+        return result
+
+    def _failed(self, failure: Failure) -> Failure:
+        if self._timed_out and failure.check(CancelledError):
+            return Failure(DeferredTimeoutError(self._timeout_s, "redis command"))
+        if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY"):
+            self._abort()
+        return failure
+
+    def _check(self) -> None:
+        if not self._waiting:
+            self._timer = None
+            return
+        late = self._answered_at + self._timeout_s - self._reactor.seconds()
+        if late > 0:
+            self._timer = self._reactor.callLater(late, self._check)
+            return
+        self._timer = None
+        self._timed_out = True
+        waiting, self._waiting = list(self._waiting), {}
+        for d in waiting:
+            d.cancel()
+        self._abort()
+
+
 class RedisLink:
     """
     One Redis connection kept open by a ``ClientService``; ``protocol`` is set only while usable.
@@ -274,17 +339,10 @@ class RedisLink:
             d: Deferred[Any] = getattr(proto, method)(*args)
         except Exception:
             return fail()
-        d.addTimeout(self._timeout_s, self._reactor)
-        d.addErrback(self._command_failed, proto)
-        return d
-
-    def _command_failed(self, failure: Failure, proto: Any) -> Failure:
-        # READONLY: Sentinel demoted our server; reconnecting asks the Sentinels for the new master.
-        if failure.check(DeferredTimeoutError) or (
-            failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY")
-        ):
-            self._abort(proto)
-        return failure
+        watch: Optional[_CommandWatch] = getattr(proto, "command_watch", None)
+        if watch is None:
+            watch = proto.command_watch = _CommandWatch(self._reactor, self._timeout_s, lambda: self._abort(proto))
+        return watch.watch(d)
 
     def _abort(self, proto: Any) -> None:
         transport = proto.transport
