@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from viewport.relay.backplane.cluster_slots import Address, Redirect, SlotMap, parse_redirect
+from viewport.relay.backplane.publish_command import publish_on
 
 if TYPE_CHECKING:
     # The mixins below sit in front of a txredisapi protocol class, which is untyped.
@@ -88,7 +89,7 @@ class ClusterCommandsMixin(ClusterRedirectsMixin):
 
     def spublish(self, channel: str, message: str) -> "Deferred[int]":
         """``SPUBLISH``: fires with the number of receivers *on this node* (replicas' subscribers not counted)."""
-        d: Deferred[int] = self.execute_command("SPUBLISH", channel, message)
+        d: Deferred[int] = publish_on(self, b"SPUBLISH", channel, message)
         return d
 
     def cluster_shards(self) -> "Deferred[List[Any]]":

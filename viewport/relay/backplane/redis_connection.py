@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from viewport.failures import describe_failure as describe_any_failure
 from viewport.relay.backplane.cluster_protocol import ClusterCommandProtocol, ClusterCommandsMixin, ShardSubscriberMixin
+from viewport.relay.backplane.publish_command import publish_on
 from viewport.relay.backplane.redis_url import RedisTarget
 from viewport.sockets import set_no_delay
 
@@ -90,6 +91,10 @@ class _LinkProtocol(txredisapi.RedisProtocol):
             super().connectionLost(reason)
         finally:
             self.link.connection_lost(self, reason)
+
+    def publish(self, channel: str, message: str) -> "Deferred[Any]":
+        """``PUBLISH``, written at once (``publish_on``); fires with the receiver count."""
+        return publish_on(self, b"PUBLISH", channel, message)
 
 
 class _SubscriberLinkProtocol(_LinkProtocol, txredisapi.SubscriberProtocol):
