@@ -209,6 +209,23 @@ def test_forgotten_presence_is_read_again(harness: BackplaneHarness) -> Any:
 
 
 @pytest_twisted.inlineCallbacks
+def test_known_presence_is_what_resolve_would_answer(harness: BackplaneHarness) -> Any:
+    """
+    ``known_presence`` never invents an answer: None for a scope nobody resolved, else (when kept)
+    the answer ``resolve_presence`` gave, and None again once ``forget_presence`` names its relay.
+    """
+    assert harness.b.known_presence("w:never", "rt:1") is None
+    _needs_other_relays(harness)
+    yield harness.a.announce_presence(Presence("w:1", "rt:1", "relay-a", "ws://a.example:7781/ws", True))
+    found = yield harness.b.resolve_presence("w:1", "rt:1")
+    assert found is not None
+    assert harness.b.known_presence("w:1", "rt:1") in (None, found)
+    assert harness.b.known_presence("w:1", "rt:other") is None
+    harness.b.forget_presence("w:1", "rt:1", "relay-a")
+    assert harness.b.known_presence("w:1", "rt:1") is None
+
+
+@pytest_twisted.inlineCallbacks
 def test_disconnect_by_another_relay_keeps_presence(harness: BackplaneHarness) -> Any:
     """A relay clearing presence it no longer owns leaves the new owner's presence in place."""
     _needs_other_relays(harness)

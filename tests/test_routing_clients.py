@@ -104,6 +104,30 @@ class StatusFrameTests(SynchronousTestCase):
         self.assertEqual(peer(conn).texts, [frames.daemon_unavailable(WS, RT)])
         self.assertEqual(len(h.backplane.published), 1)
 
+    def test_a_known_presence_routes_without_a_lookup(self) -> None:
+        """
+        Frames for a daemon whose presence the backplane keeps are published in order without a lookup;
+        a frame whose publish raises is logged and the ones after it still go.
+        """
+        h = Harness({k: v for k, v in REDIS_ENV.items() if k != "RELAY_CLIENT_REDIRECT_ENABLED"})
+        conn = h.client()
+        lookups = list(h.backplane.resolved)
+        h.backplane.known[(WS, RT)] = Presence(WS, RT, "relay-b", B_URL, True)
+        payloads = [e2ee(seq=n) for n in range(1, 4)]
+        publish = h.backplane.publish
+
+        def broken_once(frame: BusFrame) -> object:
+            if frame.payload == payloads[1].decode():
+                raise RuntimeError("backplane broke its promise")
+            return publish(frame)
+
+        h.backplane.publish = broken_once  # type: ignore[method-assign]
+        for payload in payloads:
+            h.router.client_frame(conn, payload, 0)
+        self.assertEqual([f.payload for f in h.backplane.published], [payloads[0].decode(), payloads[2].decode()])
+        self.assertEqual((h.backplane.resolved, peer(conn).texts), (lookups, []))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_bus_disabled_means_unavailable_without_publishing(self) -> None:
         """With RELAY_BUS_ENABLED=0 a frame for a remote daemon is not published: the client hears DAEMON_UNAVAILABLE."""
         h = Harness({**REDIS_ENV, "RELAY_BUS_ENABLED": "0", "RELAY_CLIENT_REDIRECT_ENABLED": "0"})

@@ -285,6 +285,10 @@ class InMemoryBackplane:
             return succeed(None)
         return succeed(self.bus.resolve(_scope(workspace_id, runtime_target_id)))
 
+    def known_presence(self, workspace_id: str, runtime_target_id: Optional[str]) -> Optional[Presence]:
+        """Nothing is cached: every resolve reads the bus."""
+        return None
+
     def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
         """Nothing is cached: every resolve reads the bus."""
 
@@ -411,6 +415,8 @@ class RecordingBackplane(InMemoryBackplane):
         self.publish_result: Optional[bool] = None
         self.announcements: List[Presence] = []
         self.resolved: List[ScopeKey] = []
+        #: Scope -> what ``known_presence`` answers (a kept answer, as a cache would hold); empty: None.
+        self.known: Dict[ScopeKey, Presence] = {}
         #: ``(workspace_id, runtime_target_id, relay_id)`` of each ``forget_presence``, in order.
         self.forgotten: List[Tuple[str, Optional[str], str]] = []
         self.published: List[BusFrame] = []
@@ -455,9 +461,14 @@ class RecordingBackplane(InMemoryBackplane):
         self.resolved.append((workspace_id, runtime_target_id))
         return super().resolve_presence(workspace_id, runtime_target_id)
 
+    def known_presence(self, workspace_id: str, runtime_target_id: Optional[str]) -> Optional[Presence]:
+        """What ``known`` holds for the scope."""
+        return self.known.get(_scope(workspace_id, runtime_target_id))
+
     def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
         """Record the call."""
         self.forgotten.append((workspace_id, runtime_target_id, relay_id))
+        self.known.pop(_scope(workspace_id, runtime_target_id), None)
         super().forget_presence(workspace_id, runtime_target_id, relay_id)
 
     def publish(self, frame: BusFrame) -> "Deferred[bool]":

@@ -100,6 +100,12 @@ class IBackplane(Interface):
         liveness record is fresh), or None when no live relay reports one.
         """
 
+    def known_presence(workspace_id: str, runtime_target_id: Optional[str]) -> Optional[Presence]:
+        """
+        The answer ``resolve_presence`` would give now without asking anyone (one kept here), or None:
+        then ask ``resolve_presence``. Lets the per-frame path skip a Deferred. Never fails.
+        """
+
     def forget_presence(workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
         """
         The router received ``relay_id``'s notice that the scope's daemon left: forget any

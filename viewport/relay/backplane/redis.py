@@ -801,6 +801,14 @@ class RedisBackplane:
             self._metrics.relay_presence_resolve_failed.inc()
             return succeed(None)
 
+    def known_presence(self, workspace_id: str, runtime_target_id: Optional[str]) -> Optional[Presence]:
+        """The scope's recent positive answer, while it is fresh."""
+        try:
+            return self._cache.get(self._presence_key(workspace_id, runtime_target_id), self._now_ms())
+        except Exception:
+            self._log.failure("presence lookup failed", relay_event="relay_presence_resolve_error")
+            return None
+
     def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
         """Drop the cached answer for the scope when it names ``relay_id`` (which said its daemon left)."""
         self._cache.forget(self._presence_key(workspace_id, runtime_target_id), relay_id)

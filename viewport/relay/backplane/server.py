@@ -289,16 +289,22 @@ class ServerBackplane:
             self._resolved.forget(key)
         return self._upsert(presence)
 
+    def known_presence(self, workspace_id: str, runtime_target_id: Optional[str]) -> Optional[Presence]:
+        """The platform's recent positive answer for the scope, while it is fresh."""
+        if self._stopped:
+            return None
+        return self._resolved.get((workspace_id, runtime_target_id or None), self._clock.seconds())
+
     def resolve_presence(
         self, workspace_id: str, runtime_target_id: Optional[str]
     ) -> "Deferred[Optional[Presence]]":
         """The connected daemon's presence from the platform (positive answers cached briefly)."""
         if self._stopped:
             return succeed(None)
-        key = (workspace_id, runtime_target_id or None)
-        cached = self._resolved.get(key, self._clock.seconds())
+        cached = self.known_presence(workspace_id, runtime_target_id)
         if cached is not None:
             return succeed(cached)
+        key = (workspace_id, runtime_target_id or None)
         body: dict[str, Any] = {"workspaceId": workspace_id}
         if runtime_target_id:
             body["runtimeTargetId"] = runtime_target_id

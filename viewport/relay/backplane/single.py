@@ -51,6 +51,10 @@ class SingleBackplane:
         """No other relay can hold the daemon."""
         return succeed(None)
 
+    def known_presence(self, workspace_id: str, runtime_target_id: Optional[str]) -> Optional[Presence]:
+        """Nothing is kept."""
+        return None
+
     def forget_presence(self, workspace_id: str, runtime_target_id: Optional[str], relay_id: str) -> None:
         """Nothing is kept."""
 

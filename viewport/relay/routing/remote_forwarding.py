@@ -6,6 +6,7 @@ from collections import deque
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from viewport.relay import frames
 from viewport.relay.config import RelayConfig
@@ -74,17 +75,27 @@ class RemoteForwarding:
         the other relay out of order. The loop continues synchronously while lookups answer at
         once (a cached presence), and resumes from a callback only when one is really pending,
         so a long queue never nests calls. Publishes are not waited for: every backplane keeps
-        one connection's (Redis) or one scope's (server) publishes in order.
+        one connection's (Redis) or one scope's (server) publishes in order. A presence the
+        backplane already knows (the common case: one lookup, then a cached answer for every
+        frame) is used without a Deferred.
         """
+        backplane = self._backplane
         while True:
-            d = self._backplane.resolve_presence(conn.workspace_id, conn.runtime_target_id)
-            d.addCallback(self._route_to_remote, conn, payload)
-            d.addErrback(self._events.failure, "client_route_error")
-            finished: list[object] = []
-            d.addBoth(finished.append)
-            if not finished:
-                d.addCallback(self._route_done, conn)
-                return
+            known = backplane.known_presence(conn.workspace_id, conn.runtime_target_id)
+            if known is not None:
+                try:
+                    self._route_to_remote(known, conn, payload)
+                except Exception:
+                    self._events.failure(Failure(), "client_route_error")
+            else:
+                d = backplane.resolve_presence(conn.workspace_id, conn.runtime_target_id)
+                d.addCallback(self._route_to_remote, conn, payload)
+                d.addErrback(self._events.failure, "client_route_error")
+                finished: list[object] = []
+                d.addBoth(finished.append)
+                if not finished:
+                    d.addCallback(self._route_done, conn)
+                    return
             waiting = conn.bus_queue
             if not waiting:
                 conn.bus_queue = None
