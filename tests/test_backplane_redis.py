@@ -171,6 +171,20 @@ def test_bad_urls_are_refused_without_echoing_the_password(url: str) -> None:
     assert "hunter2" not in str(caught.value)
 
 
+@pytest.mark.parametrize("payload", [
+    '{"x":"é\\n"}', "quote \" backslash \\ slash /", "controls \x00\x01\x1f\x7f \b\f\n\r\t",
+    "separators \u2028\u2029", "emoji 😀 and CJK 漢字", "", "x" * 70_000,
+])
+def test_envelope_text_is_what_json_dumps_gives(payload: str) -> None:
+    """The envelope text (now written by orjson) is byte for byte the compact ``json.dumps`` text it replaced."""
+    frame = BusFrame("w", "rt", "relay-a", "relay-b", "client_to_daemon", payload, machine_id="m")
+    doc = {"workspaceId": "w", "runtimeTargetId": "rt", "machineId": "m", "sourceRelayId": "relay-a",
+           "targetRelayId": "relay-b", "direction": "client_to_daemon", "payload": payload,
+           "issuedAtMs": 1700000000000, "nonce": "1.2", "signature": "sig", "deliverByMs": 1700000002000}
+    expected = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    assert encode_envelope(frame, 1700000000000, "1.2", "sig", 1700000002000) == expected
+
+
 def test_envelope_round_trip_and_strict_parsing() -> None:
     """A published envelope parses back to the same frame; wrong types or shapes parse to None."""
     frame = BusFrame("w", "rt", "relay-a", None, "daemon_to_clients", '{"x":"é\\n"}', machine_id="m")
