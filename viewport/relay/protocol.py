@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from viewport.relay.eager_writes import EagerWrites
 from viewport.relay.heartbeat import OpenSockets
 from viewport.relay.interfaces import AdmissionResult, IAdmission, IPeer
 from viewport.relay.metrics import LatencyHistogram, RelayMetrics
@@ -464,8 +465,9 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 return
         if self.send_queue:
             self.sendMessage(payload, False)
-            return
-        wire_shortcuts.write_text_frame(self.transport, payload)
+        else:
+            wire_shortcuts.write_text_frame(self.transport, payload)
+        self.factory.eager_writes.wrote(self.transport)
 
     def _overflowed(self, pending: int, limit: int) -> None:
         """
@@ -538,8 +540,11 @@ class RelayWebSocketFactory(WebSocketServerFactory):
         max_frame_bytes: int,
         max_pending_bytes: int,
         admission_timeout_ms: int,
+        eager_writes: Optional[EagerWrites] = None,
     ) -> None:
         super().__init__(reactor=clock, server=SERVER_HEADER)
+        #: Sends what a read caused at its end (shared with other readers of the same reactor).
+        self.eager_writes = eager_writes if eager_writes is not None else EagerWrites(clock)
         self.clock = clock
         self.gate = gate
         self.admission = admission
