@@ -363,7 +363,7 @@ def platform_tls_policy(
 
 
 #: Idle connections kept per platform host by ``make_http_client``'s default pool.
-PERSISTENT_PER_HOST = 16
+PERSISTENT_PER_HOST = 64
 
 
 def make_http_client(
