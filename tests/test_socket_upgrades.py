@@ -178,6 +178,19 @@ class DispatcherTests(RefusalCase):
         self.assertEqual(self.moved(), {"relay_admission_ok_total": 1})
         self.assertEqual(self.harness.open_sockets(), 1)
 
+    def test_an_open_socket_keeps_neither_the_request_head_nor_the_token(self) -> None:
+        """Once open, the socket has dropped the head, its parsed parts and the upgrade decision (token included)."""
+        minted = token("client", "w1", "rt1", now=0)
+        self.harness.raw(upgrade_head(
+            ws_target("client", "w1", "rt1"), f"Sec-WebSocket-Protocol: viewport-relay-v1, auth.{minted}"
+        ))
+        (socket,) = list(self.harness.relay.sockets)
+        kept = {name for name in ("http_request_data", "http_headers", "http_request_params", "websocket_protocols",
+                                  "upgrade") if name in vars(socket)}
+        self.assertEqual(kept, set())
+        self.assertNotIn(minted, repr(vars(socket)))
+        self.assertEqual(socket.websocket_version, 13)
+
 
 class GateLimitTests(RefusalCase):
     """The upgrade rate, the connection caps and the origin policy, with their own settings."""

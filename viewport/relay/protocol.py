@@ -41,6 +41,12 @@ if TYPE_CHECKING:
     from viewport.relay.core import Relay
 
 MAX_HEAD_BYTES = 16 * 1024
+#: Per-socket attributes only the upgrade reads (``RelayWebSocketProtocol._release_handshake``).
+_HANDSHAKE_STATE = (
+    "http_request_data", "http_headers", "http_status_line", "http_request_uri", "http_request_path",
+    "http_request_params", "http_request_host", "websocket_origin", "websocket_protocols", "websocket_extensions",
+    "upgrade",
+)
 MAX_LOGGED_REASON_CHARS = 200
 HEAD_TIMEOUT_SECONDS = 10.0
 STATE_OPEN = WebSocketProtocol.STATE_OPEN
@@ -412,11 +418,23 @@ class RelayWebSocketProtocol(WebSocketServerProtocol):
                 if role == "workspace-daemon"
                 else router.client_frame if role == "client" else router.worker_frame
             )
-            opened = router.open_connection(conn, self.upgrade.query.runtime_target_id, factory.now_ms())
+            runtime_target_id = self.upgrade.query.runtime_target_id
+            self._release_handshake()
+            opened = router.open_connection(conn, runtime_target_id, factory.now_ms())
             if opened and self._redirect_in_band is not None:
                 router.send_redirect(conn, self._redirect_in_band, with_runtime_target=False)
         except Exception:
             self._internal_error()
+
+    def _release_handshake(self) -> None:
+        """
+        Drop what only the upgrade needed: the request head and its parsed headers, path and query
+        (Autobahn's) and the upgrade decision with the token (ours). An open socket keeps them for
+        its whole life otherwise: a kilobyte or more each, and the token in memory for no reason.
+        """
+        state = self.__dict__
+        for name in _HANDSHAKE_STATE:
+            state.pop(name, None)
 
     def onMessageEnd(self) -> None:
         """A complete message: straight to ``onMessage`` (``wire_shortcuts.deliver_message``)."""
