@@ -209,40 +209,37 @@ class _CommandWatch:
     """
     The command timeout of one connection, with one timer instead of one per command.
 
-    Redis answers a connection's commands in order, so "the oldest command is unanswered after the
-    timeout" is "no command was answered for the timeout while some were waiting": the timer is moved
-    on at each answer (a later time costs nothing) and fires only then. It fails every waiting command
-    with ``TimeoutError`` and aborts the connection (a server that stopped answering is as good as gone),
-    as a ``READONLY`` answer does (Sentinel demoted our server: reconnecting asks for the new master).
-    Per frame this is one callback instead of ``addTimeout``'s timer, canceller and two callbacks.
+    Redis answers a connection's commands in order, so the oldest command still waiting is the first
+    to run out of time: one timer, set for the oldest's deadline, is moved on when it fires early (the
+    oldest was answered meanwhile) and otherwise fails every waiting command with ``TimeoutError`` and
+    aborts the connection (a server that stopped answering is as good as gone), as a ``READONLY``
+    answer does (Sentinel demoted our server: reconnecting asks for the new master). Every command
+    thus has its own deadline, however many answers come before it: a publish reported failed after
+    the timeout is the one whose deliver-by deadline a receiver enforces. Per frame this is one
+    callback instead of ``addTimeout``'s timer, canceller and two callbacks.
     """
 
     def __init__(self, reactor: Any, timeout_s: float, abort: Callable[[], None]) -> None:
         self._reactor = reactor
         self._timeout_s = timeout_s
         self._abort = abort
-        self._waiting: "dict[Deferred[Any], None]" = {}
+        #: Waiting commands, oldest first, with when each was sent.
+        self._waiting: "dict[Deferred[Any], float]" = {}
         self._timer: Any = None
-        self._answered_at = 0.0
         self._timed_out = False
 
     def watch(self, d: "Deferred[Any]") -> "Deferred[Any]":
-        """Time ``d`` out with the others of this connection; returns ``d``."""
+        """Time ``d`` out ``timeout_s`` after now (with the others of this connection); returns ``d``."""
         if d.called:
             return d.addErrback(self._failed)
-        if not self._waiting:
-            self._answered_at = self._reactor.seconds()
-            timer = self._timer
-            if timer is None:
-                self._timer = self._reactor.callLater(self._timeout_s, self._check)
-            else:
-                timer.reset(self._timeout_s)
-        self._waiting[d] = None
+        self._waiting[d] = self._reactor.seconds()
+        if self._timer is None:
+            # Otherwise a timer is set for an older command's deadline, which comes first.
+            self._timer = self._reactor.callLater(self._timeout_s, self._check)
         return d.addBoth(self._settled, d)
 
     def _settled(self, result: Any, d: "Deferred[Any]") -> Any:
         self._waiting.pop(d, None)
-        self._answered_at = self._reactor.seconds()
         if isinstance(result, Failure):
             return self._failed(result)
         return result
@@ -255,14 +252,14 @@ class _CommandWatch:
         return failure
 
     def _check(self) -> None:
-        if not self._waiting:
-            self._timer = None
-            return
-        late = self._answered_at + self._timeout_s - self._reactor.seconds()
-        if late > 0:
-            self._timer = self._reactor.callLater(late, self._check)
-            return
         self._timer = None
+        if not self._waiting:
+            return
+        oldest_sent_at = next(iter(self._waiting.values()))
+        left = oldest_sent_at + self._timeout_s - self._reactor.seconds()
+        if left > 0:
+            self._timer = self._reactor.callLater(left, self._check)
+            return
         self._timed_out = True
         waiting, self._waiting = list(self._waiting), {}
         for d in waiting:
