@@ -38,3 +38,11 @@ def test_a_new_socket_formats_nothing_and_the_text_is_unchanged(monkeypatch: pyt
     options = [("maxFramePayloadSize", 1 << 20, "RelayWebSocketFactory")]
     assert str(LazyPrettyFormat(options)) == pformat(options)
     assert len(calls) == 1
+
+
+def test_timings_still_print_as_text() -> None:
+    """Autobahn's Timings, the module's one pformat whose result must be text, still gives a string."""
+    timings = autobahn_protocol.Timings()
+    timings.track("opened")
+    text = str(timings)
+    assert isinstance(text, str) and "opened" in text

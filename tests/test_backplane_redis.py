@@ -185,6 +185,15 @@ def test_envelope_text_is_what_json_dumps_gives(payload: str) -> None:
     assert encode_envelope(frame, 1700000000000, "1.2", "sig", 1700000002000) == expected
 
 
+def test_envelope_with_a_lone_surrogate_is_still_text() -> None:
+    """An id orjson refuses (a lone surrogate) is written as json did; sending it then fails as an encoding error."""
+    frame = BusFrame("w\ud800", "rt", "relay-a", None, "daemon_to_clients", "{}")
+    raw = encode_envelope(frame, 1700000000000, "1.2", "sig")
+    assert json.loads(raw)["workspaceId"] == "w\ud800"
+    with pytest.raises(UnicodeEncodeError):
+        raw.encode("utf-8")
+
+
 def test_envelope_round_trip_and_strict_parsing() -> None:
     """A published envelope parses back to the same frame; wrong types or shapes parse to None."""
     frame = BusFrame("w", "rt", "relay-a", None, "daemon_to_clients", '{"x":"é\\n"}', machine_id="m")
@@ -828,19 +837,39 @@ class CommandWatchTests(SynchronousTestCase):
         self.clock.advance(2.0)
         self.assertEqual((self.clock.getDelayedCalls(), self.aborted), ([], []))
 
-    def test_answers_keep_the_connection_alive_and_silence_times_it_out(self) -> None:
-        """While answers come, nothing times out; 2 s without one fails every waiting command with TimeoutError and aborts."""
+    def test_silence_times_out_every_waiting_command_at_the_oldest_deadline(self) -> None:
+        """2 s after the oldest unanswered command was sent, every waiting command fails with TimeoutError and the connection is aborted."""
         first, second, third = (self.watch.watch(Deferred()) for _ in range(3))
         self.clock.advance(1.5)
         first.callback(1)
-        self.clock.advance(1.5)  # 3 s after the sends, 1.5 s after the last answer
+        self.clock.advance(0.49)
         self.assertEqual(self.aborted, [])
         self.assertNoResult(second)
-        self.clock.advance(0.5)
+        self.clock.advance(0.01)
         self.assertEqual(self.aborted, [True])
         for d in (second, third):
             self.failureResultOf(d, DeferredTimeoutError)
         second.callback("late answer")  # what txredisapi might still do: ignored
+
+    def test_answers_for_others_do_not_stretch_a_commands_deadline(self) -> None:
+        """
+        Commands behind a slow queue time out 2 s after they were sent even while answers keep coming
+        (a publish answered later than the deliver-by deadline it was signed with would be counted
+        delivered while its receivers drop it).
+        """
+        waiting = []
+        for _ in range(5):
+            waiting.append(self.watch.watch(Deferred()))
+            self.clock.advance(0.1)
+        # An answer every 1.9 s: the oldest is answered in time, the second is not.
+        self.clock.advance(1.4)  # 1.9 s after the first was sent
+        waiting[0].callback(1)
+        self.clock.advance(0.19)  # 1.99 s after the second was sent
+        self.assertEqual(self.aborted, [])
+        self.clock.advance(0.02)  # 2.01 s after it: the answers for others did not stretch its deadline
+        self.assertEqual(self.aborted, [True])
+        for d in waiting[1:]:
+            self.failureResultOf(d, DeferredTimeoutError)
 
     def test_a_command_after_an_idle_spell_gets_the_whole_timeout(self) -> None:
         """The timer armed for an earlier burst does not cut short a command sent after a quiet time."""

@@ -6,6 +6,9 @@ from typing import Any, Dict, Optional
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+_log = Logger()
 
 
 def _socket_of(transport: Any) -> Optional[FileDescriptor]:
@@ -54,4 +57,8 @@ class EagerWrites:
                 and not socket.disconnecting
                 and not socket._writeDisconnecting
             ):
-                socket.doWrite()
+                try:
+                    socket.doWrite()
+                except Exception:
+                    # Left for the reactor, whose own doWrite of this socket meets it and closes it.
+                    _log.failure("eager write failed", relay_event="relay_eager_write_error")

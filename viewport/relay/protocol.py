@@ -44,8 +44,8 @@ MAX_HEAD_BYTES = 16 * 1024
 #: Per-socket attributes only the upgrade reads (``RelayWebSocketProtocol._release_handshake``).
 _HANDSHAKE_STATE = (
     "http_request_data", "http_headers", "http_status_line", "http_request_uri", "http_request_path",
-    "http_request_params", "http_request_host", "websocket_origin", "websocket_protocols", "websocket_extensions",
-    "upgrade",
+    "http_request_params", "http_request_host", "http_response_data", "websocket_origin", "websocket_protocols",
+    "websocket_extensions", "upgrade",
 )
 MAX_LOGGED_REASON_CHARS = 200
 HEAD_TIMEOUT_SECONDS = 10.0
@@ -81,6 +81,10 @@ def _defer_autobahn_option_dump() -> None:
 
     if getattr(autobahn_protocol, "pformat", None) is pformat:
         autobahn_protocol.pformat = LazyPrettyFormat  # type: ignore[assignment]
+        # The module's one use of pformat whose result must be text (``__str__``) keeps the real one.
+        timings = getattr(autobahn_protocol, "Timings", None)
+        if timings is not None:
+            timings.__str__ = lambda self: pformat(self._timings)
 
 
 _defer_autobahn_option_dump()

@@ -99,7 +99,12 @@ def encode_envelope(
                signature=signature)
     if deliver_by_ms is not None:
         doc["deliverByMs"] = deliver_by_ms
-    return orjson.dumps(doc).decode("utf-8")
+    try:
+        return orjson.dumps(doc).decode("utf-8")
+    except orjson.JSONEncodeError:
+        # A lone surrogate in an id: json writes it, and sending it fails as an encoding error
+        # (counted and logged once per burst), as before orjson.
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
 
 def parse_envelope(raw: object) -> Optional[Envelope]:
