@@ -20,16 +20,30 @@ class _Accepted(Protocol):
         self.factory.accepted.callback(self)  # type: ignore[attr-defined]
 
 
-@pytest_twisted.inlineCallbacks
-def _connected_pair() -> Any:
-    """(our server-side transport, a raw client socket, the listening port)."""
+class _Pair:
+    """Our server-side transport of a real TCP connection, the raw client socket, and an EagerWrites on a fake clock."""
+
+    def __init__(self, transport: Any, raw: socket.socket) -> None:
+        self.transport = transport
+        self.raw = raw
+        self.clock = task.Clock()
+        self.eager = EagerWrites(self.clock)
+
+
+@pytest_twisted.async_yield_fixture
+async def pair() -> Any:
+    """A connected pair on loopback; closed (and the port stopped) after the test."""
     factory = Factory.forProtocol(_Accepted)
     factory.accepted = Deferred()  # type: ignore[attr-defined]
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     raw = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
-    proto = yield factory.accepted  # type: ignore[attr-defined]
+    proto = await factory.accepted  # type: ignore[attr-defined]
     raw.setblocking(False)
-    return proto.transport, raw, port
+    try:
+        yield _Pair(proto.transport, raw)
+    finally:
+        raw.close()
+        await port.stopListening()
 
 
 def _received(raw: socket.socket) -> bytes:
@@ -45,55 +59,43 @@ def _received(raw: socket.socket) -> bytes:
 
 
 @pytest_twisted.inlineCallbacks
-def test_writes_of_a_pass_leave_in_the_call_scheduled_for_the_next() -> Any:
+def test_writes_of_a_pass_leave_in_the_call_scheduled_for_the_next(pair: _Pair) -> Any:
     """
     Two writes noted during one pass schedule one call; when it runs (here the fake clock stands
     for the reactor's next pass) both frames are on the wire and the reactor has no write left.
     """
-    transport, raw, port = yield _connected_pair()
-    clock = task.Clock()
-    eager = EagerWrites(clock)
-    try:
-        transport.write(b"one,")
-        eager.wrote(transport)
-        transport.write(b"two")
-        eager.wrote(transport)
-        assert len(clock.getDelayedCalls()) == 1
-        assert transport in reactor.getWriters()
-        clock.advance(0)
-        # Sent within the call, before the reactor ran again: nothing buffered, no write registered.
-        assert transport.dataBuffer == b"" and not transport._tempDataLen
-        assert transport not in reactor.getWriters()
-        received = yield poll_until(lambda: _received(raw) or None, 5.0, "bytes on the wire")
-        assert received == b"one,two"
-    finally:
-        raw.close()
-        yield port.stopListening()
+    transport = pair.transport
+    transport.write(b"one,")
+    pair.eager.wrote(transport)
+    transport.write(b"two")
+    pair.eager.wrote(transport)
+    assert len(pair.clock.getDelayedCalls()) == 1
+    assert transport in reactor.getWriters()
+    pair.clock.advance(0)
+    # Sent within the call, before the reactor ran again: nothing buffered, no write registered.
+    assert transport.dataBuffer == b"" and not transport._tempDataLen
+    assert transport not in reactor.getWriters()
+    received = yield poll_until(lambda: _received(pair.raw) or None, 5.0, "bytes on the wire")
+    assert received == b"one,two"
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_closing_socket_is_left_to_the_reactor() -> Any:
+def test_a_closing_socket_is_left_to_the_reactor(pair: _Pair) -> Any:
     """After loseConnection the reactor sends what is buffered and closes; EagerWrites does not act."""
-    transport, raw, port = yield _connected_pair()
-    clock = task.Clock()
-    eager = EagerWrites(clock)
-    try:
-        transport.write(b"last words")
-        eager.wrote(transport)
-        transport.loseConnection()
-        clock.advance(0)
-        assert transport.dataBuffer or transport._tempDataLen  # untouched: the reactor's to send
-        received: List[bytes] = []
+    transport = pair.transport
+    transport.write(b"last words")
+    pair.eager.wrote(transport)
+    transport.loseConnection()
+    pair.clock.advance(0)
+    assert transport.dataBuffer or transport._tempDataLen  # untouched: the reactor's to send
+    received: List[bytes] = []
 
-        def closed() -> bool:
-            received.append(_received(raw))
-            return b"".join(received).endswith(b"<EOF>")
+    def closed() -> bool:
+        received.append(_received(pair.raw))
+        return b"".join(received).endswith(b"<EOF>")
 
-        yield poll_until(closed, 5.0, "data then EOF")
-        assert b"".join(received) == b"last words<EOF>"
-    finally:
-        raw.close()
-        yield port.stopListening()
+    yield poll_until(closed, 5.0, "data then EOF")
+    assert b"".join(received) == b"last words<EOF>"
 
 
 def test_transports_without_a_socket_are_ignored() -> None:

@@ -598,7 +598,7 @@ class RelayWebSocketFactory(WebSocketServerFactory):
         eager_writes: Optional[EagerWrites] = None,
     ) -> None:
         super().__init__(reactor=clock, server=SERVER_HEADER)
-        #: Sends what a read caused at its end (shared with other readers of the same reactor).
+        #: Sends the frames written in one reactor pass at the start of the next (``EagerWrites``).
         self.eager_writes = eager_writes if eager_writes is not None else EagerWrites(clock)
         self.clock = clock
         self.gate = gate

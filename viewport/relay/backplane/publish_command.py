@@ -6,6 +6,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
+from txredisapi import ConnectionError as NotConnected
 
 
 class _Answer:
@@ -46,8 +47,6 @@ def publish_on(proto: Any, verb: bytes, channel: str, message: str) -> "Deferred
         d: Deferred[Any] = proto.execute_command(verb.decode(), channel, message)
         return d
     if not proto.connected:
-        from txredisapi import ConnectionError as NotConnected
-
         raise NotConnected("Not connected")
     name = channel.encode("utf-8")
     body = message.encode("utf-8")

@@ -817,10 +817,10 @@ class RedisBackplane:
         self._cache.forget(self._presence_key(workspace_id, runtime_target_id), relay_id)
 
     def _resolve(self, workspace_id: str, runtime_target_id: Optional[str]) -> "Deferred[Optional[Presence]]":
-        key = self._presence_key(workspace_id, runtime_target_id)
-        cached = self._cache.get(key, self._now_ms())
+        cached = self.known_presence(workspace_id, runtime_target_id)
         if cached is not None:
             return succeed(cached)
+        key = self._presence_key(workspace_id, runtime_target_id)
         if self._stopped or not self._usable(key):
             self._metrics.relay_presence_resolve_failed.inc()
             return succeed(None)
