@@ -175,7 +175,7 @@ class DefaultTests(ConfigTestCase):
             "backplane.redirect_allowed_hosts": (),
             "listen.trusted_proxies": (),
             "listen.allowed_origins": ("*",),
-            "backplane.liveness_ttl_ms": 3000,
+            "backplane.liveness_ttl_ms": 2000,
             "backplane.bus_queue_max_bytes": 4194304,
             "backplane.bus_queue_max_age_ms": 2000,
             "backplane.bus_publish_batch_max": 200,

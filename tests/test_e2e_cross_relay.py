@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Dict, List
 
 import pytest
@@ -311,6 +312,54 @@ def test_http_redirect_answers_307_to_the_daemon_relay(redirecting: Any) -> Any:
         assert metrics["relay_key_exchange_response_routed_local_total"] >= 1
     finally:
         yield stop_all(daemon, client)
+
+
+@pytest.fixture(params=CROSS_RELAY_MODES)
+def fresh_backplane(request: Any) -> Backplane:
+    """A backplane of each cross-relay mode for relays the test starts (and may kill) itself."""
+    return make_backplane(request, request.param)
+
+
+@pytest_twisted.inlineCallbacks
+def test_no_redirect_points_at_a_relay_that_died(fresh_backplane: Backplane) -> Any:
+    """
+    Relay A, holding the daemon, is SIGKILLed (no goodbye). Within 3 s relay B neither answers a
+    307 naming A nor sends RELAY_REDIRECT: a client opening on B stays and is told DAEMON_UNAVAILABLE.
+    """
+    backplane = fresh_backplane
+    a, b = (backplane.relay(name, redirect=True) for name in ("ghost-a", "ghost-b"))
+    yield start_relays(a, b)
+    ws = unique_workspace("ghost")
+    options: Dict[str, Any] = dict(token=token("client", ws, "rt1"), role="client", workspace_id=ws,
+                                   runtime_target_id="rt1", http_redirect=True)
+    client = None
+    try:
+        yield all_ready([a, b])
+        yield daemon_on(backplane, a, ws)
+        with pytest.raises(UpgradeRefused) as refused:
+            yield connect(reactor, b.url, follow_redirects=False, **options)
+        assert refused.value.status == 307 and (refused.value.location or "").startswith(ws_url(a.port))
+        a.signal("KILL")
+        killed_at = time.monotonic()
+
+        @inlineCallbacks
+        def opened_on_b() -> Any:
+            try:
+                conn = yield connect(reactor, b.url, follow_redirects=False, **options)
+            except UpgradeRefused as still:
+                assert still.status == 307, still  # anything else is a failure of its own
+                return None
+            return conn
+
+        client = yield poll_until(opened_on_b, 10.0, "B no longer redirecting to the dead relay")
+        print(f"\n{backplane.mode}: B stopped redirecting to the dead relay {time.monotonic() - killed_at:.2f} s after the kill")
+        assert time.monotonic() - killed_at <= 3.0
+        client.send_text(kex_init("r1"))
+        yield expect_status(client, "DAEMON_UNAVAILABLE")
+        yield assert_nothing_pending(client)
+    finally:
+        yield stop_all(client)
+        yield stop_relays(a, b)
 
 
 @pytest_twisted.inlineCallbacks

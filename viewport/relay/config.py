@@ -76,7 +76,7 @@ _INT_KNOBS: dict[str, tuple[str, int]] = {
     "backplane.bus_pull_wait_ms": ("RELAY_BUS_PULL_WAIT_MS", 1000),
     "backplane.bus_signature_max_skew_ms": ("RELAY_BUS_SIGNATURE_MAX_SKEW_MS", 15000),
     "backplane.bus_freshness_track_max": ("RELAY_BUS_FRESHNESS_TRACK_MAX", 20000),
-    "backplane.liveness_ttl_ms": ("RELAY_LIVENESS_TTL_MS", 3000),
+    "backplane.liveness_ttl_ms": ("RELAY_LIVENESS_TTL_MS", 2000),
     "backplane.bus_queue_max_bytes": ("RELAY_BUS_QUEUE_MAX_BYTES", 4 * 1024 * 1024),
     "backplane.bus_queue_max_age_ms": ("RELAY_BUS_QUEUE_MAX_AGE_MS", 2000),
     "backplane.bus_publish_batch_max": ("RELAY_BUS_PUBLISH_BATCH_MAX", 200),
