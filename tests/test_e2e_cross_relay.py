@@ -323,8 +323,9 @@ def fresh_backplane(request: Any) -> Backplane:
 @pytest_twisted.inlineCallbacks
 def test_no_redirect_points_at_a_relay_that_died(fresh_backplane: Backplane) -> Any:
     """
-    Relay A, holding the daemon, is SIGKILLed (no goodbye). Within 3 s relay B neither answers a
-    307 naming A nor sends RELAY_REDIRECT: a client opening on B stays and is told DAEMON_UNAVAILABLE.
+    Relay A, holding the daemon, is SIGKILLed (no goodbye). Within 3 s an idle client on B is told
+    DAEMON_UNAVAILABLE, and B neither answers a 307 naming A nor sends RELAY_REDIRECT: a client
+    opening on B stays and is told DAEMON_UNAVAILABLE.
     """
     backplane = fresh_backplane
     a, b = (backplane.relay(name, redirect=True) for name in ("ghost-a", "ghost-b"))
@@ -332,15 +333,19 @@ def test_no_redirect_points_at_a_relay_that_died(fresh_backplane: Backplane) -> 
     ws = unique_workspace("ghost")
     options: Dict[str, Any] = dict(token=token("client", ws, "rt1"), role="client", workspace_id=ws,
                                    runtime_target_id="rt1", http_redirect=True)
-    client = None
+    client = idle = None
     try:
         yield all_ready([a, b])
         yield daemon_on(backplane, a, ws)
+        idle = yield open_peer(b, "client", ws, "rt1", clientId="idle")
+        yield expect_status(idle, "RELAY_REDIRECT")
         with pytest.raises(UpgradeRefused) as refused:
             yield connect(reactor, b.url, follow_redirects=False, **options)
         assert refused.value.status == 307 and (refused.value.location or "").startswith(ws_url(a.port))
         a.signal("KILL")
         killed_at = time.monotonic()
+        yield expect_status(idle, "DAEMON_UNAVAILABLE", timeout=10.0)
+        told_after = time.monotonic() - killed_at
 
         @inlineCallbacks
         def opened_on_b() -> Any:
@@ -352,13 +357,15 @@ def test_no_redirect_points_at_a_relay_that_died(fresh_backplane: Backplane) -> 
             return conn
 
         client = yield poll_until(opened_on_b, 10.0, "B no longer redirecting to the dead relay")
-        print(f"\n{backplane.mode}: B stopped redirecting to the dead relay {time.monotonic() - killed_at:.2f} s after the kill")
-        assert time.monotonic() - killed_at <= 3.0
+        redirects_for = time.monotonic() - killed_at
+        print(f"\n{backplane.mode}: idle client on B told {told_after:.2f} s and redirects to the dead relay "
+              f"stopped {redirects_for:.2f} s after the kill")
+        assert told_after <= 3.0 and redirects_for <= 3.0
         client.send_text(kex_init("r1"))
         yield expect_status(client, "DAEMON_UNAVAILABLE")
         yield assert_nothing_pending(client)
     finally:
-        yield stop_all(client)
+        yield stop_all(client, idle)
         yield stop_relays(a, b)
 
 
